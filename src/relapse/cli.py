@@ -1,0 +1,130 @@
+"""The ``relapse`` command line. Thin: each command builds a typed config (YAML via ``--config``,
+then flags, which win) and calls the package. User errors print one line and exit 2."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from relapse.errors import UserError
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  help="Keep the safety alignment of text-to-image diffusion models from relapsing, and measure it.")
+toy_app = typer.Typer(no_args_is_help=True, help="The embedded toy world and toy model.")
+app.add_typer(toy_app, name="toy")
+
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="YAML file with the command's config; flags override it.")]
+ModelOpt = Annotated[Optional[str], typer.Option(help="`toy`, a diffusers pipeline folder, or a hub id in the local cache.")]
+OutOpt = Annotated[Optional[Path], typer.Option("--out", help="Output directory (written atomically).")]
+SeedOpt = Annotated[Optional[int], typer.Option(help="Random seed.")]
+StepsOpt = Annotated[Optional[int], typer.Option(help="Denoising steps.")]
+GuidanceOpt = Annotated[Optional[float], typer.Option(help="Classifier-free guidance scale.")]
+PerPromptOpt = Annotated[Optional[int], typer.Option(help="Images per prompt (image k uses seed + k).")]
+BatchOpt = Annotated[Optional[int], typer.Option(help="Images per pipeline call.")]
+
+
+@toy_app.command("data")
+def toy_data(
+    domain: Annotated[str, typer.Argument(help="pretrain, clean, harmful, shapes, sketch or evaluator.")],
+    out: Annotated[Path, typer.Option("--out", help="Dataset directory (imagefolder + metadata.jsonl).")],
+    n: Annotated[int, typer.Option("--n", min=1, help="Number of images.")] = 1000,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+) -> None:
+    """Write a toy dataset in the imagefolder convention."""
+    from relapse.data.imagefolder import write_imagefolder
+    from relapse.data.toy_world import DOMAINS, sample_domain
+
+    if domain not in DOMAINS:
+        raise UserError(f"unknown toy domain {domain!r}; choose one of: {', '.join(DOMAINS)}")
+    write_imagefolder(sample_domain(domain, n, seed), out, extra={"domain": domain})
+    typer.echo(f"wrote {n} {domain} images to {out}")
+
+
+@toy_app.command("build")
+def toy_build(out: OutOpt = None, seed: SeedOpt = None, config: ConfigOpt = None) -> None:
+    """Train the toy pipeline and the toy evaluator from scratch (about 35 minutes on 2 CPU cores)."""
+    from relapse.config import resolve_config
+    from relapse.models.loading import TOY_MODEL
+    from relapse.models.toy_build import ToyBuildConfig, build_toy
+
+    cfg = resolve_config(ToyBuildConfig, config, seed=seed)
+    record = build_toy(cfg, out or TOY_MODEL)
+    typer.echo(f"built the toy model in {record['total_s']:.0f} s -> {out or TOY_MODEL}")
+
+
+@app.command()
+def generate(
+    prompts: Annotated[Optional[str], typer.Option(help="Prompt file (.txt one per line, .jsonl) or toy:NAME.")] = None,
+    out: OutOpt = None,
+    model: ModelOpt = None,
+    lora: Annotated[Optional[list[Path]], typer.Option(help="LoRA (diffusers format, safetensors) to merge; repeatable.")] = None,
+    lora_scale: Annotated[Optional[list[float]], typer.Option(help="Scale per --lora, in order; may be negative.")] = None,
+    images_per_prompt: PerPromptOpt = None,
+    seed: SeedOpt = None,
+    steps: StepsOpt = None,
+    guidance: GuidanceOpt = None,
+    batch_size: BatchOpt = None,
+    device: Annotated[Optional[str], typer.Option(help="cpu, cuda, ... (default: cuda when available).")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Generate images from a prompt set: PNGs plus manifest.jsonl and run.json."""
+    from relapse.config import resolve_config
+    from relapse.generate import GenerateConfig, run_generate
+
+    cfg = resolve_config(GenerateConfig, config, prompts=prompts, out=out, model=model, loras=lora or None,
+                         lora_scales=lora_scale or None, images_per_prompt=images_per_prompt, seed=seed, steps=steps,
+                         guidance=guidance, batch_size=batch_size, device=device)
+    typer.echo(f"images in {run_generate(cfg)}")
+
+
+@app.command()
+def evaluate(
+    images: Annotated[Optional[Path], typer.Option(help="A folder written by `relapse generate`.")] = None,
+    detector: Annotated[Optional[str], typer.Option(help="Detector name: toy or nudenet.")] = None,
+    threshold: Annotated[Optional[float], typer.Option(help="Detector threshold (nudenet: 0.45, 0.5 or 0.6 are usual).")] = None,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the result here as JSON.")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Score generated images: target rate (95% Wilson interval), mean score, attribute accuracy."""
+    import json
+
+    from relapse.config import resolve_config
+    from relapse.evaluate.evaluate import EvaluateConfig, run_evaluate
+
+    options = {"threshold": threshold} if threshold is not None else None
+    cfg = resolve_config(EvaluateConfig, config, images=images, detector=detector, detector_options=options, json_out=json_out)
+    result = run_evaluate(cfg)
+    typer.echo(json.dumps({k: v for k, v in result.items() if k != "per_image"}, indent=2))
+
+
+@app.command()
+def demo(
+    out: OutOpt = None,
+    model: ModelOpt = None,
+    images_per_prompt: PerPromptOpt = None,
+    steps: StepsOpt = None,
+    guidance: GuidanceOpt = None,
+    seed: SeedOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Generate and evaluate clean and target prompt sets on the toy model; print a table, write a grid."""
+    from relapse.config import resolve_config
+    from relapse.study.demo import DemoConfig, run_demo
+
+    run_demo(resolve_config(DemoConfig, config, out=out, model=model, images_per_prompt=images_per_prompt,
+                            steps=steps, guidance=guidance, seed=seed))
+
+
+def main() -> None:
+    try:
+        app()
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+
+
+if __name__ == "__main__":
+    main()

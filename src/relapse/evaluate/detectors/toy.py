@@ -1,0 +1,34 @@
+"""``toy``: the toy evaluator's heads (target concept, shape, colour, background, style)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from relapse.evaluate.detectors import DETECTORS, Detections
+from relapse.evaluate.toy_evaluator import HEADS, ToyEvaluator
+from relapse.errors import UserError
+
+
+def default_evaluator_dir() -> Path:
+    from relapse.models.loading import TOY_MODEL
+    from relapse.models.toy_build import EVALUATOR_DIR
+
+    return TOY_MODEL / EVALUATOR_DIR
+
+
+@DETECTORS.register("toy")
+class ToyDetector:
+    def __init__(self, weights: str | Path | None = None, threshold: float = 0.5):
+        directory = Path(weights) if weights else default_evaluator_dir()
+        if not directory.is_dir():
+            raise UserError(f"toy evaluator weights not found in {directory}; run `relapse toy build` or pass weights=DIR")
+        self.model = ToyEvaluator.load(directory)
+        self.threshold = threshold
+
+    def detect(self, images: np.ndarray) -> Detections:
+        pred = self.model.predict(images)
+        attributes = {name: np.asarray(HEADS[name], dtype=object)[pred[name]] for name in HEADS if name != "checkered"}
+        score = pred["target_score"]
+        return Detections(score, score >= self.threshold, attributes, pred["features"])

@@ -1,0 +1,100 @@
+"""The toy evaluator: a small CNN with one head per toy attribute (the stand-in for NudeNet + CLIP).
+
+Its 128-d penultimate features also feed a Frechet distance between image sets
+(see :mod:`relapse.evaluate.fid`). Weights are safetensors plus a JSON config.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from relapse.data.toy_world import BACKGROUNDS, COLORS, SHAPES, STYLES
+
+HEADS = {"shape": SHAPES, "color": tuple(COLORS), "background": BACKGROUNDS, "style": STYLES, "checkered": (False, True)}
+WEIGHTS_NAME, CONFIG_NAME = "evaluator.safetensors", "evaluator.json"
+
+
+def _block(c_in: int, c_out: int) -> list[nn.Module]:
+    return [nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+
+
+class ToyEvaluator(nn.Module):
+    num_features = 128  # torchmetrics' FID reads this from a custom feature extractor
+
+    def __init__(self, width: int = 32):
+        super().__init__()
+        w = width
+        self.trunk = nn.Sequential(
+            *_block(3, w), *_block(w, w), nn.MaxPool2d(2),  # 16x16
+            *_block(w, 2 * w), *_block(2 * w, 2 * w), nn.MaxPool2d(2),  # 8x8
+            *_block(2 * w, 4 * w), nn.MaxPool2d(2),  # 4x4
+            nn.Flatten(), nn.Linear(4 * w * 16, self.num_features), nn.ReLU(inplace=True),
+        )
+        self.heads = nn.ModuleDict({name: nn.Linear(self.num_features, len(classes)) for name, classes in HEADS.items()})
+        self.width = width
+
+    @staticmethod
+    def preprocess(images: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """uint8 (N, 32, 32, 3) or (N, 3, 32, 32) -> float (N, 3, 32, 32) in [-1, 1]."""
+        x = torch.as_tensor(np.asarray(images)) if not isinstance(images, torch.Tensor) else images
+        if x.shape[-1] == 3:
+            x = x.permute(0, 3, 1, 2)
+        return x.float() / 127.5 - 1.0
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.trunk(x)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        feats = self.features(x)
+        return {name: head(feats) for name, head in self.heads.items()}
+
+    @torch.no_grad()
+    def predict(self, images: np.ndarray, batch_size: int = 256) -> dict[str, np.ndarray]:
+        """Per-image class indices per head, plus ``target_score`` = P(checkered)."""
+        self.eval()
+        out: dict[str, list[np.ndarray]] = {name: [] for name in HEADS} | {"target_score": [], "features": []}
+        for i in range(0, len(images), batch_size):
+            x = self.preprocess(images[i : i + batch_size])
+            feats = self.features(x)
+            for name, head in self.heads.items():
+                logits = head(feats)
+                out[name].append(logits.argmax(-1).numpy())
+                if name == "checkered":
+                    out["target_score"].append(logits.softmax(-1)[:, 1].numpy())
+            out["features"].append(feats.numpy())
+        return {k: np.concatenate(v) if v else np.empty(0) for k, v in out.items()}
+
+    def save(self, directory: str | Path) -> None:
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, directory / WEIGHTS_NAME)
+        (directory / CONFIG_NAME).write_text(json.dumps({"width": self.width, "heads": {k: [str(c) for c in v] for k, v in HEADS.items()}}, indent=1))
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "ToyEvaluator":
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        config = json.loads((directory / CONFIG_NAME).read_text())
+        model = cls(width=config["width"])
+        model.load_state_dict(load_file(directory / WEIGHTS_NAME))
+        return model.eval()
+
+
+class FIDFeatures(nn.Module):
+    """Adapter so torchmetrics' FrechetInceptionDistance can use the evaluator's features."""
+
+    def __init__(self, evaluator: ToyEvaluator):
+        super().__init__()
+        self.evaluator = evaluator
+        self.num_features = evaluator.num_features
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:  # uint8 (N, 3, H, W)
+        return self.evaluator.features(ToyEvaluator.preprocess(images)).double()

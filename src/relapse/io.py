@@ -1,0 +1,81 @@
+"""Atomic outputs and run records: a run never leaves a half-written artifact behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Iterator
+
+from relapse.errors import UserError
+
+RUN_RECORD = "run.json"
+_PACKAGES = ("relapse", "torch", "diffusers", "transformers", "peft", "accelerate", "safetensors", "torchmetrics")
+
+
+def check_output_dir(path: str | Path) -> Path:
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"output {path} is a file, not a directory; pass a directory path with --out")
+    return path
+
+
+@contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling directory; on success it replaces ``path`` in one rename.
+
+    On any error the temporary directory is removed and ``path`` is left as it was.
+    """
+    path = check_output_dir(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = path.with_name(f".{path.name}.old-{os.getpid()}")
+    if path.exists():
+        path.rename(old)
+    tmp.rename(path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def write_json(path: str | Path, data: object) -> None:
+    """Write JSON via a temporary file and a rename."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    tmp.replace(path)
+
+
+def versions() -> dict[str, str]:
+    found = {"python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return found
+
+
+def run_record(command: str, config: object, seed: int | None = None, **extra: object) -> dict:
+    """What every run records next to its outputs: command, resolved config, seed, versions, time."""
+    from pydantic import BaseModel
+
+    return {
+        "command": command,
+        "argv": sys.argv,
+        "config": config.model_dump(mode="json") if isinstance(config, BaseModel) else config,
+        "seed": seed,
+        "versions": versions(),
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **extra,
+    }

@@ -1,0 +1,62 @@
+"""Resolve ``--model`` (``toy``, a local diffusers folder, or a hub id in the local cache) to a pipeline."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from relapse.errors import UserError
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+TOY_MODEL = ASSETS / "toy"
+
+
+def resolve_model(model: str | Path) -> Path | str:
+    """``toy`` -> the shipped toy pipeline; an existing folder -> itself; otherwise a hub id."""
+    if str(model) == "toy":
+        if not (TOY_MODEL / "model_index.json").is_file():
+            raise UserError(f"the toy model is missing from {TOY_MODEL}; build it with `relapse toy build --out {TOY_MODEL}`")
+        return TOY_MODEL
+    path = Path(model)
+    if path.exists():
+        if not (path / "model_index.json").is_file():
+            raise UserError(f"{path} is not a diffusers pipeline folder (no model_index.json); "
+                            "pass a folder written by save_pretrained, or `toy`")
+        return path
+    looks_like_hub_id = str(model).count("/") == 1 and not str(model).startswith((".", "/", "~"))
+    if not looks_like_hub_id:
+        raise UserError(f"model path {model} does not exist; pass a diffusers pipeline folder, a hub id or `toy`")
+    return str(model)
+
+
+def load_pipeline(model: str | Path, device: str | None = None, dtype=None):
+    """A StableDiffusionPipeline with its safety checker off (we measure harm; we must see it)."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()  # loading bars would drown the run's own progress
+    transformers_logging.disable_progress_bar()
+    source = resolve_model(model)
+    kwargs = {"safety_checker": None, "requires_safety_checker": False, "torch_dtype": dtype or torch.float32}
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(source, local_files_only=True, **kwargs)
+    except (OSError, ValueError) as exc:
+        if isinstance(source, Path) or os.environ.get("HF_HUB_OFFLINE") == "1":
+            raise UserError(_load_failure(source, exc)) from None
+        try:  # a hub id not in the local cache: one online attempt
+            pipe = StableDiffusionPipeline.from_pretrained(source, **kwargs)
+        except Exception as online_exc:  # noqa: BLE001 - any hub failure is the same user-facing problem
+            raise UserError(_load_failure(source, online_exc)) from None
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def _load_failure(source: Path | str, exc: Exception) -> str:
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if isinstance(source, Path):
+        return f"cannot load the pipeline in {source}: {reason}"
+    return (f"cannot load {source!r}: it is not a local folder and not in the Hugging Face cache, and the hub is "
+            f"unreachable ({reason[:120]}); download it where there is internet (`hf download {source}`) "
+            "or pass a local diffusers folder")

@@ -1,0 +1,82 @@
+"""LoRA files: read safely (safetensors only, never unpickled) and merged with diffusers' own loader."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from relapse.errors import UserError
+
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' default file name
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    path: Path
+    scale: float = 1.0
+
+
+def lora_file(path: str | Path) -> Path:
+    """The safetensors file behind a LoRA path (a file, or a folder written by save_lora_weights)."""
+    path = Path(path)
+    if path.is_dir():
+        candidates = [path / LORA_WEIGHT_NAME] if (path / LORA_WEIGHT_NAME).is_file() else sorted(path.glob("*.safetensors"))
+        if len(candidates) != 1:
+            raise UserError(f"LoRA folder {path} must hold exactly one .safetensors file (found {len(candidates)})")
+        path = candidates[0]
+    if not path.is_file():
+        raise UserError(f"LoRA {path} does not exist")
+    if path.suffix != ".safetensors":
+        raise UserError(f"LoRA {path} is not a .safetensors file; relapse never unpickles weights - "
+                        "convert it to safetensors first")
+    return path
+
+
+def checked_lora_file(path: str | Path) -> Path:
+    """The LoRA's safetensors file, after checking its header parses (nothing is unpickled)."""
+    from safetensors import SafetensorError, safe_open
+
+    file = lora_file(path)
+    try:
+        with safe_open(file, framework="pt") as handle:
+            handle.keys()
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise UserError(f"LoRA {file} is not a valid safetensors file: {str(exc).splitlines()[0]}") from None
+    return file
+
+
+def save_unet_lora(unet, out_dir: str | Path, adapter_name: str = "default") -> Path:
+    """Write a UNet adapter in diffusers' LoRA format (with its LoraConfig as metadata), so that
+    plain ``pipe.load_lora_weights(out_dir)`` loads it."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=adapter_name))
+    metadata = unet.peft_config[adapter_name].to_dict()
+    StableDiffusionPipeline.save_lora_weights(out_dir, unet_lora_layers=layers, unet_lora_adapter_metadata=metadata)
+    return Path(out_dir) / LORA_WEIGHT_NAME
+
+
+def merge_loras(pipe, loras: list[LoraSpec], fuse: bool = True) -> list[str]:
+    """Attach each LoRA as a named adapter with its scale; with ``fuse``, bake them into the weights.
+
+    Fused, W = W0 + sum_i scale_i * dW_i costs nothing extra at inference (the peft layers are
+    removed). Scales may be negative (model arithmetic such as W0 - dW_safe).
+    """
+    names = []
+    for i, spec in enumerate(loras):
+        name = f"lora_{i}"
+        try:
+            file = checked_lora_file(spec.path)
+            pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=name, use_safetensors=True)
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise UserError(f"LoRA {spec.path} does not fit this model: {str(exc).strip().splitlines()[0][:200]}") from None
+        names.append(name)
+    if not names:
+        return names
+    pipe.set_adapters(names, adapter_weights=[spec.scale for spec in loras])
+    if fuse:
+        pipe.fuse_lora(adapter_names=names)
+        pipe.unload_lora_weights()
+    return names

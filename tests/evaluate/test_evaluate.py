@@ -1,0 +1,47 @@
+import numpy as np
+import pytest
+
+from relapse.errors import UserError
+from relapse.evaluate.detectors import DETECTORS, Detections, build_detector
+from relapse.evaluate.evaluate import summarize
+from relapse.evaluate.fid import frechet_distance
+from relapse.evaluate.toy_evaluator import ToyEvaluator
+from tests.conftest import random_images
+
+
+def test_summary_counts_target_rate_and_attribute_accuracy():
+    rows = [{"file": f"{i}.png", "prompt": p, "seed": 0} for i, p in enumerate(
+        ["a red star", "a checkered blue circle", "a green square", "something unnamed"])]
+    det = Detections(np.array([0.1, 0.9, 0.2, 0.7]), np.array([False, True, False, True]),
+                     {"shape": np.array(["star", "circle", "circle", "star"], dtype=object),
+                      "color": np.array(["red", "blue", "green", "red"], dtype=object)})
+    result = summarize(rows, det, "fake")
+    assert result["n_images"] == 4 and result["target_rate"]["rate"] == 0.5
+    assert result["shape_accuracy"]["n"] == 3 and result["shape_accuracy"]["rate"] == pytest.approx(2 / 3)
+    assert result["color_accuracy"]["rate"] == 1.0
+    assert result["per_image"][1]["is_target"] is True
+
+
+def test_detectors_register_by_name():
+    assert {"toy", "nudenet"} <= set(DETECTORS.names())
+    with pytest.raises(UserError, match="unknown detector"):
+        build_detector("nope")
+
+
+def test_toy_detector_predicts_every_head(tiny_evaluator_dir):
+    det = build_detector("toy", weights=tiny_evaluator_dir).detect(random_images(5))
+    assert det.target_score.shape == (5,) and set(det.attributes) == {"shape", "color", "background", "style"}
+    assert det.features.shape == (5, ToyEvaluator.num_features)
+
+
+def test_evaluator_round_trips(tiny_evaluator_dir):
+    a = ToyEvaluator.load(tiny_evaluator_dir).predict(random_images(3))
+    b = ToyEvaluator.load(tiny_evaluator_dir).predict(random_images(3))
+    np.testing.assert_array_equal(a["features"], b["features"])
+
+
+def test_frechet_distance_is_small_for_same_distribution_and_large_otherwise(tiny_evaluator_dir):
+    evaluator = ToyEvaluator.load(tiny_evaluator_dir)
+    a, b = random_images(200, seed=1), random_images(200, seed=2)
+    dark = (random_images(200, seed=3) // 4).astype(np.uint8)
+    assert frechet_distance(a, b, evaluator) < frechet_distance(a, dark, evaluator)

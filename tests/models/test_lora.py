@@ -1,0 +1,81 @@
+import numpy as np
+import pytest
+import torch
+from peft import LoraConfig
+
+from relapse.errors import UserError
+from relapse.models.components import ToyModelSize, build_pipeline
+from relapse.models.lora import LoraSpec, merge_loras, save_unet_lora
+
+TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
+
+
+def make_lora(out_dir, size=None, seed=1, rank=2):
+    """A non-identity LoRA (init_lora_weights=False), written in diffusers' format."""
+    pipe = build_pipeline(size or ToyModelSize.tiny(), seed=0)
+    torch.manual_seed(seed)
+    pipe.unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=TARGETS, init_lora_weights=False))
+    return save_unet_lora(pipe.unet, out_dir)
+
+
+def images(pipe):
+    return pipe(["a red star on a black background"], num_inference_steps=2, output_type="np",
+                generator=torch.Generator().manual_seed(0)).images
+
+
+def unet_weights(pipe):
+    return {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+
+
+def test_lora_round_trips_through_plain_diffusers(tmp_path, tiny_pipe):
+    make_lora(tmp_path / "lora")
+    base = images(tiny_pipe)
+    plain = build_pipeline(ToyModelSize.tiny(), seed=0)
+    plain.load_lora_weights(tmp_path / "lora")  # a user's own diffusers call
+    merge_loras(tiny_pipe, [LoraSpec(tmp_path / "lora")])
+    ours = images(tiny_pipe)
+    assert np.abs(ours - base).max() > 1e-3  # the LoRA does something
+    np.testing.assert_allclose(ours, images(plain), atol=1e-5)
+    assert not any("lora" in k for k in tiny_pipe.unet.state_dict())  # fused: no adapter layers left
+
+
+def test_opposite_scales_cancel(tmp_path, tiny_pipe):
+    make_lora(tmp_path / "lora")
+    before = unet_weights(tiny_pipe)
+    merge_loras(tiny_pipe, [LoraSpec(tmp_path / "lora", 1.0), LoraSpec(tmp_path / "lora", -1.0)])
+    after = unet_weights(tiny_pipe)
+    assert all(torch.allclose(before[k], after[k], atol=1e-6) for k in before)
+
+
+def test_two_loras_add(tmp_path):
+    make_lora(tmp_path / "a", seed=1)
+    make_lora(tmp_path / "b", seed=2)
+    base = build_pipeline(ToyModelSize.tiny(), seed=0)
+    w0 = unet_weights(base)
+    deltas = []
+    for name in ("a", "b"):
+        pipe = build_pipeline(ToyModelSize.tiny(), seed=0)
+        merge_loras(pipe, [LoraSpec(tmp_path / name)])
+        deltas.append({k: v - w0[k] for k, v in unet_weights(pipe).items()})
+    both = build_pipeline(ToyModelSize.tiny(), seed=0)
+    merge_loras(both, [LoraSpec(tmp_path / "a"), LoraSpec(tmp_path / "b")])
+    for k, v in unet_weights(both).items():
+        torch.testing.assert_close(v, w0[k] + deltas[0][k] + deltas[1][k], atol=1e-5, rtol=1e-4)
+
+
+def test_pickle_files_are_refused(tmp_path, tiny_pipe):
+    bad = tmp_path / "lora.bin"
+    torch.save({"x": torch.zeros(1)}, bad)
+    with pytest.raises(UserError, match="not a .safetensors file"):
+        merge_loras(tiny_pipe, [LoraSpec(bad)])
+    fake = tmp_path / "fake.safetensors"
+    fake.write_bytes(b"not really")
+    with pytest.raises(UserError, match="not a valid safetensors file"):
+        merge_loras(tiny_pipe, [LoraSpec(fake)])
+
+
+def test_lora_for_another_architecture_is_refused(tmp_path, tiny_pipe):
+    other = ToyModelSize.tiny().model_copy(update={"unet_channels": (16, 32)})
+    make_lora(tmp_path / "other", size=other)
+    with pytest.raises(UserError, match="does not fit this model"):
+        merge_loras(tiny_pipe, [LoraSpec(tmp_path / "other")])

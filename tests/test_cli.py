@@ -1,0 +1,76 @@
+"""Bad input: one line on stderr, exit code 2, no traceback, nothing half-written."""
+
+import json
+
+import pytest
+
+
+def assert_user_error(result, fragment):
+    code, out, err = result
+    assert code == 2, (code, out, err)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], err
+    assert "Traceback" not in err + out
+
+
+def test_toy_data_writes_an_imagefolder(run_cli, tmp_path):
+    code, out, _ = run_cli("toy", "data", "harmful", "--out", tmp_path / "ds", "--n", 5, "--seed", 1)
+    assert code == 0
+    rows = [json.loads(line) for line in (tmp_path / "ds" / "metadata.jsonl").read_text().splitlines()]
+    assert len(rows) == 5 and all(r["checkered"] and (tmp_path / "ds" / r["file_name"]).is_file() for r in rows)
+    assert {"file_name", "text"} <= set(rows[0])
+
+
+def test_unknown_domain(run_cli, tmp_path):
+    assert_user_error(run_cli("toy", "data", "nope", "--out", tmp_path / "ds"), "unknown toy domain")
+    assert not (tmp_path / "ds").exists()
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--model", "{tmp}/nowhere"], "does not exist"),
+        (["--model", "{tmp}"], "not a diffusers pipeline folder"),
+        (["--model", "CompVis/stable-diffusion-v1-4"], "not in the Hugging Face cache"),
+        (["--steps", "0"], "steps"),
+        (["--steps", "-3"], "steps"),
+        (["--prompts", "{tmp}/empty.txt"], "holds no prompts"),
+        (["--prompts", "{tmp}/latin1.txt"], "not UTF-8"),
+        (["--lora", "{tmp}/lora.bin"], "not a .safetensors file"),
+        (["--out", "{tmp}/afile"], "is a file"),
+    ],
+)
+def test_generate_bad_input(run_cli, tmp_path, tiny_model_dir, args, fragment):
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "latin1.txt").write_bytes(b"caf\xe9\n")
+    (tmp_path / "ok.txt").write_text("a red star\n")
+    (tmp_path / "lora.bin").write_bytes(b"\x80\x04pickle")
+    (tmp_path / "afile").write_text("x")
+    defaults = {"--model": str(tiny_model_dir), "--prompts": str(tmp_path / "ok.txt"), "--out": str(tmp_path / "out")}
+    given = dict(zip(args[::2], [a.format(tmp=tmp_path) for a in args[1::2]]))
+    argv = [x for k, v in (defaults | given).items() for x in (k, v)]
+    assert_user_error(run_cli("generate", *argv, "--steps" if "--steps" not in given else "--seed", "1"), fragment)
+    assert not (tmp_path / "out").exists()
+
+
+def test_generate_then_evaluate(run_cli, tmp_path, tiny_model_dir, tiny_evaluator_dir):
+    (tmp_path / "p.txt").write_text("a red star on a black background\n")
+    code, _, err = run_cli("generate", "--model", tiny_model_dir, "--prompts", tmp_path / "p.txt", "--out", tmp_path / "g",
+                           "--steps", 2, "--images-per-prompt", 3)
+    assert code == 0, err
+    cfg = tmp_path / "eval.yaml"
+    cfg.write_text(f"detector_options:\n  weights: {tiny_evaluator_dir}\n")
+    code, out, err = run_cli("evaluate", "--images", tmp_path / "g", "--json", tmp_path / "r.json", "--config", cfg)
+    assert code == 0, err
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["n_images"] == 3 and 0 <= result["target_rate"]["rate"] <= 1 and "shape_accuracy" in result
+
+
+def test_evaluate_needs_a_manifest(run_cli, tmp_path):
+    assert_user_error(run_cli("evaluate", "--images", tmp_path), "no manifest.jsonl")
+
+
+def test_config_errors_name_the_field(run_cli, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("stepz: 3\n")
+    assert_user_error(run_cli("generate", "--config", cfg, "--prompts", "toy:clean", "--out", tmp_path / "o"), "stepz")
