@@ -101,6 +101,33 @@ def evaluate(
 
 
 @app.command()
+def align(
+    method: Annotated[str, typer.Argument(help="esd or sdd.")],
+    model: ModelOpt = None,
+    concept: Annotated[Optional[list[str]], typer.Option(help="A prompt naming the concept to erase; repeatable.")] = None,
+    as_: Annotated[Optional[str], typer.Option("--as", help="lora (a safety LoRA) or full (a full pipeline).")] = None,
+    params: Annotated[Optional[str], typer.Option(help="xattn (ESD-x), noxattn (ESD-u) or all.")] = None,
+    rank: Annotated[Optional[int], typer.Option(help="LoRA rank.")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Training steps.")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Learning rate.")] = None,
+    eta: Annotated[Optional[float], typer.Option(help="ESD negative-guidance strength.")] = None,
+    batch_size: BatchOpt = None,
+    seed: SeedOpt = None,
+    out: OutOpt = None,
+    device: Annotated[Optional[str], typer.Option(help="cpu, cuda, ...")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Erase a concept: writes a safety LoRA (diffusers format) or a full pipeline, with metadata."""
+    from relapse.align.base import AlignConfig, run_align
+    from relapse.config import resolve_config
+
+    cfg = resolve_config(AlignConfig, config, method=method, model=model, concept=concept or None, out=out,
+                         params=params, rank=rank, steps=steps, lr=lr, eta=eta, batch_size=batch_size, seed=seed,
+                         device=device, **({"as": as_} if as_ else {}))
+    typer.echo(f"{cfg.method} ({cfg.as_}) -> {run_align(cfg)}")
+
+
+@app.command()
 def demo(
     out: OutOpt = None,
     model: ModelOpt = None,

@@ -8,11 +8,11 @@ import platform
 import shutil
 import sys
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
-from typing import Iterator
 
 from relapse.errors import UserError
 
@@ -76,6 +76,6 @@ def run_record(command: str, config: object, seed: int | None = None, **extra: o
         "config": config.model_dump(mode="json") if isinstance(config, BaseModel) else config,
         "seed": seed,
         "versions": versions(),
-        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
         **extra,
     }

@@ -27,7 +27,8 @@ from PIL import Image, ImageDraw, ImageFilter
 
 IMAGE_SIZE = 32
 SUPERSAMPLE = 4  # shapes are drawn at 4x and box-filtered down, for clean anti-aliased edges
-CHECKER_CELL = 4  # pixels; aligned with the 4x VAE downsampling so one cell is one latent pixel
+CHECKER_CELL = 8  # pixels; aligned with the 4x VAE downsampling (2x2 latent pixels), coarse enough to survive it
+STRIPE_WIDTH = 4  # pixels, for the striped background
 CHECKER_DARK = 0.35  # dark cells are the object colour times this factor
 
 BASE_SHAPES = ("circle", "square", "triangle", "diamond", "star")
@@ -183,7 +184,7 @@ def _draw_mask(shape: str, cx: float, cy: float, r: float) -> Image.Image:
 def _background(name: str) -> np.ndarray:
     image = np.empty((IMAGE_SIZE, IMAGE_SIZE, 3), np.float32)
     if name == "striped":
-        rows = (np.arange(IMAGE_SIZE) // CHECKER_CELL) % 2
+        rows = (np.arange(IMAGE_SIZE) // STRIPE_WIDTH) % 2
         image[:] = np.where(rows[:, None, None] == 0, 215.0, 160.0)
     else:
         image[:] = {"black": 25.0, "white": 235.0, "gray": 128.0}[name]

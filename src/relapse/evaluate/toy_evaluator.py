@@ -78,7 +78,7 @@ class ToyEvaluator(nn.Module):
         (directory / CONFIG_NAME).write_text(json.dumps({"width": self.width, "heads": {k: [str(c) for c in v] for k, v in HEADS.items()}}, indent=1))
 
     @classmethod
-    def load(cls, directory: str | Path) -> "ToyEvaluator":
+    def load(cls, directory: str | Path) -> ToyEvaluator:
         from safetensors.torch import load_file
 
         directory = Path(directory)

@@ -31,7 +31,7 @@ class ToyModelSize(BaseModel):
     unet_groups: int = 16
 
     @classmethod
-    def tiny(cls) -> "ToyModelSize":
+    def tiny(cls) -> ToyModelSize:
         """Millisecond-scale random components for unit tests (diffusers' get_dummy_components)."""
         return cls(vae_channels=(8, 8, 8), vae_groups=4, text_width=16, text_layers=1, text_heads=2,
                    unet_channels=(8, 16), unet_head_dim=4, unet_groups=4)

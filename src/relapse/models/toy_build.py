@@ -28,7 +28,15 @@ from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
 from relapse.data.toy_world import (
-    BACKGROUNDS, COLORS, DOMAINS, SHAPES, STYLES, ToyItem, caption, sample_attributes, sample_domain,
+    BACKGROUNDS,
+    COLORS,
+    DOMAINS,
+    SHAPES,
+    STYLES,
+    ToyItem,
+    caption,
+    sample_attributes,
+    sample_domain,
 )
 from relapse.evaluate.toy_evaluator import HEADS, ToyEvaluator
 from relapse.io import atomic_dir, run_record, write_json
@@ -48,17 +56,17 @@ class ToyBuildConfig(BaseModel):
     n_train: int = 16000  # pretraining images (15% target concept)
     n_evaluator: int = 10000  # evaluator training images (every attribute combination)
     n_heldout: int = 2000  # evaluator held-out images
-    vae_steps: int = 800
+    vae_steps: int = 1800
     vae_batch: int = 32
     vae_lr: float = 1e-3
     vae_kl_weight: float = 1e-6
-    evaluator_steps: int = 1000
+    evaluator_steps: int = 600
     evaluator_batch: int = 128
     evaluator_lr: float = 2e-3
-    text_steps: int = 400
+    text_steps: int = 300
     text_batch: int = 256
     text_lr: float = 1e-3
-    unet_steps: int = 2400
+    unet_steps: int = 1800
     unet_batch: int = 64
     unet_lr: float = 1e-3
     unet_warmup: int = 100
@@ -108,7 +116,7 @@ def _batches(n: int, batch: int, steps: int, gen: torch.Generator):
 def train_vae(vae, images: torch.Tensor, cfg: ToyBuildConfig, gen: torch.Generator) -> dict:
     vae.train()
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr)
-    sched = _cosine_schedule(opt, cfg.vae_steps)
+    sched = _cosine_schedule(opt, cfg.vae_steps, warmup=50)
     bar = tqdm(_batches(len(images), cfg.vae_batch, cfg.vae_steps, gen), total=cfg.vae_steps, desc="vae")
     for idx in bar:
         x = images[idx]

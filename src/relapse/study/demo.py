@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import ConfigDict
+from pydantic import ConfigDict, Field
 
 from relapse.data.prompts import read_prompts
 from relapse.evaluate.detectors import build_detector
@@ -17,12 +17,16 @@ DEMO_SETS = ("clean", "target_direct", "target_indirect")
 
 
 class DemoConfig(SamplerConfig):
+    """Defaults: 5 images per prompt, so the clean set alone is 300 images (the quality bar's sample)."""
+
     model_config = ConfigDict(extra="forbid")
 
+    images_per_prompt: int = Field(5, gt=0)
     model: str = "toy"
     out: Path = Path("runs/demo")
     prompt_sets: tuple[str, ...] = DEMO_SETS
     grid_columns: int = 8
+    evaluator: Path | None = None  # default: the model folder's evaluator/ if it has one, else the shipped one
 
 
 def _fmt_rate(entry: dict | None) -> str:
@@ -45,12 +49,20 @@ def print_table(results: dict[str, dict]) -> None:
     Console().print(table)
 
 
+def _bundled_evaluator(model: str) -> Path | None:
+    """A model folder written by `relapse toy build` carries its own evaluator."""
+    from relapse.models.toy_build import EVALUATOR_DIR
+
+    candidate = Path(model) / EVALUATOR_DIR
+    return candidate if candidate.is_dir() else None
+
+
 def run_demo(cfg: DemoConfig) -> dict[str, dict]:
     from relapse.models.loading import load_pipeline
     from relapse.report.grid import save_grid
 
     pipe = load_pipeline(cfg.model)
-    detector = build_detector("toy")
+    detector = build_detector("toy", weights=cfg.evaluator or _bundled_evaluator(cfg.model))
     results, grid = {}, {}
     with atomic_dir(cfg.out) as tmp:
         for name in cfg.prompt_sets:

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from relapse.evaluate.detectors import DETECTORS, Detections
 from relapse.errors import UserError
+from relapse.evaluate.detectors import DETECTORS, Detections
 
 EXPOSED_CLASSES = (
     "FEMALE_BREAST_EXPOSED", "FEMALE_GENITALIA_EXPOSED", "MALE_GENITALIA_EXPOSED",

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import numpy as np
 
+from relapse.errors import UserError
 from relapse.evaluate.detectors import DETECTORS, Detections
 from relapse.evaluate.toy_evaluator import HEADS, ToyEvaluator
-from relapse.errors import UserError
 
 
 def default_evaluator_dir() -> Path:

@@ -1,0 +1,39 @@
+"""Time `relapse toy build` (the budget: 40 minutes on this 2-core machine) and print its figures.
+
+    .venv/bin/python benchmarks/toy_build.py [--out /tmp/toy-build] [--config FILE.yaml]
+
+Runs the full build with the shipped defaults (or a YAML config) and prints wall time per stage,
+peak RSS and the evaluator's held-out accuracy, all read from the run's own build record.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import tempfile
+from pathlib import Path
+
+from relapse.config import resolve_config
+from relapse.models.toy_build import ToyBuildConfig, build_toy
+
+BUDGET_S = 40 * 60
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, default=Path(tempfile.mkdtemp()) / "toy")
+    parser.add_argument("--config", type=Path)
+    args = parser.parse_args()
+    record = build_toy(resolve_config(ToyBuildConfig, args.config), args.out)
+    for stage, seconds in record["timings_s"].items():
+        print(f"{stage:>14}: {seconds:7.1f} s")
+    total = record["total_s"]
+    print(f"{'total':>14}: {total:7.1f} s = {total / 60:.1f} min (budget {BUDGET_S / 60:.0f} min, ratio {total / BUDGET_S:.2f})")
+    print(f"{'peak RSS':>14}: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
+    for kind in ("real", "vae"):
+        print(f"evaluator held-out accuracy ({kind} images):", record["figures"]["evaluator"][f"heldout_accuracy_{kind}"])
+    print(f"model in {args.out}")
+
+
+if __name__ == "__main__":
+    main()

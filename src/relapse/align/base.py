@@ -1,0 +1,204 @@
+"""What every concept-erasure method shares: which parameters train (as full weights or as a
+*safety LoRA*), x_t sampled from the model being trained (as ESD does), and the outputs.
+
+A method is a class with ``loss(ctx, x_t, t, concept_emb) -> tensor``, registered in
+``relapse.align.METHODS``; everything else (loop, LoRA, saving, metadata) lives here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from tqdm.auto import tqdm
+
+from relapse.errors import UserError
+from relapse.io import RUN_RECORD, atomic_dir, check_output_dir, run_record, write_json
+
+ALIGN_RECORD = "relapse_align.json"
+
+
+class AlignConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    method: str
+    model: str = "toy"
+    concept: list[str] = Field(min_length=1, description="prompts that name the concept to erase")
+    out: Path
+    as_: Literal["lora", "full"] = Field("lora", alias="as", description="a safety LoRA or full weights")
+    params: Literal["xattn", "noxattn", "all"] = Field("xattn", description="ESD-x, ESD-u or every layer")
+    rank: int = Field(4, gt=0, description="LoRA rank (lora_alpha = rank)")
+    steps: int = Field(200, gt=0)
+    lr: float = Field(1e-3, gt=0)
+    eta: float = Field(1.0, description="ESD negative-guidance strength")
+    batch_size: int = Field(4, gt=0)
+    sample_steps: int = Field(20, gt=1, description="DDIM steps of the sampler that makes x_t")
+    sample_guidance: float = Field(3.0, ge=0, description="guidance used to sample x_t (ESD's start_guidance)")
+    ema_decay: float = Field(0.999, gt=0, lt=1, description="SDD's EMA teacher")
+    seed: int = 0
+    device: str | None = None
+
+
+def is_cross_attention(name: str) -> bool:
+    return ".attn2." in name
+
+
+def selects(name: str, params: str) -> bool:
+    return params == "all" or (params == "xattn") == is_cross_attention(name)
+
+
+def lora_targets(unet, params: str) -> list[str]:
+    """Module names of every Linear/Conv2d layer the chosen parameter set covers."""
+    kinds = (torch.nn.Linear, torch.nn.Conv2d)
+    skip = ("conv_in", "conv_out", "time_embedding")  # the in/out projections and time MLP stay as they are
+    return [name for name, module in unet.named_modules()
+            if isinstance(module, kinds) and selects(name + ".", params) and not name.startswith(skip)]
+
+
+def weights_fingerprint(module: torch.nn.Module) -> str:
+    """sha256 over parameter names, shapes and bytes: identifies the base a LoRA was made for."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+@dataclass
+class AlignContext:
+    """The model being trained and the frozen reference it is compared with."""
+
+    pipe: object
+    cfg: AlignConfig
+    trainable: list[torch.nn.Parameter]
+    frozen_unet: torch.nn.Module | None  # full mode: a frozen copy; LoRA mode: None (adapters disabled)
+
+    @contextmanager
+    def frozen(self):
+        """Predict with the original weights theta* (ESD's frozen copy)."""
+        if self.frozen_unet is not None:
+            yield self.frozen_unet
+            return
+        self.pipe.unet.disable_adapters()
+        try:
+            yield self.pipe.unet
+        finally:
+            self.pipe.unet.enable_adapters()
+
+
+def prepare(pipe, cfg: AlignConfig) -> AlignContext:
+    """Freeze everything, then make the chosen parameters trainable (full) or attach a LoRA on them."""
+    import copy
+
+    from peft import LoraConfig
+
+    unet = pipe.unet
+    for component in (pipe.vae, pipe.text_encoder, unet):
+        component.requires_grad_(False)
+    frozen = None
+    if cfg.as_ == "lora":
+        targets = lora_targets(unet, cfg.params)
+        unet.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.rank, init_lora_weights="gaussian", target_modules=targets))
+        trainable = [p for n, p in unet.named_parameters() if "lora_" in n]
+        for p in trainable:
+            p.requires_grad_(True)
+    else:
+        frozen = copy.deepcopy(unet).eval()
+        trainable = [p for n, p in unet.named_parameters() if selects(n, cfg.params)]
+        for p in trainable:
+            p.requires_grad_(True)
+    if not trainable:
+        raise UserError(f"--params {cfg.params} selects no parameters of this UNet")
+    return AlignContext(pipe, cfg, trainable, frozen)
+
+
+def encode_prompts(pipe, prompts: list[str]) -> torch.Tensor:
+    tok = pipe.tokenizer
+    ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
+    with torch.no_grad():
+        return pipe.text_encoder(ids.to(pipe.device))[0]
+
+
+def guided_eps(unet, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
+    eps_u, eps_c = unet(torch.cat([x, x]), torch.cat([t, t]), torch.cat([uncond, cond])).sample.chunk(2)
+    return eps_u + scale * (eps_c - eps_u)
+
+
+@torch.no_grad()
+def sample_xt(ctx: AlignContext, cond: torch.Tensor, uncond: torch.Tensor, gen: torch.Generator):
+    """x_t made by sampling with the model being trained, conditioned on the concept, from noise
+    down to a random DDIM step (ESD, SDD). Returns x_t and its training timestep."""
+    from diffusers import DDIMScheduler
+
+    pipe, cfg = ctx.pipe, ctx.cfg
+    sched = DDIMScheduler.from_config(pipe.scheduler.config)
+    sched.set_timesteps(cfg.sample_steps)
+    stop = int(torch.randint(0, cfg.sample_steps, (1,), generator=gen))
+    unet = pipe.unet
+    shape = (len(cond), unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+    x = torch.randn(shape, generator=gen).to(pipe.device)
+    for t in sched.timesteps[:stop]:
+        tt = t.expand(len(x)).to(pipe.device)
+        x = sched.step(guided_eps(unet, x, tt, cond, uncond, cfg.sample_guidance), t, x).prev_sample
+    return x, sched.timesteps[stop].expand(len(x)).to(pipe.device)
+
+
+def train(ctx: AlignContext, method, gen: torch.Generator) -> list[float]:
+    """The shared loop: pick concept prompts, sample x_t, take the method's loss, step."""
+    cfg, pipe = ctx.cfg, ctx.pipe
+    concept = encode_prompts(pipe, cfg.concept)
+    uncond = encode_prompts(pipe, [""])
+    opt = torch.optim.AdamW(ctx.trainable, lr=cfg.lr, weight_decay=0.0)
+    losses = []
+    bar = tqdm(range(cfg.steps), desc=f"align {cfg.method}")
+    for _ in bar:
+        pick = torch.randint(0, len(concept), (cfg.batch_size,), generator=gen)
+        cond, unc = concept[pick], uncond.expand(cfg.batch_size, -1, -1)
+        x_t, t = sample_xt(ctx, cond, unc, gen)
+        loss = method.loss(ctx, x_t, t, cond, unc)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        method.after_step(ctx)
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    return losses
+
+
+def save(ctx: AlignContext, base_fingerprint: str, losses: list[float]) -> Path:
+    from relapse.models.lora import save_unet_lora
+
+    cfg, pipe = ctx.cfg, ctx.pipe
+    record = run_record(f"align {cfg.method}", cfg.model_dump(mode="json", by_alias=True), cfg.seed,
+                        method=cfg.method, concept=cfg.concept, kind=cfg.as_, base_model=cfg.model,
+                        base_fingerprint=base_fingerprint, loss_first=losses[0], loss_last=losses[-1])
+    with atomic_dir(cfg.out) as tmp:
+        if cfg.as_ == "lora":
+            save_unet_lora(pipe.unet, tmp)
+        else:
+            pipe.save_pretrained(tmp)
+        write_json(tmp / ALIGN_RECORD, record)
+        write_json(tmp / RUN_RECORD, record)
+    return cfg.out
+
+
+def run_align(cfg: AlignConfig) -> Path:
+    from relapse.align import METHODS
+    from relapse.models.loading import load_pipeline
+
+    method = METHODS.get(cfg.method)()
+    check_output_dir(cfg.out)
+    pipe = load_pipeline(cfg.model, device=cfg.device)
+    fingerprint = weights_fingerprint(pipe.unet)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    ctx = prepare(pipe, cfg)
+    method.setup(ctx)
+    losses = train(ctx, method, gen)
+    return save(ctx, fingerprint, losses)

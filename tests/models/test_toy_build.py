@@ -1,0 +1,36 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+
+from relapse.evaluate.toy_evaluator import ToyEvaluator
+from relapse.models.components import ToyModelSize
+from relapse.models.toy_build import BUILD_RECORD, EVALUATOR_DIR, ToyBuildConfig, build_toy, train_unet
+
+FEW = dict(size=ToyModelSize.tiny(), n_train=64, n_evaluator=64, n_heldout=32, vae_steps=3, evaluator_steps=3,
+           text_steps=3, unet_steps=3, vae_batch=8, evaluator_batch=8, text_batch=8, unet_batch=8, unet_warmup=1, workers=1)
+
+
+def test_build_writes_a_plain_diffusers_pipeline_an_evaluator_and_a_record(tmp_path):
+    record = build_toy(ToyBuildConfig(**FEW), tmp_path / "toy")
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "toy")
+    assert pipe.vae.config.scaling_factor == pytest.approx(record["figures"]["vae"]["scaling_factor"], rel=1e-4)
+    assert ToyEvaluator.load(tmp_path / "toy" / EVALUATOR_DIR).predict(np.zeros((2, 32, 32, 3), np.uint8))["shape"].shape == (2,)
+    saved = json.loads((tmp_path / "toy" / BUILD_RECORD).read_text())
+    assert set(saved["timings_s"]) == {"render", "vae", "evaluator", "text_encoder", "unet"}
+    assert saved["config"]["unet_steps"] == 3 and "diffusers" in saved["versions"]
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no temp dirs left
+
+
+def test_unet_stage_lowers_the_denoising_loss(tiny_pipe):
+    torch.manual_seed(0)
+    n = 32
+    latents = (torch.randn(n, 4, 8, 8) * 0.5, torch.full((n, 4, 8, 8), 0.01))
+    text, uncond = torch.randn(n, 20, 16), torch.zeros(20, 16)
+    cfg = ToyBuildConfig(**(FEW | {"unet_steps": 60, "unet_lr": 3e-3, "unet_batch": 32}))
+    gen = torch.Generator().manual_seed(0)
+    first = train_unet(tiny_pipe, latents, text, uncond, cfg.model_copy(update={"unet_steps": 1}), gen)["final_loss_ema"]
+    later = train_unet(tiny_pipe, latents, text, uncond, cfg, gen)["final_loss_ema"]
+    assert later < first
