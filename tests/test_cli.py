@@ -60,10 +60,12 @@ def test_generate_then_evaluate(run_cli, tmp_path, tiny_model_dir, tiny_evaluato
     assert code == 0, err
     cfg = tmp_path / "eval.yaml"
     cfg.write_text(f"detector_options:\n  weights: {tiny_evaluator_dir}\n")
-    code, out, err = run_cli("evaluate", "--images", tmp_path / "g", "--json", tmp_path / "r.json", "--config", cfg)
+    code, out, err = run_cli("evaluate", "--images", tmp_path / "g", "--json", tmp_path / "r.json", "--config", cfg,
+                             "--reference", "toy:clean:8")
     assert code == 0, err
     result = json.loads((tmp_path / "r.json").read_text())
     assert result["n_images"] == 3 and 0 <= result["target_rate"]["rate"] <= 1 and "shape_accuracy" in result
+    assert result["frechet_distance"] >= 0 and result["reference"]["n_images"] == 8
 
 
 def test_evaluate_needs_a_manifest(run_cli, tmp_path):

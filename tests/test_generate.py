@@ -55,7 +55,7 @@ def test_failed_run_leaves_no_output(tiny_model_dir, tmp_path):
 
 def test_lora_scales_must_match_loras(tmp_path):
     cfg = GenerateConfig(prompts="toy:clean", out=tmp_path / "o", loras=[tmp_path / "a"], lora_scales=[1.0, 2.0])
-    from relapse.generate import lora_specs
+    from relapse.models.lora import resolve_lora_specs
 
     with pytest.raises(UserError, match="one --lora-scale per --lora"):
-        lora_specs(cfg)
+        resolve_lora_specs(cfg.loras, cfg.lora_scales)

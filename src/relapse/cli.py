@@ -34,7 +34,7 @@ def toy_data(
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
 ) -> None:
     """Write a toy dataset in the imagefolder convention."""
-    from relapse.data.imagefolder import write_imagefolder
+    from relapse.data.datasets import write_imagefolder
     from relapse.data.toy_world import DOMAINS, sample_domain
 
     if domain not in DOMAINS:
@@ -85,6 +85,7 @@ def evaluate(
     images: Annotated[Optional[Path], typer.Option(help="A folder written by `relapse generate`.")] = None,
     detector: Annotated[Optional[str], typer.Option(help="Detector name: toy or nudenet.")] = None,
     threshold: Annotated[Optional[float], typer.Option(help="Detector threshold (nudenet: 0.45, 0.5 or 0.6 are usual).")] = None,
+    reference: Annotated[Optional[str], typer.Option(help="Real images for a Frechet distance: imagefolder or toy:DOMAIN[:N].")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the result here as JSON.")] = None,
     config: ConfigOpt = None,
 ) -> None:
@@ -95,7 +96,8 @@ def evaluate(
     from relapse.evaluate.evaluate import EvaluateConfig, run_evaluate
 
     options = {"threshold": threshold} if threshold is not None else None
-    cfg = resolve_config(EvaluateConfig, config, images=images, detector=detector, detector_options=options, json_out=json_out)
+    cfg = resolve_config(EvaluateConfig, config, images=images, detector=detector, detector_options=options,
+                         reference=reference, json_out=json_out)
     result = run_evaluate(cfg)
     typer.echo(json.dumps({k: v for k, v in result.items() if k != "per_image"}, indent=2))
 
@@ -125,6 +127,41 @@ def align(
                          params=params, rank=rank, steps=steps, lr=lr, eta=eta, batch_size=batch_size, seed=seed,
                          device=device, **({"as": as_} if as_ else {}))
     typer.echo(f"{cfg.method} ({cfg.as_}) -> {run_align(cfg)}")
+
+
+@app.command()
+def finetune(
+    data: Annotated[Optional[str], typer.Option(help="Imagefolder dataset (metadata.jsonl) or toy:DOMAIN[:N].")] = None,
+    method: Annotated[Optional[str], typer.Option(help="full, lora or modular.")] = None,
+    model: ModelOpt = None,
+    lora: Annotated[Optional[list[Path]], typer.Option(help="Safety LoRA: fused first (full, lora) or composed later (modular).")] = None,
+    lora_scale: Annotated[Optional[list[float]], typer.Option(help="Scale per --lora.")] = None,
+    rank: Annotated[Optional[int], typer.Option(help="LoRA rank.")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Optimizer steps.")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Learning rate.")] = None,
+    batch_size: BatchOpt = None,
+    grad_accum: Annotated[Optional[int], typer.Option(help="Gradient accumulation steps.")] = None,
+    mixed_precision: Annotated[Optional[str], typer.Option(help="no, fp16 or bf16.")] = None,
+    save_at: Annotated[Optional[str], typer.Option(help="Comma-separated steps to also save at, e.g. 20,100,200.")] = None,
+    checkpoint_every: Annotated[Optional[int], typer.Option(help="Resumable checkpoint every K steps.")] = None,
+    resume: Annotated[Optional[bool], typer.Option("--resume", help="Continue from the newest checkpoint in --out.")] = None,
+    seed: SeedOpt = None,
+    out: OutOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Fine-tune (benign or malicious: the data decides): full, LoRA, or Modular LoRA on the base."""
+    from relapse.config import resolve_config
+    from relapse.finetune.train import FinetuneConfig, run_finetune
+
+    try:
+        steps_to_save = [int(s) for s in save_at.split(",") if s.strip()] if save_at else None
+    except ValueError:
+        raise UserError(f"--save-at takes comma-separated integers, got {save_at!r}") from None
+    cfg = resolve_config(FinetuneConfig, config, data=data, method=method, model=model, loras=lora or None,
+                         lora_scales=lora_scale or None, rank=rank, steps=steps, lr=lr, batch_size=batch_size,
+                         grad_accum=grad_accum, mixed_precision=mixed_precision, save_at=steps_to_save,
+                         checkpoint_every=checkpoint_every, resume=resume, seed=seed, out=out)
+    typer.echo(f"fine-tuned ({cfg.method}) -> {run_finetune(cfg)}")
 
 
 @app.command()

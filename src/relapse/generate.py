@@ -101,22 +101,13 @@ def generate_images(pipe, prompts: list[Prompt], sampler: SamplerConfig, out_dir
     return rows
 
 
-def lora_specs(cfg: GenerateConfig):
-    from relapse.models.lora import LoraSpec, checked_lora_file
-
-    if cfg.lora_scales and len(cfg.lora_scales) != len(cfg.loras):
-        raise UserError(f"give one --lora-scale per --lora ({len(cfg.loras)} LoRAs, {len(cfg.lora_scales)} scales)")
-    scales = cfg.lora_scales or [1.0] * len(cfg.loras)
-    return [LoraSpec(checked_lora_file(path), scale) for path, scale in zip(cfg.loras, scales)]
-
-
 def run_generate(cfg: GenerateConfig) -> Path:
     from relapse.models.loading import load_pipeline
-    from relapse.models.lora import merge_loras
+    from relapse.models.lora import merge_loras, resolve_lora_specs
 
     check_output_dir(cfg.out)
     prompts = read_prompts(cfg.prompts)
-    specs = lora_specs(cfg)
+    specs = resolve_lora_specs(cfg.loras, cfg.lora_scales)
     pipe = load_pipeline(cfg.model, device=cfg.device)
     merge_loras(pipe, specs)
     settings = {"model": cfg.model, "loras": [[str(s.path), s.scale] for s in specs]}

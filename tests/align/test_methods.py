@@ -11,6 +11,7 @@ from relapse.align import METHODS
 from relapse.align.base import ALIGN_RECORD, AlignConfig, is_cross_attention, prepare, run_align, train
 from relapse.models.components import ToyModelSize, build_pipeline
 from relapse.models.lora import LoraSpec, merge_loras
+from relapse.models.pipeline_utils import encode_prompts
 
 CONCEPT = ["a checkered red star", "a checkered blue circle"]
 
@@ -51,8 +52,6 @@ def test_esd_loss_falls_on_a_fixed_batch(tiny_pipe, tmp_path):
     esd = METHODS.get("esd")()
     gen = torch.Generator().manual_seed(0)
     x_t, t = torch.randn(2, 4, 8, 8, generator=gen), torch.tensor([500, 500])
-    from relapse.align.base import encode_prompts
-
     cond, uncond = encode_prompts(tiny_pipe, CONCEPT), encode_prompts(tiny_pipe, ["", ""])
     opt = torch.optim.Adam(ctx.trainable, lr=3e-3)
     first = None

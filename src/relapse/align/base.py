@@ -7,7 +7,6 @@ A method is a class with ``loss(ctx, x_t, t, concept_emb) -> tensor``, registere
 
 from __future__ import annotations
 
-import hashlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ from tqdm.auto import tqdm
 
 from relapse.errors import UserError
 from relapse.io import RUN_RECORD, atomic_dir, check_output_dir, run_record, write_json
+from relapse.models.pipeline_utils import encode_prompts, weights_fingerprint
 
 ALIGN_RECORD = "relapse_align.json"
 
@@ -58,16 +58,6 @@ def lora_targets(unet, params: str) -> list[str]:
     skip = ("conv_in", "conv_out", "time_embedding")  # the in/out projections and time MLP stay as they are
     return [name for name, module in unet.named_modules()
             if isinstance(module, kinds) and selects(name + ".", params) and not name.startswith(skip)]
-
-
-def weights_fingerprint(module: torch.nn.Module) -> str:
-    """sha256 over parameter names, shapes and bytes: identifies the base a LoRA was made for."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(str(tuple(tensor.shape)).encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
 
 
 @dataclass
@@ -116,13 +106,6 @@ def prepare(pipe, cfg: AlignConfig) -> AlignContext:
     if not trainable:
         raise UserError(f"--params {cfg.params} selects no parameters of this UNet")
     return AlignContext(pipe, cfg, trainable, frozen)
-
-
-def encode_prompts(pipe, prompts: list[str]) -> torch.Tensor:
-    tok = pipe.tokenizer
-    ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
-    with torch.no_grad():
-        return pipe.text_encoder(ids.to(pipe.device))[0]
 
 
 def guided_eps(unet, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:

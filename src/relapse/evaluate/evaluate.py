@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
+from relapse.data.datasets import load_dataset
 from relapse.data.toy_world import parse_prompt
 from relapse.errors import UserError
 from relapse.evaluate.detectors import Detections, build_detector
@@ -30,6 +31,7 @@ class EvaluateConfig(BaseModel):
     images: Path
     detector: str = "toy"
     detector_options: dict = Field(default_factory=dict, description="keyword options of the detector")
+    reference: str | None = Field(None, description="real images for a Frechet distance: imagefolder or toy:DOMAIN[:N]")
     json_out: Path | None = None
 
 
@@ -75,11 +77,25 @@ def summarize(rows: list[dict], detections: Detections, detector: str) -> dict:
     return result
 
 
+def reference_distance(detector, images, reference) -> float:
+    """Frechet distance to real images in the detector's own features (the toy evaluator's)."""
+    from relapse.evaluate.fid import frechet_distance
+
+    if not hasattr(detector, "model"):
+        raise UserError("--reference needs a detector with image features (toy); Inception features come with the study")
+    return round(frechet_distance(reference, images, detector.model), 4)
+
+
 def run_evaluate(cfg: EvaluateConfig) -> dict:
     rows = read_manifest(cfg.images)
+    reference = load_dataset(cfg.reference) if cfg.reference else None
     detector = build_detector(cfg.detector, **cfg.detector_options)
-    result = summarize(rows, detector.detect(load_images(cfg.images, rows)), cfg.detector)
+    images = load_images(cfg.images, rows)
+    result = summarize(rows, detector.detect(images), cfg.detector)
     result["images"] = str(cfg.images)
+    if reference is not None:
+        result["frechet_distance"] = reference_distance(detector, images, reference.images)
+        result["reference"] = {"source": reference.source, "n_images": len(reference.images)}
     if cfg.json_out:
         cfg.json_out.parent.mkdir(parents=True, exist_ok=True)
         write_json(cfg.json_out, result)

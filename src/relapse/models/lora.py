@@ -58,6 +58,13 @@ def save_unet_lora(unet, out_dir: str | Path, adapter_name: str = "default") -> 
     return Path(out_dir) / LORA_WEIGHT_NAME
 
 
+def resolve_lora_specs(paths: list[Path], scales: list[float]) -> list[LoraSpec]:
+    """Pair LoRA paths with scales (default 1.0 each), checking each file before any model loads."""
+    if scales and len(scales) != len(paths):
+        raise UserError(f"give one --lora-scale per --lora ({len(paths)} LoRAs, {len(scales)} scales)")
+    return [LoraSpec(checked_lora_file(path), scale) for path, scale in zip(paths, scales or [1.0] * len(paths))]
+
+
 def merge_loras(pipe, loras: list[LoraSpec], fuse: bool = True) -> list[str]:
     """Attach each LoRA as a named adapter with its scale; with ``fuse``, bake them into the weights.
 

@@ -1,0 +1,53 @@
+"""Content-addressed cache of what the frozen VAE and text encoder make of a dataset.
+
+The key hashes the dataset's images and captions and the two encoders' weights, so repeated
+fine-tunes over the same data (step sweeps, seeds, defenses) never re-encode it, and a changed
+encoder or dataset can never hit a stale entry. Entries are safetensors, written atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+
+from relapse.data.datasets import CaptionedImages
+from relapse.models.pipeline_utils import encode_prompts, weights_fingerprint
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("RELAPSE_CACHE", Path.home() / ".cache" / "relapse"))
+
+
+def cache_key(data: CaptionedImages, pipe) -> str:
+    parts = [data.fingerprint(), weights_fingerprint(pipe.vae), weights_fingerprint(pipe.text_encoder),
+             str(pipe.tokenizer.model_max_length)]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
+
+
+@torch.no_grad()
+def encode_dataset(data: CaptionedImages, pipe, batch: int = 64) -> dict[str, torch.Tensor]:
+    means, stds, texts = [], [], []
+    for i in range(0, len(data.images), batch):
+        x = torch.from_numpy(data.images[i : i + batch]).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+        dist = pipe.vae.encode(x.to(pipe.device, pipe.vae.dtype)).latent_dist
+        means.append(dist.mean.float().cpu()), stds.append(dist.std.float().cpu())
+        texts.append(encode_prompts(pipe, data.captions[i : i + batch]).float().cpu())
+    return {"latent_mean": torch.cat(means), "latent_std": torch.cat(stds), "text": torch.cat(texts)}
+
+
+def cached_encodings(data: CaptionedImages, pipe, cache_dir: Path | None = None) -> tuple[dict[str, torch.Tensor], bool]:
+    """The encodings of ``data`` and whether they came from the cache."""
+    from safetensors.torch import load_file, save_file
+
+    path = (cache_dir or default_cache_dir()) / "encodings" / f"{cache_key(data, pipe)}.safetensors"
+    if path.is_file():
+        return load_file(path), True
+    encodings = encode_dataset(data, pipe)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file({k: v.contiguous() for k, v in encodings.items()}, tmp)
+    tmp.replace(path)
+    return encodings, False

@@ -1,0 +1,25 @@
+"""Small operations on a loaded pipeline that several concerns share."""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+
+def weights_fingerprint(module: torch.nn.Module) -> str:
+    """sha256 over parameter names, shapes and bytes: identifies the base a LoRA was made for."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+@torch.no_grad()
+def encode_prompts(pipe, prompts: list[str]) -> torch.Tensor:
+    """The frozen text encoder's last hidden states, padded as the pipeline pads them."""
+    tok = pipe.tokenizer
+    ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
+    return pipe.text_encoder(ids.to(pipe.device))[0]
