@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
 from relapse.errors import UserError
-from relapse.io import RUN_RECORD, atomic_dir, check_output_dir, run_record, write_json
+from relapse.io import atomic_dir, check_output_dir, run_record, write_json
 from relapse.models.pipeline_utils import encode_prompts, weights_fingerprint
 
 ALIGN_RECORD = "relapse_align.json"
@@ -167,7 +167,6 @@ def save(ctx: AlignContext, base_fingerprint: str, losses: list[float]) -> Path:
         else:
             pipe.save_pretrained(tmp)
         write_json(tmp / ALIGN_RECORD, record)
-        write_json(tmp / RUN_RECORD, record)
     return cfg.out
 
 

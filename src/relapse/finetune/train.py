@@ -84,10 +84,7 @@ def prepare_model(pipe, cfg: FinetuneConfig, specs) -> tuple[list[torch.nn.Param
     records = [check_made_for(spec, pipe) for spec in specs]
     composes_with = [{"path": str(s.path), "scale": s.scale, "align_record": r} for s, r in zip(specs, records)]
     if cfg.method == "modular":
-        if not specs:
-            raise UserError("--method modular needs the safety LoRA it will compose with: pass it with --lora")
-        merge_loras(pipe, specs, fuse=False)  # shape check against W0 ...
-        pipe.delete_adapters([f"lora_{i}" for i in range(len(specs))])  # ... then W0 alone trains
+        pipe.delete_adapters(merge_loras(pipe, specs, fuse=False))  # a shape check against W0; then W0 alone trains
     else:
         merge_loras(pipe, specs)  # fused: the aligned model a downstream user gets
     for component in (pipe.vae, pipe.text_encoder, pipe.unet):
