@@ -58,13 +58,13 @@ def test_modular_trains_on_w0_without_the_safety_lora(tmp_path, tiny_model_dir, 
     modular = run_finetune(cfg(tmp_path, tiny_model_dir, name="mod", method="modular", loras=[safety_lora]))
     plain = run_finetune(cfg(tmp_path, tiny_model_dir, name="plain", method="lora"))
     a, b = load_file(modular / "pytorch_lora_weights.safetensors"), load_file(plain / "pytorch_lora_weights.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # same as training on W0 alone
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)  # as if trained on W0 alone
     assert (safety_lora / "pytorch_lora_weights.safetensors").read_bytes() == before
     record = json.loads((modular / ft.FINETUNE_RECORD).read_text())
     assert record["composes_with"][0]["path"].endswith("pytorch_lora_weights.safetensors")
     fused = run_finetune(cfg(tmp_path, tiny_model_dir, name="fused", method="lora", loras=[safety_lora]))
     c = load_file(fused / "pytorch_lora_weights.safetensors")
-    assert any(not torch.equal(a[k], c[k]) for k in a)  # standard LoRA did see the safety LoRA
+    assert max((a[k] - c[k]).abs().max() for k in a) > 1e-4  # standard LoRA did see the safety LoRA
 
 
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, tiny_model_dir, monkeypatch):
