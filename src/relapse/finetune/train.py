@@ -60,16 +60,15 @@ class FinetuneConfig(BaseModel):
     out: Path
 
 
-def check_made_for(spec, pipe) -> dict | None:
+def check_made_for(spec, found: str) -> dict | None:
     """A safety LoRA written by `relapse align` records its base's fingerprint: refuse another base."""
     from relapse.align.base import ALIGN_RECORD
-    from relapse.models.pipeline_utils import weights_fingerprint
 
     record_path = spec.path.parent / ALIGN_RECORD
     if not record_path.is_file():
         return None
     record = json.loads(record_path.read_text())
-    if record.get("base_fingerprint") != (found := weights_fingerprint(pipe.unet)):
+    if record.get("base_fingerprint") != found:
         raise UserError(f"safety LoRA {spec.path} was made for base {record.get('base_model')} "
                         f"(fingerprint {record.get('base_fingerprint')}), not for this model ({found}); align this model instead")
     return record
@@ -80,8 +79,10 @@ def prepare_model(pipe, cfg: FinetuneConfig, specs) -> tuple[list[torch.nn.Param
     from peft import LoraConfig
 
     from relapse.models.lora import merge_loras
+    from relapse.models.pipeline_utils import weights_fingerprint
 
-    records = [check_made_for(spec, pipe) for spec in specs]
+    base = weights_fingerprint(pipe.unet) if specs else ""
+    records = [check_made_for(spec, base) for spec in specs]
     composes_with = [{"path": str(s.path), "scale": s.scale, "align_record": r} for s, r in zip(specs, records)]
     if cfg.method == "modular":
         pipe.delete_adapters(merge_loras(pipe, specs, fuse=False))  # a shape check against W0; then W0 alone trains
