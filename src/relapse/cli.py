@@ -45,7 +45,7 @@ def toy_data(
 
 @toy_app.command("build")
 def toy_build(out: OutOpt = None, seed: SeedOpt = None, config: ConfigOpt = None) -> None:
-    """Train the toy pipeline and the toy evaluator from scratch (about 35 minutes on 2 CPU cores)."""
+    """Train the toy pipeline and the toy evaluator from scratch (about 40 minutes on 2 CPU cores)."""
     from relapse.config import resolve_config
     from relapse.models.loading import TOY_MODEL
     from relapse.models.toy_build import ToyBuildConfig, build_toy
