@@ -76,3 +76,16 @@ def test_config_errors_name_the_field(run_cli, tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("stepz: 3\n")
     assert_user_error(run_cli("generate", "--config", cfg, "--prompts", "toy:clean", "--out", tmp_path / "o"), "stepz")
+
+
+def test_finetune_cli_sweep_and_bad_input(run_cli, tmp_path, tiny_model_dir):
+    code, _, err = run_cli("finetune", "--model", tiny_model_dir, "--data", "toy:shapes:8", "--steps", 3, "--batch-size", 2,
+                           "--save-at", "1,3", "--out", tmp_path / "ft")
+    assert code == 0, err
+    assert {p.name for p in (tmp_path / "ft").iterdir()} >= {"final", "step-000001", "step-000003"}
+    assert_user_error(run_cli("finetune", "--model", tiny_model_dir, "--data", "toy:shapes:8", "--method", "modular",
+                              "--out", tmp_path / "m"), "modular needs the safety LoRA")
+    assert_user_error(run_cli("finetune", "--data", "toy:shapes:8", "--save-at", "1,x", "--out", tmp_path / "s"), "--save-at")
+    assert_user_error(run_cli("finetune", "--model", tiny_model_dir, "--data", str(tmp_path), "--out", tmp_path / "n"),
+                      "no metadata.jsonl")
+    assert not (tmp_path / "m").exists() and not (tmp_path / "n").exists()
