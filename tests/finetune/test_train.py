@@ -113,3 +113,19 @@ def test_nan_loss_stops_and_says_where_the_last_checkpoint_is(tmp_path, tiny_mod
     with pytest.raises(UserError, match="last good checkpoint is .*step-000002"):
         run_finetune(cfg(tmp_path, tiny_model_dir, steps=4, checkpoint_every=2))
     assert ft.latest_checkpoint(tmp_path / "ft")[1] == 2 and not (tmp_path / "ft" / "final").exists()
+
+
+def test_two_cpu_processes_train_data_parallel(tmp_path, tiny_model_dir):
+    """torchrun with 2 processes on CPU: accelerate runs MULTI_CPU over gloo; rank 0 writes once."""
+    import os
+    import subprocess
+    import sys
+
+    env = os.environ | {"RELAPSE_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "relapse.cli", "finetune",
+           "--model", str(tiny_model_dir), "--data", DATA, "--steps", "3", "--batch-size", "2", "--out", str(tmp_path / "ddp")]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    record = json.loads((tmp_path / "ddp" / "final" / ft.FINETUNE_RECORD).read_text())
+    assert record["processes"] == 2 and record["step"] == 3
+    build_pipeline(ToyModelSize.tiny(), seed=0).load_lora_weights(tmp_path / "ddp" / "final")

@@ -164,7 +164,9 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
         raise UserError("--method modular needs the safety LoRA it will compose with: pass it with --lora")
     if any(s <= 0 or s > cfg.steps for s in cfg.save_at):
         raise UserError(f"--save-at steps must lie in 1..{cfg.steps} (got {cfg.save_at})")
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum)
+    # cpu=True lets accelerate see a torchrun launch as MULTI_CPU (gloo) on machines without a GPU.
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
+                              cpu=not torch.cuda.is_available())
     pipe = load_pipeline(cfg.model, device=str(accelerator.device))
     encodings, hit = cached_encodings(data, pipe, cfg.cache_dir)
     params, composes_with = prepare_model(pipe, cfg, specs)
