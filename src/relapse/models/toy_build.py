@@ -41,6 +41,7 @@ from relapse.data.toy_world import (
 from relapse.evaluate.toy_evaluator import HEADS, ToyEvaluator
 from relapse.io import atomic_dir, run_record, write_json
 from relapse.models.components import ToyModelSize, build_pipeline
+from relapse.models.pipeline_utils import encode_prompts
 
 BUILD_RECORD = "relapse_build.json"
 EVALUATOR_DIR = "evaluator"
@@ -211,14 +212,8 @@ def train_text_encoder(text_encoder, tokenizer, cfg: ToyBuildConfig, gen: torch.
     return {"final_loss": round(loss.item(), 4)}
 
 
-@torch.no_grad()
-def encode_text(text_encoder, tokenizer, captions: list[str], batch: int = 1024) -> torch.Tensor:
-    out = []
-    for i in range(0, len(captions), batch):
-        ids = tokenizer(captions[i : i + batch], padding="max_length", max_length=tokenizer.model_max_length,
-                        truncation=True, return_tensors="pt").input_ids
-        out.append(text_encoder(ids)[0])
-    return torch.cat(out)
+def encode_text(pipe, captions: list[str], batch: int = 1024) -> torch.Tensor:
+    return torch.cat([encode_prompts(pipe, captions[i : i + batch]) for i in range(0, len(captions), batch)])
 
 
 def train_unet(pipe, latents: tuple[torch.Tensor, torch.Tensor], text: torch.Tensor, uncond: torch.Tensor,
@@ -288,8 +283,8 @@ def build_toy(cfg: ToyBuildConfig, out: str | Path) -> dict:
     lap("evaluator")
 
     figures["text_encoder"] = train_text_encoder(pipe.text_encoder, pipe.tokenizer, cfg, gen)
-    text = encode_text(pipe.text_encoder, pipe.tokenizer, [it.caption for it in train])
-    uncond = encode_text(pipe.text_encoder, pipe.tokenizer, [""])[0]
+    text = encode_text(pipe, [it.caption for it in train])
+    uncond = encode_text(pipe, [""])[0]
     lap("text_encoder")
 
     figures["unet"] = train_unet(pipe, (mean, std), text, uncond, cfg, gen)
