@@ -23,12 +23,12 @@ from relapse.data.datasets import load_dataset
 from relapse.finetune import train as ft
 from relapse.finetune.cache import cached_encodings
 from relapse.models.loading import load_pipeline
-from relapse.models.pipeline_utils import encode_prompts
+from relapse.models.pipeline_utils import encode_prompts, images_to_tensor
 
 
 def encode_every_batch_loss(pipe, data, noise_scheduler, gen, batch_size):
     idx = torch.randint(0, len(data.captions), (batch_size,), generator=gen)
-    x = torch.from_numpy(data.images[idx.numpy()]).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+    x = images_to_tensor(data.images[idx.numpy()])
     with torch.no_grad():
         z0 = pipe.vae.encode(x).latent_dist.sample(generator=gen) * pipe.vae.config.scaling_factor
         text = encode_prompts(pipe, [data.captions[i] for i in idx.tolist()])

@@ -25,7 +25,7 @@ def test_fingerprint_is_content_addressed(tmp_path):
     a = read_imagefolder(make_folder(tmp_path / "a", [{"file_name": "a.png", "text": "x"}]))
     b = read_imagefolder(make_folder(tmp_path / "b", [{"file_name": "a.png", "text": "x"}]))
     c = read_imagefolder(make_folder(tmp_path / "c", [{"file_name": "a.png", "text": "y"}]))
-    assert a.fingerprint() == b.fingerprint() != c.fingerprint()
+    assert a.fingerprint == b.fingerprint != c.fingerprint
 
 
 def test_toy_datasets():

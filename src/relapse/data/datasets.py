@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,7 @@ class CaptionedImages:
     captions: list[str]
     source: str
 
+    @cached_property
     def fingerprint(self) -> str:
         """Content address: identical images and captions give the same key, wherever they live."""
         digest = hashlib.sha256(self.images.tobytes())

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from relapse.data.toy_world import BACKGROUNDS, COLORS, SHAPES, STYLES
+from relapse.models.pipeline_utils import images_to_tensor
 
 HEADS = {"shape": SHAPES, "color": tuple(COLORS), "background": BACKGROUNDS, "style": STYLES, "checkered": (False, True)}
 WEIGHTS_NAME, CONFIG_NAME = "evaluator.safetensors", "evaluator.json"
@@ -38,13 +39,7 @@ class ToyEvaluator(nn.Module):
         self.heads = nn.ModuleDict({name: nn.Linear(self.num_features, len(classes)) for name, classes in HEADS.items()})
         self.width = width
 
-    @staticmethod
-    def preprocess(images: torch.Tensor | np.ndarray) -> torch.Tensor:
-        """uint8 (N, 32, 32, 3) or (N, 3, 32, 32) -> float (N, 3, 32, 32) in [-1, 1]."""
-        x = torch.as_tensor(np.asarray(images)) if not isinstance(images, torch.Tensor) else images
-        if x.shape[-1] == 3:
-            x = x.permute(0, 3, 1, 2)
-        return x.float() / 127.5 - 1.0
+    preprocess = staticmethod(images_to_tensor)  # the same [-1, 1] input as the VAE's
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.trunk(x)

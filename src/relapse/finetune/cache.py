@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from relapse.data.datasets import CaptionedImages
-from relapse.models.pipeline_utils import encode_prompts, weights_fingerprint
+from relapse.models.pipeline_utils import encode_prompts, images_to_tensor, weights_fingerprint
 
 
 def default_cache_dir() -> Path:
@@ -22,7 +22,7 @@ def default_cache_dir() -> Path:
 
 
 def cache_key(data: CaptionedImages, pipe) -> str:
-    parts = [data.fingerprint(), weights_fingerprint(pipe.vae), weights_fingerprint(pipe.text_encoder),
+    parts = [data.fingerprint, weights_fingerprint(pipe.vae), weights_fingerprint(pipe.text_encoder),
              str(pipe.tokenizer.model_max_length)]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
 
@@ -31,7 +31,7 @@ def cache_key(data: CaptionedImages, pipe) -> str:
 def encode_dataset(data: CaptionedImages, pipe, batch: int = 64) -> dict[str, torch.Tensor]:
     means, stds, texts = [], [], []
     for i in range(0, len(data.images), batch):
-        x = torch.from_numpy(data.images[i : i + batch]).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+        x = images_to_tensor(data.images[i : i + batch])
         dist = pipe.vae.encode(x.to(pipe.device, pipe.vae.dtype)).latent_dist
         means.append(dist.mean.float().cpu()), stds.append(dist.std.float().cpu())
         texts.append(encode_prompts(pipe, data.captions[i : i + batch]).float().cpu())

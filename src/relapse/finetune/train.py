@@ -164,6 +164,8 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
         raise UserError("--method modular needs the safety LoRA it will compose with: pass it with --lora")
     if any(s <= 0 or s > cfg.steps for s in cfg.save_at):
         raise UserError(f"--save-at steps must lie in 1..{cfg.steps} (got {cfg.save_at})")
+    if not cfg.resume and cfg.out.exists() and any(cfg.out.iterdir()):
+        raise UserError(f"{cfg.out} already holds a run; pass --resume to continue it or choose a new --out")
     # cpu=True lets accelerate see a torchrun launch as MULTI_CPU (gloo) on machines without a GPU.
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
                               cpu=not torch.cuda.is_available())
@@ -174,7 +176,7 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
     unet, optimizer = accelerator.prepare(pipe.unet, optimizer)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     scale = pipe.vae.config.scaling_factor
-    record = run_record("finetune", cfg, cfg.seed, dataset=data.source, dataset_fingerprint=data.fingerprint(),
+    record = run_record("finetune", cfg, cfg.seed, dataset=data.source, dataset_fingerprint=data.fingerprint,
                         n_images=len(data.captions), encodings_from_cache=hit, composes_with=composes_with,
                         processes=accelerator.num_processes)
 
@@ -182,8 +184,6 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
     if cfg.resume and (found := latest_checkpoint(cfg.out)):
         accelerator.load_state(str(found[0]))
         start = found[1]
-    elif cfg.out.exists() and not cfg.resume and any(cfg.out.iterdir()):
-        raise UserError(f"{cfg.out} already holds a run; pass --resume to continue it or choose a new --out")
     last_good = None
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"finetune {cfg.method}",
                disable=not accelerator.is_local_main_process)

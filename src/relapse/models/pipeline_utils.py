@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import hashlib
 
+import numpy as np
 import torch
+
+
+def images_to_tensor(images: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """uint8 images, (N, H, W, 3) or (N, 3, H, W) -> float (N, 3, H, W) in [-1, 1], as the VAE expects."""
+    x = images if isinstance(images, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(images))
+    if x.shape[-1] == 3:
+        x = x.permute(0, 3, 1, 2)
+    return x.float() / 127.5 - 1.0
 
 
 def weights_fingerprint(module: torch.nn.Module) -> str:
