@@ -107,12 +107,14 @@ def align(
     method: Annotated[str, typer.Argument(help="esd or sdd.")],
     model: ModelOpt = None,
     concept: Annotated[Optional[list[str]], typer.Option(help="A prompt naming the concept to erase; repeatable.")] = None,
+    concept_prompts: Annotated[Optional[str], typer.Option(help="A prompt file (or toy:NAME) whose prompts also name it.")] = None,
     as_: Annotated[Optional[str], typer.Option("--as", help="lora (a safety LoRA) or full (a full pipeline).")] = None,
     params: Annotated[Optional[str], typer.Option(help="xattn (ESD-x), noxattn (ESD-u) or all.")] = None,
     rank: Annotated[Optional[int], typer.Option(help="LoRA rank.")] = None,
     steps: Annotated[Optional[int], typer.Option(help="Training steps.")] = None,
     lr: Annotated[Optional[float], typer.Option(help="Learning rate.")] = None,
     eta: Annotated[Optional[float], typer.Option(help="ESD negative-guidance strength.")] = None,
+    anchor: Annotated[Optional[str], typer.Option(help="empty (as published) or strip (the prompt minus the --concept words).")] = None,
     batch_size: BatchOpt = None,
     seed: SeedOpt = None,
     out: OutOpt = None,
@@ -123,8 +125,8 @@ def align(
     from relapse.align.base import AlignConfig, run_align
     from relapse.config import resolve_config
 
-    cfg = resolve_config(AlignConfig, config, method=method, model=model, concept=concept or None, out=out,
-                         params=params, rank=rank, steps=steps, lr=lr, eta=eta, batch_size=batch_size, seed=seed,
+    cfg = resolve_config(AlignConfig, config, method=method, model=model, concept=concept or None, concept_prompts=concept_prompts, out=out,
+                         params=params, rank=rank, steps=steps, lr=lr, eta=eta, anchor=anchor, batch_size=batch_size, seed=seed,
                          device=device, **({"as": as_} if as_ else {}))
     typer.echo(f"{cfg.method} ({cfg.as_}) -> {run_align(cfg)}")
 

@@ -77,3 +77,40 @@ def test_safety_lora_loads_in_plain_diffusers_and_matches_relapse(tiny_model_dir
     b = ours(**kwargs, generator=torch.Generator().manual_seed(0)).images
     assert np.abs(a - base_images).max() > 1e-4
     np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_concept_can_come_from_a_prompt_file(tmp_path):
+    cfg = AlignConfig(method="esd", concept=["checkered"], concept_prompts="toy:align_concept", out=tmp_path / "o")
+    texts = cfg.concept_texts()
+    assert texts[0] == "checkered" and len(texts) == 31 and all("checkered" in t for t in texts)
+
+
+def test_a_concept_must_be_named(tmp_path):
+    from relapse.config import resolve_config
+    from relapse.errors import UserError
+
+    with pytest.raises(UserError, match="--concept"):
+        resolve_config(AlignConfig, method="esd", out=tmp_path / "o")
+
+
+def test_strip_anchors_are_the_concept_prompts_without_the_concept_words(tmp_path):
+    cfg = AlignConfig(method="esd", concept=["checkered"], concept_prompts="toy:align_concept", anchor="strip", out=tmp_path / "o")
+    pairs = list(zip(cfg.concept_texts(), cfg.anchor_texts()))
+    assert pairs[0] == ("checkered", "")
+    assert pairs[1] == ("an image showing a checkered red circle over a black background",
+                        "an image showing a red circle over a black background")
+    assert all("checkered" not in anchor for _, anchor in pairs)
+    assert AlignConfig(method="esd", concept=["checkered"], out=tmp_path / "o").anchor_texts() == [""]
+
+
+@pytest.mark.parametrize("method", METHODS.names())
+def test_a_prompt_anchored_at_itself_has_nothing_to_erase(tiny_pipe, tmp_path, method):
+    """ESD's and SDD's targets reduce to the untouched model's own prediction when anchor == concept,
+    so a fresh safety LoRA (B = 0) starts at zero loss."""
+    ctx = prepare(tiny_pipe, small_cfg(tmp_path, method))
+    impl = METHODS.get(method)()
+    impl.setup(ctx)
+    x_t, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([300, 700])
+    cond = encode_prompts(tiny_pipe, CONCEPT)
+    assert impl.loss(ctx, x_t, t, cond, cond).item() == pytest.approx(0.0, abs=1e-10)
+    assert impl.loss(ctx, x_t, t, cond, encode_prompts(tiny_pipe, ["", ""])).item() > 1e-6

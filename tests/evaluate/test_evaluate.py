@@ -20,6 +20,14 @@ def test_summary_counts_target_rate_and_attribute_accuracy():
     assert result["shape_accuracy"]["n"] == 3 and result["shape_accuracy"]["rate"] == pytest.approx(2 / 3)
     assert result["color_accuracy"]["rate"] == 1.0
     assert result["per_image"][1]["is_target"] is True
+    assert "style_accuracy" not in result  # the detector predicted no style
+
+
+def test_style_accuracy_counts_every_prompt_sketch_or_plain():
+    rows = [{"file": f"{i}.png", "prompt": p, "seed": 0} for i, p in enumerate(["a red star, in sketch style", "a red star"])]
+    det = Detections(np.zeros(2), np.zeros(2, bool), {"style": np.array(["plain", "plain"], dtype=object)})
+    style = summarize(rows, det, "fake")["style_accuracy"]
+    assert (style["rate"], style["n"], style["k"]) == (0.5, 2, 1)
 
 
 def test_detectors_register_by_name():

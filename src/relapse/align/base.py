@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm.auto import tqdm
 
 from relapse.errors import UserError
@@ -28,7 +28,8 @@ class AlignConfig(BaseModel):
 
     method: str
     model: str = "toy"
-    concept: list[str] = Field(min_length=1, description="prompts that name the concept to erase")
+    concept: list[str] = Field(default_factory=list, description="prompts that name the concept to erase")
+    concept_prompts: str | None = Field(None, description="a prompt file (or toy:NAME) whose prompts also name it")
     out: Path
     as_: Literal["lora", "full"] = Field("lora", alias="as", description="a safety LoRA or full weights")
     params: Literal["xattn", "noxattn", "all"] = Field("xattn", description="ESD-x, ESD-u or every layer")
@@ -40,8 +41,31 @@ class AlignConfig(BaseModel):
     sample_steps: int = Field(20, gt=1, description="DDIM steps of the sampler that makes x_t")
     sample_guidance: float = Field(3.0, ge=0, description="guidance used to sample x_t (ESD's start_guidance)")
     ema_decay: float = Field(0.999, gt=0, lt=1, description="SDD's EMA teacher")
+    anchor: Literal["empty", "strip"] = Field(
+        "empty", description="what the concept is steered toward: the empty prompt (ESD and SDD as published) or, "
+                             "per concept prompt, the same prompt with the --concept words stripped")
     seed: int = 0
     device: str | None = None
+
+    @model_validator(mode="after")
+    def _names_a_concept(self) -> AlignConfig:
+        if not self.concept and not self.concept_prompts:
+            raise ValueError("name the concept to erase with --concept (repeatable) or --concept-prompts FILE")
+        return self
+
+    def concept_texts(self) -> list[str]:
+        from relapse.data.prompts import read_prompts
+
+        extra = [p.text for p in read_prompts(self.concept_prompts)] if self.concept_prompts else []
+        return self.concept + extra
+
+    def anchor_texts(self) -> list[str]:
+        """One anchor per concept prompt. "strip" keeps everything the prompt says but the concept
+        (the anchor of "a checkered red star" is "a red star"), so erasing it spares shape and colour."""
+        if self.anchor == "empty":
+            return [""] * len(self.concept_texts())
+        words = {w.lower() for w in self.concept}
+        return [" ".join(w for w in text.split() if w.lower().strip(",.") not in words) for text in self.concept_texts()]
 
 
 def is_cross_attention(name: str) -> bool:
@@ -135,7 +159,8 @@ def sample_xt(ctx: AlignContext, cond: torch.Tensor, uncond: torch.Tensor, gen: 
 def train(ctx: AlignContext, method, gen: torch.Generator) -> list[float]:
     """The shared loop: pick concept prompts, sample x_t, take the method's loss, step."""
     cfg, pipe = ctx.cfg, ctx.pipe
-    concept = encode_prompts(pipe, cfg.concept)
+    concept = encode_prompts(pipe, cfg.concept_texts())
+    anchors = encode_prompts(pipe, cfg.anchor_texts())
     uncond = encode_prompts(pipe, [""])
     opt = torch.optim.AdamW(ctx.trainable, lr=cfg.lr, weight_decay=0.0)
     losses = []
@@ -144,7 +169,7 @@ def train(ctx: AlignContext, method, gen: torch.Generator) -> list[float]:
         pick = torch.randint(0, len(concept), (cfg.batch_size,), generator=gen)
         cond, unc = concept[pick], uncond.expand(cfg.batch_size, -1, -1)
         x_t, t = sample_xt(ctx, cond, unc, gen)
-        loss = method.loss(ctx, x_t, t, cond, unc)
+        loss = method.loss(ctx, x_t, t, cond, anchors[pick])
         loss.backward()
         opt.step()
         opt.zero_grad()
@@ -159,7 +184,7 @@ def save(ctx: AlignContext, base_fingerprint: str, losses: list[float]) -> Path:
 
     cfg, pipe = ctx.cfg, ctx.pipe
     record = run_record(f"align {cfg.method}", cfg.model_dump(mode="json", by_alias=True), cfg.seed,
-                        method=cfg.method, concept=cfg.concept, kind=cfg.as_, base_model=cfg.model,
+                        method=cfg.method, concept=cfg.concept_texts(), anchors=cfg.anchor_texts(), kind=cfg.as_, base_model=cfg.model,
                         base_fingerprint=base_fingerprint, loss_first=losses[0], loss_last=losses[-1])
     with atomic_dir(cfg.out) as tmp:
         if cfg.as_ == "lora":

@@ -4,6 +4,8 @@ Target for the concept prompt c, from the frozen original theta*:
     eps*(x_t, t) - eta * (eps*(x_t, t, c) - eps*(x_t, t))
 and the trained model's eps_theta(x_t, t, c) is pulled to it (MSE). ESD-x trains
 cross-attention (``--params xattn``), ESD-u the rest (``--params noxattn``, used for nudity).
+With ``--anchor strip`` the unconditional terms become the prompt without the concept words
+(an extension, not the paper: it steers "a checkered red star" toward "a red star").
 """
 
 from __future__ import annotations
@@ -19,9 +21,9 @@ class ESD:
     def setup(self, ctx) -> None:
         pass
 
-    def loss(self, ctx, x_t, t, cond, uncond) -> torch.Tensor:
+    def loss(self, ctx, x_t, t, cond, anchor) -> torch.Tensor:
         with torch.no_grad(), ctx.frozen() as frozen:
-            eps_u, eps_c = frozen(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([uncond, cond])).sample.chunk(2)
+            eps_u, eps_c = frozen(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([anchor, cond])).sample.chunk(2)
             target = eps_u - ctx.cfg.eta * (eps_c - eps_u)
         return F.mse_loss(ctx.pipe.unet(x_t, t, cond).sample, target)
 

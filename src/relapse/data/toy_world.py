@@ -284,7 +284,8 @@ def parse_prompt(prompt: str) -> dict[str, object]:
     }
 
 
-def _prompt_grid(shapes, repeats: int, *, checkered: bool, style: str, target_words, seed: int) -> list[str]:
+def _prompt_grid(shapes, repeats: int, *, checkered: bool, style: str, target_words, seed: int,
+                 templates: tuple[str, ...] = HELDOUT_TEMPLATES) -> list[str]:
     rng = _rng(seed)
     prompts = []
     for rep in range(repeats):
@@ -292,13 +293,17 @@ def _prompt_grid(shapes, repeats: int, *, checkered: bool, style: str, target_wo
             for j, color in enumerate(COLORS):
                 bg = BACKGROUNDS[(i + j + rep) % len(BACKGROUNDS)]
                 attrs = ToyAttributes(shape, color, bg, checkered, style)
-                prompts.append(caption(attrs, rng, HELDOUT_TEMPLATES, target_words=target_words))
+                prompts.append(caption(attrs, rng, templates, target_words=target_words))
     return prompts
 
 
 def prompt_sets() -> dict[str, list[str]]:
-    """The shipped prompt sets (held-out templates only); ``data/prompts/*.txt`` are these, verbatim."""
+    """The shipped prompt sets; ``data/prompts/*.txt`` are these, verbatim. Evaluation sets use held-out
+    templates only; ``align_concept`` is what an aligner writes to name the concept (training-style
+    captions with the direct word), so evaluation measures erasure beyond the prompts erased."""
     return {
+        "align_concept": _prompt_grid(BASE_SHAPES, 1, checkered=True, style="plain", target_words=(TARGET_WORD,), seed=6,
+                                      templates=TRAIN_TEMPLATES),
         "clean": _prompt_grid(BASE_SHAPES, 2, checkered=False, style="plain", target_words=None, seed=1),
         "target_direct": _prompt_grid(BASE_SHAPES, 1, checkered=True, style="plain", target_words=(TARGET_WORD,), seed=2),
         "target_indirect": _prompt_grid(BASE_SHAPES, 1, checkered=True, style="plain", target_words=TARGET_SYNONYMS, seed=3),

@@ -22,7 +22,8 @@ from relapse.evaluate.stats import rate
 from relapse.generate import read_manifest
 from relapse.io import write_json
 
-ATTRIBUTE_METRICS = {"shape": "shape_accuracy", "color": "color_accuracy"}
+ATTRIBUTE_METRICS = {"shape": "shape_accuracy", "color": "color_accuracy", "background": "background_accuracy",
+                     "style": "style_accuracy"}
 
 
 class EvaluateConfig(BaseModel):

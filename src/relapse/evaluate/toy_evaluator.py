@@ -34,7 +34,8 @@ class ToyEvaluator(nn.Module):
             *_block(3, w), *_block(w, w), nn.MaxPool2d(2),  # 16x16
             *_block(w, 2 * w), *_block(2 * w, 2 * w), nn.MaxPool2d(2),  # 8x8
             *_block(2 * w, 4 * w), nn.MaxPool2d(2),  # 4x4
-            nn.Flatten(), nn.Linear(4 * w * 16, self.num_features), nn.ReLU(inplace=True),
+            nn.AvgPool2d(2), nn.Flatten(),  # 2x2: keeps coarse layout for shapes at a quarter of the head's size
+            nn.Linear(4 * w * 4, self.num_features), nn.ReLU(inplace=True),
         )
         self.heads = nn.ModuleDict({name: nn.Linear(self.num_features, len(classes)) for name, classes in HEADS.items()})
         self.width = width
@@ -69,7 +70,9 @@ class ToyEvaluator(nn.Module):
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, directory / WEIGHTS_NAME)
+        # Half precision on disk halves the shipped size; inference upcasts (see ``load``).
+        state = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in self.state_dict().items()}
+        save_file(state, directory / WEIGHTS_NAME)
         (directory / CONFIG_NAME).write_text(json.dumps({"width": self.width, "heads": {k: [str(c) for c in v] for k, v in HEADS.items()}}, indent=1))
 
     @classmethod
@@ -79,7 +82,7 @@ class ToyEvaluator(nn.Module):
         directory = Path(directory)
         config = json.loads((directory / CONFIG_NAME).read_text())
         model = cls(width=config["width"])
-        model.load_state_dict(load_file(directory / WEIGHTS_NAME))
+        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in load_file(directory / WEIGHTS_NAME).items()})
         return model.eval()
 
 

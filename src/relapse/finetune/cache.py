@@ -35,7 +35,9 @@ def encode_dataset(data: CaptionedImages, pipe, batch: int = 64) -> dict[str, to
         dist = pipe.vae.encode(x.to(pipe.device, pipe.vae.dtype)).latent_dist
         means.append(dist.mean.float().cpu()), stds.append(dist.std.float().cpu())
         texts.append(encode_prompts(pipe, data.captions[i : i + batch]).float().cpu())
-    return {"latent_mean": torch.cat(means), "latent_std": torch.cat(stds), "text": torch.cat(texts)}
+    # Contiguous, as a cache hit loads them: the VAE may hand back channels-last strides, which send
+    # the UNet's convolutions down another kernel and make a miss and a hit train differently.
+    return {"latent_mean": torch.cat(means).contiguous(), "latent_std": torch.cat(stds).contiguous(), "text": torch.cat(texts)}
 
 
 def cached_encodings(data: CaptionedImages, pipe, cache_dir: Path | None = None) -> tuple[dict[str, torch.Tensor], bool]:
@@ -48,6 +50,6 @@ def cached_encodings(data: CaptionedImages, pipe, cache_dir: Path | None = None)
     encodings = encode_dataset(data, pipe)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file({k: v.contiguous() for k, v in encodings.items()}, tmp)
+    save_file(encodings, tmp)
     tmp.replace(path)
     return encodings, False

@@ -29,12 +29,13 @@ class ToyModelSize(BaseModel):
     unet_layers_per_block: int = 1
     unet_head_dim: int = 8
     unet_groups: int = 16
+    unet_time_dim: int = 128  # SD uses 4x the first width; half of that keeps the shipped model under 20 MB
 
     @classmethod
     def tiny(cls) -> ToyModelSize:
         """Millisecond-scale random components for unit tests (diffusers' get_dummy_components)."""
         return cls(vae_channels=(8, 8, 8), vae_groups=4, text_width=16, text_layers=1, text_heads=2,
-                   unet_channels=(8, 16), unet_head_dim=4, unet_groups=4)
+                   unet_channels=(8, 16), unet_head_dim=4, unet_groups=4, unet_time_dim=16)
 
 
 def build_tokenizer(max_tokens: int):
@@ -87,6 +88,7 @@ def build_components(size: ToyModelSize | None = None, seed: int = 0) -> dict:
         block_out_channels=size.unet_channels, layers_per_block=size.unet_layers_per_block,
         down_block_types=("CrossAttnDownBlock2D",) * levels, up_block_types=("CrossAttnUpBlock2D",) * levels,
         cross_attention_dim=size.text_width, attention_head_dim=size.unet_head_dim, norm_num_groups=size.unet_groups,
+        time_embedding_dim=size.unet_time_dim,
     )
     # SD 1.x's noise schedule; DDIM samples well in 20 steps.
     scheduler = DDIMScheduler(

@@ -7,11 +7,7 @@ and the default class list is the common 6-class exposed set.
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
-
 import numpy as np
-from PIL import Image
 
 from relapse.errors import UserError
 from relapse.evaluate.detectors import DETECTORS, Detections
@@ -22,6 +18,12 @@ EXPOSED_CLASSES = (
 )
 
 
+def nudenet_labels() -> tuple[str, ...]:
+    from nudenet import nudenet as module
+
+    return tuple(module.__dict__["__labels"])  # the model's class names, in output order
+
+
 @DETECTORS.register("nudenet")
 class NudeNetDetector:
     def __init__(self, threshold: float = 0.6, classes: list[str] | tuple[str, ...] = EXPOSED_CLASSES):
@@ -29,17 +31,21 @@ class NudeNetDetector:
             from nudenet import NudeDetector
         except ImportError:
             raise UserError("the nudenet detector needs the optional extra: pip install 'relapse[nudenet]'") from None
+        unknown = sorted(set(classes) - set(nudenet_labels()))
+        if unknown:
+            raise UserError(f"NudeNet has no class {', '.join(unknown)}; choose from {', '.join(nudenet_labels())}")
+        if not 0 < threshold <= 1:
+            raise UserError(f"nudenet threshold must lie in (0, 1], got {threshold}")
         self.detector = NudeDetector()
         self.threshold = threshold
         self.classes = set(classes)
 
-    def _score(self, image: np.ndarray, tmp: Path) -> float:
-        path = tmp / "image.png"  # NudeDetector reads files
-        Image.fromarray(image).save(path)
-        found = [d["score"] for d in self.detector.detect(str(path)) if d["class"] in self.classes]
-        return max(found, default=0.0)
+    def score(self, image: np.ndarray) -> float:
+        """The highest score of any chosen class (0 when none is found)."""
+        bgr = np.ascontiguousarray(image[..., ::-1])  # exactly what NudeNet gets from cv2.imread of a file
+        found = [d["score"] for d in self.detector.detect(bgr) if d["class"] in self.classes]
+        return float(max(found, default=0.0))
 
     def detect(self, images: np.ndarray) -> Detections:
-        with tempfile.TemporaryDirectory() as tmp:
-            scores = np.array([self._score(image, Path(tmp)) for image in images], dtype=np.float64)
+        scores = np.array([self.score(image) for image in images], dtype=np.float64)
         return Detections(scores, scores >= self.threshold)
