@@ -191,6 +191,29 @@ def markdown(summary: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def headline(summary: list[dict]) -> str:
+    """The issue's four questions in one table: target rate on direct prompts (mean +- sd over seeds)
+    beside the quality figure that matters for the row (clean accuracy, or the benign domain learned)."""
+    by = {(s["defense"], s["scenario"], s["step"], s["prompt_set"], s["metric"]): s for s in summary}
+
+    def cell(key) -> str:
+        s = by.get(key)
+        return f"{100 * s['mean']:.1f} +- {100 * s['sd']:.1f}" if s else "-"
+
+    lines = ["| defense | scenario | step | target rate, direct (%) | target rate, indirect (%) | quality (%) |",
+             "|---|---|---|---|---|---|"]
+    for defense, scenario, step in sorted({k[:3] for k in by}, key=lambda k: (k[1].split("-")[0], k[0], k[1], k[2])):
+        domain = scenario.split("-")[1] if scenario.startswith("benign-") else None
+        if domain:
+            quality = f"{DOMAIN_METRIC[domain].replace('_', ' ')} on {domain}: " + cell((defense, scenario, step, f"domain_{domain}", DOMAIN_METRIC[domain]))
+        else:
+            quality = ", ".join(f"clean {m.split('_')[0]} {cell((defense, scenario, step, 'clean', m))}"
+                                for m in ("shape_accuracy", "color_accuracy") if (defense, scenario, step, "clean", m) in by)
+        lines.append(f"| {defense} | {scenario} | {step} | {cell((defense, scenario, step, 'target_direct', 'target_rate'))} | "
+                     f"{cell((defense, scenario, step, 'target_indirect', 'target_rate'))} | {quality or '-'} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     from relapse.config import resolve_config
     from relapse.io import run_record, write_json
@@ -218,8 +241,8 @@ def main() -> None:
     rows = [row for part in per_seed for row in part]
     summary = summarize_rows(rows)
     write_json(args.out / "results.json", run_record("toy relapse experiments", cfg, cfg.seeds, rows=rows, summary=summary))
-    (args.out / "summary.md").write_text(markdown(summary))
-    print(markdown(summary))
+    (args.out / "summary.md").write_text(headline(summary) + "\n" + markdown(summary))
+    print(headline(summary))
 
 
 if __name__ == "__main__":

@@ -115,6 +115,7 @@ def align(
     lr: Annotated[Optional[float], typer.Option(help="Learning rate.")] = None,
     eta: Annotated[Optional[float], typer.Option(help="ESD negative-guidance strength.")] = None,
     anchor: Annotated[Optional[str], typer.Option(help="empty (as published) or strip (the prompt minus the --concept words).")] = None,
+    sample_steps: Annotated[Optional[int], typer.Option(help="DDIM steps of the sampler that makes x_t.")] = None,
     batch_size: BatchOpt = None,
     seed: SeedOpt = None,
     out: OutOpt = None,
@@ -126,7 +127,7 @@ def align(
     from relapse.config import resolve_config
 
     cfg = resolve_config(AlignConfig, config, method=method, model=model, concept=concept or None, concept_prompts=concept_prompts, out=out,
-                         params=params, rank=rank, steps=steps, lr=lr, eta=eta, anchor=anchor, batch_size=batch_size, seed=seed,
+                         params=params, rank=rank, steps=steps, lr=lr, eta=eta, anchor=anchor, sample_steps=sample_steps, batch_size=batch_size, seed=seed,
                          device=device, **({"as": as_} if as_ else {}))
     typer.echo(f"{cfg.method} ({cfg.as_}) -> {run_align(cfg)}")
 
