@@ -37,6 +37,7 @@ class ExperimentConfig(BaseModel):
     # alignment: ESD-x / SDD safety LoRAs on cross-attention; the concept is named by training-style
     # captions, each anchored at itself without the word (see relapse.align.base.AlignConfig.anchor)
     aligners: list[str] = ["esd", "sdd"]
+    align_overrides: dict[str, dict] = {"sdd": {"lr": 3e-4}}  # SDD at 1e-3 cost 6-7 points of clean colour
     align: dict = {"params": "xattn", "rank": 4, "steps": 300, "lr": 1e-3, "concept": ["checkered"],
                    "concept_prompts": "toy:align_concept", "anchor": "strip", "sample_steps": 10}
     # benign fine-tuning: what a practitioner runs on a small new domain
@@ -105,7 +106,8 @@ class SeedRun:
         out = self.dir / f"align-{method}"
         if not out.is_dir():
             self.log(f"align {method}")
-            run_align(AlignConfig(method=method, model=self.cfg.model, out=out, seed=self.seed, **self.cfg.align))
+            settings = self.cfg.align | self.cfg.align_overrides.get(method, {})
+            run_align(AlignConfig(method=method, model=self.cfg.model, out=out, seed=self.seed, **settings))
         return out
 
     def finetune(self, name: str, data: str, method: str, safety: Path | None, settings: dict, save_at=()) -> Path:
