@@ -89,3 +89,13 @@ def test_finetune_cli_sweep_and_bad_input(run_cli, tmp_path, tiny_model_dir):
     assert_user_error(run_cli("finetune", "--model", tiny_model_dir, "--data", str(tmp_path), "--out", tmp_path / "n"),
                       "no metadata.jsonl")
     assert not (tmp_path / "m").exists() and not (tmp_path / "n").exists()
+
+
+def test_align_refuses_a_missing_concept_prompt_file_before_loading_weights(run_cli, tmp_path, monkeypatch):
+    import relapse.models.loading as loading
+
+    monkeypatch.setattr(loading, "load_pipeline", lambda *a, **k: pytest.fail("weights loaded"))
+    code, _, err = run_cli("align", "esd", "--concept", "checkered", "--concept-prompts", tmp_path / "none.txt",
+                           "--out", tmp_path / "safe")
+    assert code == 2 and "does not exist" in err and err.count("\n") == 1
+    assert not (tmp_path / "safe").exists()

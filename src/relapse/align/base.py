@@ -201,6 +201,7 @@ def run_align(cfg: AlignConfig) -> Path:
 
     method = METHODS.get(cfg.method)()
     check_output_dir(cfg.out)
+    cfg.concept_texts()  # a missing or empty prompt file fails here, before any weights load
     pipe = load_pipeline(cfg.model, device=cfg.device)
     fingerprint = weights_fingerprint(pipe.unet)
     gen = torch.Generator().manual_seed(cfg.seed)
