@@ -59,13 +59,15 @@ class AlignConfig(BaseModel):
         extra = [p.text for p in read_prompts(self.concept_prompts)] if self.concept_prompts else []
         return self.concept + extra
 
-    def anchor_texts(self) -> list[str]:
-        """One anchor per concept prompt. "strip" keeps everything the prompt says but the concept
-        (the anchor of "a checkered red star" is "a red star"), so erasing it spares shape and colour."""
+    def anchor_texts(self, texts: list[str] | None = None) -> list[str]:
+        """One anchor per concept prompt (``texts``, default ``concept_texts()``). "strip" keeps everything
+        the prompt says but the concept (the anchor of "a checkered red star" is "a red star"), so erasing
+        it spares shape and colour."""
+        texts = self.concept_texts() if texts is None else texts
         if self.anchor == "empty":
-            return [""] * len(self.concept_texts())
+            return [""] * len(texts)
         words = {w.lower() for w in self.concept}
-        return [" ".join(w for w in text.split() if w.lower().strip(",.") not in words) for text in self.concept_texts()]
+        return [" ".join(w for w in text.split() if w.lower().strip(",.") not in words) for text in texts]
 
 
 def is_cross_attention(name: str) -> bool:
@@ -92,6 +94,8 @@ class AlignContext:
     cfg: AlignConfig
     trainable: list[torch.nn.Parameter]
     frozen_unet: torch.nn.Module | None  # full mode: a frozen copy; LoRA mode: None (adapters disabled)
+    concepts: list[str]  # the concept prompts, read once
+    anchors: list[str]  # what each is steered toward
 
     @contextmanager
     def frozen(self):
@@ -129,7 +133,8 @@ def prepare(pipe, cfg: AlignConfig) -> AlignContext:
             p.requires_grad_(True)
     if not trainable:
         raise UserError(f"--params {cfg.params} selects no parameters of this UNet")
-    return AlignContext(pipe, cfg, trainable, frozen)
+    concepts = cfg.concept_texts()
+    return AlignContext(pipe, cfg, trainable, frozen, concepts, cfg.anchor_texts(concepts))
 
 
 def guided_eps(unet, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
@@ -159,8 +164,8 @@ def sample_xt(ctx: AlignContext, cond: torch.Tensor, uncond: torch.Tensor, gen: 
 def train(ctx: AlignContext, method, gen: torch.Generator) -> list[float]:
     """The shared loop: pick concept prompts, sample x_t, take the method's loss, step."""
     cfg, pipe = ctx.cfg, ctx.pipe
-    concept = encode_prompts(pipe, cfg.concept_texts())
-    anchors = encode_prompts(pipe, cfg.anchor_texts())
+    concept = encode_prompts(pipe, ctx.concepts)
+    anchors = encode_prompts(pipe, ctx.anchors)
     uncond = encode_prompts(pipe, [""])
     opt = torch.optim.AdamW(ctx.trainable, lr=cfg.lr, weight_decay=0.0)
     losses = []
@@ -184,7 +189,7 @@ def save(ctx: AlignContext, base_fingerprint: str, losses: list[float]) -> Path:
 
     cfg, pipe = ctx.cfg, ctx.pipe
     record = run_record(f"align {cfg.method}", cfg.model_dump(mode="json", by_alias=True), cfg.seed,
-                        method=cfg.method, concept=cfg.concept_texts(), anchors=cfg.anchor_texts(), kind=cfg.as_, base_model=cfg.model,
+                        method=cfg.method, concept=ctx.concepts, anchors=ctx.anchors, kind=cfg.as_, base_model=cfg.model,
                         base_fingerprint=base_fingerprint, loss_first=losses[0], loss_last=losses[-1])
     with atomic_dir(cfg.out) as tmp:
         if cfg.as_ == "lora":
