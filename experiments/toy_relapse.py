@@ -35,7 +35,7 @@ class ExperimentConfig(BaseModel):
     seeds: list[int] = [0, 1, 2]
     workers: int = 3  # seeds run in parallel processes, one thread each
     # alignment: ESD-x / SDD safety LoRAs on cross-attention; the concept is named by training-style
-    # captions, each anchored at itself without the word (see relapse.align.base.AlignConfig.anchor)
+    # captions, each anchored at itself without the word (see relapse.align.erasure.ErasureConfig.anchor)
     aligners: list[str] = ["esd", "sdd"]
     align_overrides: dict[str, dict] = {"sdd": {"lr": 3e-4}}  # SDD at 1e-3 cost 6-7 points of clean colour
     align: dict = {"params": "xattn", "rank": 4, "steps": 300, "lr": 1e-3, "concept": ["checkered"],
@@ -91,23 +91,33 @@ class SeedRun:
                     detector = build_detector("toy")
                 with atomic_dir(cell / name) as tmp:
                     rows = generate_images(pipe, read_prompts(f"toy:{name}"), sampler, tmp, {"loras": [[str(p), s] for p, s in loras]})
-                    write_json(tmp / "evaluation.json", summarize(rows, detector.detect(load_images(tmp, rows)), "toy"))
+                    images = load_images(tmp, rows)
+                    write_json(tmp / "evaluation.json", summarize(rows, detector.detect(images), "toy") | self.extra_metrics(name, images, detector))
             results[name] = json.loads(path.read_text())
             for metric in METRICS:
                 if entry := results[name].get(metric):
                     self.rows.append({"defense": defense, "scenario": scenario, "step": step, "seed": self.seed,
                                       "prompt_set": name, "metric": metric, "value": entry["rate"],
                                       "ci95": entry["ci95"], "n": entry["n"]})
+            if "frechet_distance" in results[name]:
+                self.rows.append({"defense": defense, "scenario": scenario, "step": step, "seed": self.seed, "prompt_set": name,
+                                  "metric": "frechet_distance", "value": results[name]["frechet_distance"], "ci95": None,
+                                  "n": results[name]["n_images"]})
         return results
 
+    def extra_metrics(self, prompt_set: str, images, detector) -> dict:
+        """Figures beyond the detector's, stored with a cell's evaluation (none here)."""
+        return {}
+
     def align(self, method: str) -> Path:
-        from relapse.align.base import AlignConfig, run_align
+        from relapse.align.base import run_align
+        from relapse.align.erasure import ErasureConfig
 
         out = self.dir / f"align-{method}"
         if not out.is_dir():
             self.log(f"align {method}")
             settings = self.cfg.align | self.cfg.align_overrides.get(method, {})
-            run_align(AlignConfig(method=method, model=self.cfg.model, out=out, seed=self.seed, **settings))
+            run_align(ErasureConfig(method=method, model=self.cfg.model, out=out, seed=self.seed, **settings))
         return out
 
     def finetune(self, name: str, data: str, method: str, safety: Path | None, settings: dict, save_at=()) -> Path:
@@ -186,10 +196,15 @@ def summarize_rows(rows: list[dict]) -> list[dict]:
              "n_seeds": len(v)} for k, v in sorted(groups.items())]
 
 
+def fmt(value: float, metric: str, unit: str = "%") -> str:
+    """Rates as percentages; distances as they are."""
+    return f"{value:.2f}" if metric == "frechet_distance" else f"{100 * value:.1f}{unit}"
+
+
 def markdown(summary: list[dict]) -> str:
     lines = ["| defense | scenario | step | prompt set | metric | mean | sd | seeds |", "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {s['defense']} | {s['scenario']} | {s['step']} | {s['prompt_set']} | {s['metric']} | "
-              f"{100 * s['mean']:.1f}% | {100 * s['sd']:.1f} | {s['n_seeds']} |" for s in summary]
+              f"{fmt(s['mean'], s['metric'])} | {fmt(s['sd'], s['metric'], unit='')} | {s['n_seeds']} |" for s in summary]
     return "\n".join(lines) + "\n"
 
 
@@ -216,17 +231,19 @@ def headline(summary: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
+def run_experiment(config_class, seed_worker, headline_table, default_out: str, title: str) -> None:
+    """The command line both toy experiments share: parse, refuse a run folder made with other settings,
+    run the seeds in worker processes, write results.json and summary.md."""
     from relapse.config import resolve_config
     from relapse.io import run_record, write_json
 
     parser = argparse.ArgumentParser()
-    parser.add_argument("--out", type=Path, default=Path("runs/toy-relapse"))
+    parser.add_argument("--out", type=Path, default=Path(default_out))
     parser.add_argument("--config", type=Path)
     parser.add_argument("--seeds", type=int, nargs="+")
     parser.add_argument("--workers", type=int)
     args = parser.parse_args()
-    cfg = resolve_config(ExperimentConfig, args.config, seeds=args.seeds, workers=args.workers)
+    cfg = resolve_config(config_class, args.config, seeds=args.seeds, workers=args.workers)
     args.out.mkdir(parents=True, exist_ok=True)
     settings = cfg.model_dump(mode="json", exclude={"seeds", "workers"})
     saved = args.out / "config.json"
@@ -237,15 +254,15 @@ def main() -> None:
     jobs = [(cfg, seed, args.out) for seed in cfg.seeds]
     if cfg.workers > 1:
         with ProcessPoolExecutor(cfg.workers, mp_context=get_context("spawn")) as pool:
-            per_seed = list(pool.map(run_seed, jobs))
+            per_seed = list(pool.map(seed_worker, jobs))
     else:
-        per_seed = [run_seed(job) for job in jobs]
+        per_seed = [seed_worker(job) for job in jobs]
     rows = [row for part in per_seed for row in part]
     summary = summarize_rows(rows)
-    write_json(args.out / "results.json", run_record("toy relapse experiments", cfg, cfg.seeds, rows=rows, summary=summary))
-    (args.out / "summary.md").write_text(headline(summary) + "\n" + markdown(summary))
-    print(headline(summary))
+    write_json(args.out / "results.json", run_record(title, cfg, cfg.seeds, rows=rows, summary=summary))
+    (args.out / "summary.md").write_text(headline_table(summary) + "\n" + markdown(summary))
+    print(headline_table(summary))
 
 
 if __name__ == "__main__":
-    main()
+    run_experiment(ExperimentConfig, run_seed, headline, "runs/toy-relapse", "toy relapse experiments")

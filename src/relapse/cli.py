@@ -104,31 +104,55 @@ def evaluate(
 
 @app.command()
 def align(
-    method: Annotated[str, typer.Argument(help="esd or sdd.")],
+    method: Annotated[str, typer.Argument(help="esd or sdd (concept erasure); lt or ng (forgetting defenses).")],
     model: ModelOpt = None,
-    concept: Annotated[Optional[list[str]], typer.Option(help="A prompt naming the concept to erase; repeatable.")] = None,
-    concept_prompts: Annotated[Optional[str], typer.Option(help="A prompt file (or toy:NAME) whose prompts also name it.")] = None,
+    concept: Annotated[Optional[list[str]], typer.Option(help="esd/sdd: a prompt naming the concept to erase; repeatable.")] = None,
+    concept_prompts: Annotated[Optional[str], typer.Option(help="esd/sdd: a prompt file (or toy:NAME) whose prompts also name it.")] = None,
+    clean: Annotated[Optional[str], typer.Option(help="lt/ng: clean data, imagefolder or toy:DOMAIN[:N].")] = None,
+    harmful: Annotated[Optional[str], typer.Option(help="lt/ng: harmful data, imagefolder or toy:DOMAIN[:N].")] = None,
+    mode: Annotated[Optional[str], typer.Option(help="lt/ng: alignment (from the base) or reinforcement (harden an aligned model).")] = None,
+    lora: Annotated[Optional[list[Path]], typer.Option(help="lt/ng reinforcement: safety LoRA fused into --model first; repeatable.")] = None,
+    lora_scale: Annotated[Optional[list[float]], typer.Option(help="Scale per --lora.")] = None,
+    noise: Annotated[Optional[str], typer.Option(help="ng: fixed or dynamic harmful-noise mean.")] = None,
+    mu: Annotated[Optional[float], typer.Option(help="ng: mean of the harmful noise.")] = None,
+    lambda_: Annotated[Optional[float], typer.Option("--lambda", help="lt/ng: weight of the contrastive term.")] = None,
+    lambda_c: Annotated[Optional[float], typer.Option(help="lt/ng: weight of the push from the clean centre.")] = None,
+    margin: Annotated[Optional[float], typer.Option(help="lt/ng: margin l of the contrastive term.")] = None,
+    lt_scale: Annotated[Optional[float], typer.Option(help="lt: R in x0 <- R x0 + b.")] = None,
+    lt_shift: Annotated[Optional[float], typer.Option(help="lt: b in x0 <- R x0 + b.")] = None,
+    harmful_weight: Annotated[Optional[float], typer.Option(help="lt/ng: weight of the harmful denoising term (-1: Eq. 6 read literally).")] = None,
+    published_code: Annotated[Optional[bool], typer.Option("--published-code", help="lt/ng: reproduce the released code (no L_c gradient, zero harmful gradient).")] = None,
     as_: Annotated[Optional[str], typer.Option("--as", help="lora (a safety LoRA) or full (a full pipeline).")] = None,
-    params: Annotated[Optional[str], typer.Option(help="xattn (ESD-x), noxattn (ESD-u) or all.")] = None,
+    params: Annotated[Optional[str], typer.Option(help="xattn (ESD-x), noxattn (ESD-u) or all (the lt/ng default: the full UNet).")] = None,
     rank: Annotated[Optional[int], typer.Option(help="LoRA rank.")] = None,
     steps: Annotated[Optional[int], typer.Option(help="Training steps.")] = None,
     lr: Annotated[Optional[float], typer.Option(help="Learning rate.")] = None,
-    eta: Annotated[Optional[float], typer.Option(help="ESD negative-guidance strength.")] = None,
-    anchor: Annotated[Optional[str], typer.Option(help="empty (as published) or strip (the prompt minus the --concept words).")] = None,
-    sample_steps: Annotated[Optional[int], typer.Option(help="DDIM steps of the sampler that makes x_t.")] = None,
-    batch_size: BatchOpt = None,
+    eta: Annotated[Optional[float], typer.Option(help="esd: negative-guidance strength.")] = None,
+    anchor: Annotated[Optional[str], typer.Option(help="esd/sdd: empty (as published) or strip (the prompt minus the --concept words).")] = None,
+    sample_steps: Annotated[Optional[int], typer.Option(help="esd/sdd: DDIM steps of the sampler that makes x_t.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Training batch size (lt/ng: per class, clean and harmful).")] = None,
     seed: SeedOpt = None,
     out: OutOpt = None,
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda, ...")] = None,
     config: ConfigOpt = None,
 ) -> None:
-    """Erase a concept: writes a safety LoRA (diffusers format) or a full pipeline, with metadata."""
-    from relapse.align.base import AlignConfig, run_align
+    """Align a model: erase a concept (esd, sdd) or make it forget under malicious fine-tuning (lt, ng).
+    Writes a safety LoRA (diffusers format) or a full pipeline, with metadata."""
+    from relapse.align import METHODS
+    from relapse.align.base import run_align
     from relapse.config import resolve_config
 
-    cfg = resolve_config(AlignConfig, config, method=method, model=model, concept=concept or None, concept_prompts=concept_prompts, out=out,
-                         params=params, rank=rank, steps=steps, lr=lr, eta=eta, anchor=anchor, sample_steps=sample_steps, batch_size=batch_size, seed=seed,
-                         device=device, **({"as": as_} if as_ else {}))
+    flags = dict(model=model, concept=concept or None, concept_prompts=concept_prompts, clean=clean, harmful=harmful,
+                 mode=mode, loras=lora or None, lora_scales=lora_scale or None, noise=noise, mu=mu, lambda_=lambda_,
+                 lambda_c=lambda_c, margin=margin, lt_scale=lt_scale, lt_shift=lt_shift, harmful_weight=harmful_weight,
+                 published_code=published_code, out=out, params=params, rank=rank, steps=steps, lr=lr, eta=eta,
+                 anchor=anchor, sample_steps=sample_steps, batch_size=batch_size, seed=seed, device=device, as_=as_)
+    config_class = METHODS.get(method).config
+    foreign = [name for name, value in flags.items() if value is not None and name not in config_class.model_fields]
+    if foreign:
+        names = ", ".join("--" + name.rstrip("_").replace("_", "-") for name in foreign)
+        raise UserError(f"`align {method}` does not take {names}; `relapse align --help` says which method takes which flag")
+    cfg = resolve_config(config_class, config, method=method, **flags)
     typer.echo(f"{cfg.method} ({cfg.as_}) -> {run_align(cfg)}")
 
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from relapse.align.base import AlignConfig, run_align
+from relapse.align.base import run_align
+from relapse.align.erasure import ErasureConfig
 from relapse.errors import UserError
 from relapse.finetune import train as ft
 from relapse.finetune.train import FinetuneConfig, run_finetune
@@ -23,7 +24,7 @@ def cfg(tmp_path, model_dir, name="ft", **kw):
 @pytest.fixture(scope="module")
 def safety_lora(tiny_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("safety") / "lora"
-    run_align(AlignConfig(method="esd", model=str(tiny_model_dir), concept=["a checkered red star"], out=out,
+    run_align(ErasureConfig(method="esd", model=str(tiny_model_dir), concept=["a checkered red star"], out=out,
                           steps=2, batch_size=2, sample_steps=2, lr=1e-2))
     return out
 

@@ -1,8 +1,10 @@
-"""Safety alignment methods, registered by name. Adding one: a module with a class that has
-``setup(ctx)``, ``loss(ctx, x_t, t, cond, anchor)`` (anchor: the empty prompt's encoding unless ``--anchor strip``) and ``after_step(ctx)``, plus its import here."""
+"""Alignment methods, registered by name. Adding one: a module with a class that subclasses
+``relapse.align.erasure.ErasureMethod`` (ESD-like: ``loss(ctx, x_t, t, cond, anchor)``) or
+``relapse.align.forgetting.ForgettingMethod`` (LT-like: ``harmful_sample(cfg, z0, eps, centres)``),
+registered with ``@METHODS.register(name)``, plus its import here."""
 
 from relapse.registry import Registry
 
 METHODS: Registry = Registry("alignment method")
 
-from relapse.align import esd, sdd  # noqa: E402,F401  (registration)
+from relapse.align import esd, lt, ng, sdd  # noqa: E402,F401  (registration)

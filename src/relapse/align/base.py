@@ -1,24 +1,22 @@
-"""What every concept-erasure method shares: which parameters train (as full weights or as a
-*safety LoRA*), x_t sampled from the model being trained (as ESD does), and the outputs.
+"""What every alignment method shares: the config fields common to all of them, which parameters
+train (full weights or a *safety LoRA*), and the atomic output with its record.
 
-A method is a class with ``loss(ctx, x_t, t, concept_emb) -> tensor``, registered in
-``relapse.align.METHODS``; everything else (loop, LoRA, saving, metadata) lives here.
+A method is a class registered in ``relapse.align.METHODS`` with a ``config`` (its pydantic config
+class, a subclass of :class:`AlignConfig`) and ``run(cfg) -> Path``. Two families exist:
+concept erasure (``relapse.align.erasure``: ESD, SDD) and the catastrophic-forgetting defenses
+(``relapse.align.forgetting``: LT, NG).
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-from tqdm.auto import tqdm
+from pydantic import BaseModel, ConfigDict, Field
 
 from relapse.errors import UserError
-from relapse.io import atomic_dir, check_output_dir, run_record, write_json
-from relapse.models.pipeline_utils import encode_prompts, weights_fingerprint
+from relapse.io import atomic_dir, run_record, write_json
 
 ALIGN_RECORD = "relapse_align.json"
 
@@ -28,46 +26,15 @@ class AlignConfig(BaseModel):
 
     method: str
     model: str = "toy"
-    concept: list[str] = Field(default_factory=list, description="prompts that name the concept to erase")
-    concept_prompts: str | None = Field(None, description="a prompt file (or toy:NAME) whose prompts also name it")
     out: Path
     as_: Literal["lora", "full"] = Field("lora", alias="as", description="a safety LoRA or full weights")
-    params: Literal["xattn", "noxattn", "all"] = Field("xattn", description="ESD-x, ESD-u or every layer")
+    params: Literal["xattn", "noxattn", "all"] = Field("xattn", description="cross-attention (ESD-x), the rest (ESD-u) or every layer")
     rank: int = Field(4, gt=0, description="LoRA rank (lora_alpha = rank)")
     steps: int = Field(200, gt=0)
     lr: float = Field(1e-3, gt=0)
-    eta: float = Field(1.0, description="ESD negative-guidance strength")
     batch_size: int = Field(4, gt=0)
-    sample_steps: int = Field(20, gt=1, description="DDIM steps of the sampler that makes x_t")
-    sample_guidance: float = Field(3.0, ge=0, description="guidance used to sample x_t (ESD's start_guidance)")
-    ema_decay: float = Field(0.999, gt=0, lt=1, description="SDD's EMA teacher")
-    anchor: Literal["empty", "strip"] = Field(
-        "empty", description="what the concept is steered toward: the empty prompt (ESD and SDD as published) or, "
-                             "per concept prompt, the same prompt with the --concept words stripped")
     seed: int = 0
     device: str | None = None
-
-    @model_validator(mode="after")
-    def _names_a_concept(self) -> AlignConfig:
-        if not self.concept and not self.concept_prompts:
-            raise ValueError("name the concept to erase with --concept (repeatable) or --concept-prompts FILE")
-        return self
-
-    def concept_texts(self) -> list[str]:
-        from relapse.data.prompts import read_prompts
-
-        extra = [p.text for p in read_prompts(self.concept_prompts)] if self.concept_prompts else []
-        return self.concept + extra
-
-    def anchor_texts(self, texts: list[str] | None = None) -> list[str]:
-        """One anchor per concept prompt (``texts``, default ``concept_texts()``). "strip" keeps everything
-        the prompt says but the concept (the anchor of "a checkered red star" is "a red star"), so erasing
-        it spares shape and colour."""
-        texts = self.concept_texts() if texts is None else texts
-        if self.anchor == "empty":
-            return [""] * len(texts)
-        words = {w.lower() for w in self.concept}
-        return [" ".join(w for w in text.split() if w.lower().strip(",.") not in words) for text in texts]
 
 
 def is_cross_attention(name: str) -> bool:
@@ -86,111 +53,32 @@ def lora_targets(unet, params: str) -> list[str]:
             if isinstance(module, kinds) and selects(name + ".", params) and not name.startswith(skip)]
 
 
-@dataclass
-class AlignContext:
-    """The model being trained and the frozen reference it is compared with."""
-
-    pipe: object
-    cfg: AlignConfig
-    trainable: list[torch.nn.Parameter]
-    frozen_unet: torch.nn.Module | None  # full mode: a frozen copy; LoRA mode: None (adapters disabled)
-    concepts: list[str]  # the concept prompts, read once
-    anchors: list[str]  # what each is steered toward
-
-    @contextmanager
-    def frozen(self):
-        """Predict with the original weights theta* (ESD's frozen copy)."""
-        if self.frozen_unet is not None:
-            yield self.frozen_unet
-            return
-        self.pipe.unet.disable_adapters()
-        try:
-            yield self.pipe.unet
-        finally:
-            self.pipe.unet.enable_adapters()
-
-
-def prepare(pipe, cfg: AlignConfig) -> AlignContext:
-    """Freeze everything, then make the chosen parameters trainable (full) or attach a LoRA on them."""
-    import copy
-
+def make_trainable(pipe, cfg: AlignConfig) -> list[torch.nn.Parameter]:
+    """Freeze everything, then make the chosen UNet parameters trainable (full) or attach a LoRA on them."""
     from peft import LoraConfig
 
     unet = pipe.unet
     for component in (pipe.vae, pipe.text_encoder, unet):
         component.requires_grad_(False)
-    frozen = None
     if cfg.as_ == "lora":
-        targets = lora_targets(unet, cfg.params)
-        unet.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.rank, init_lora_weights="gaussian", target_modules=targets))
+        unet.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.rank, init_lora_weights="gaussian",
+                                    target_modules=lora_targets(unet, cfg.params)))
         trainable = [p for n, p in unet.named_parameters() if "lora_" in n]
-        for p in trainable:
-            p.requires_grad_(True)
     else:
-        frozen = copy.deepcopy(unet).eval()
         trainable = [p for n, p in unet.named_parameters() if selects(n, cfg.params)]
-        for p in trainable:
-            p.requires_grad_(True)
     if not trainable:
         raise UserError(f"--params {cfg.params} selects no parameters of this UNet")
-    concepts = cfg.concept_texts()
-    return AlignContext(pipe, cfg, trainable, frozen, concepts, cfg.anchor_texts(concepts))
+    for p in trainable:
+        p.requires_grad_(True)
+    return trainable
 
 
-def guided_eps(unet, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
-    eps_u, eps_c = unet(torch.cat([x, x]), torch.cat([t, t]), torch.cat([uncond, cond])).sample.chunk(2)
-    return eps_u + scale * (eps_c - eps_u)
-
-
-@torch.no_grad()
-def sample_xt(ctx: AlignContext, cond: torch.Tensor, uncond: torch.Tensor, gen: torch.Generator):
-    """x_t made by sampling with the model being trained, conditioned on the concept, from noise
-    down to a random DDIM step (ESD, SDD). Returns x_t and its training timestep."""
-    from diffusers import DDIMScheduler
-
-    pipe, cfg = ctx.pipe, ctx.cfg
-    sched = DDIMScheduler.from_config(pipe.scheduler.config)
-    sched.set_timesteps(cfg.sample_steps)
-    stop = int(torch.randint(0, cfg.sample_steps, (1,), generator=gen))
-    unet = pipe.unet
-    shape = (len(cond), unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
-    x = torch.randn(shape, generator=gen).to(pipe.device)
-    for t in sched.timesteps[:stop]:
-        tt = t.expand(len(x)).to(pipe.device)
-        x = sched.step(guided_eps(unet, x, tt, cond, uncond, cfg.sample_guidance), t, x).prev_sample
-    return x, sched.timesteps[stop].expand(len(x)).to(pipe.device)
-
-
-def train(ctx: AlignContext, method, gen: torch.Generator) -> list[float]:
-    """The shared loop: pick concept prompts, sample x_t, take the method's loss, step."""
-    cfg, pipe = ctx.cfg, ctx.pipe
-    concept = encode_prompts(pipe, ctx.concepts)
-    anchors = encode_prompts(pipe, ctx.anchors)
-    uncond = encode_prompts(pipe, [""])
-    opt = torch.optim.AdamW(ctx.trainable, lr=cfg.lr, weight_decay=0.0)
-    losses = []
-    bar = tqdm(range(cfg.steps), desc=f"align {cfg.method}")
-    for _ in bar:
-        pick = torch.randint(0, len(concept), (cfg.batch_size,), generator=gen)
-        cond, unc = concept[pick], uncond.expand(cfg.batch_size, -1, -1)
-        x_t, t = sample_xt(ctx, cond, unc, gen)
-        loss = method.loss(ctx, x_t, t, cond, anchors[pick])
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        method.after_step(ctx)
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{loss.item():.4f}")
-    return losses
-
-
-def save(ctx: AlignContext, base_fingerprint: str, losses: list[float]) -> Path:
+def save_aligned(pipe, cfg: AlignConfig, base_fingerprint: str, **facts: object) -> Path:
+    """Write the safety LoRA (diffusers format) or the full pipeline, with its record, in one rename."""
     from relapse.models.lora import save_unet_lora
 
-    cfg, pipe = ctx.cfg, ctx.pipe
     record = run_record(f"align {cfg.method}", cfg.model_dump(mode="json", by_alias=True), cfg.seed,
-                        method=cfg.method, concept=ctx.concepts, anchors=ctx.anchors, kind=cfg.as_, base_model=cfg.model,
-                        base_fingerprint=base_fingerprint, loss_first=losses[0], loss_last=losses[-1])
+                        method=cfg.method, kind=cfg.as_, base_model=cfg.model, base_fingerprint=base_fingerprint, **facts)
     with atomic_dir(cfg.out) as tmp:
         if cfg.as_ == "lora":
             save_unet_lora(pipe.unet, tmp)
@@ -202,16 +90,8 @@ def save(ctx: AlignContext, base_fingerprint: str, losses: list[float]) -> Path:
 
 def run_align(cfg: AlignConfig) -> Path:
     from relapse.align import METHODS
-    from relapse.models.loading import load_pipeline
 
     method = METHODS.get(cfg.method)()
-    check_output_dir(cfg.out)
-    cfg.concept_texts()  # a missing or empty prompt file fails here, before any weights load
-    pipe = load_pipeline(cfg.model, device=cfg.device)
-    fingerprint = weights_fingerprint(pipe.unet)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    ctx = prepare(pipe, cfg)
-    method.setup(ctx)
-    losses = train(ctx, method, gen)
-    return save(ctx, fingerprint, losses)
+    if not isinstance(cfg, method.config):
+        raise TypeError(f"{cfg.method} takes a {method.config.__name__}, not a {type(cfg).__name__}")
+    return method.run(cfg)

@@ -14,18 +14,13 @@ import torch
 import torch.nn.functional as F
 
 from relapse.align import METHODS
+from relapse.align.erasure import ErasureMethod
 
 
 @METHODS.register("esd")
-class ESD:
-    def setup(self, ctx) -> None:
-        pass
-
+class ESD(ErasureMethod):
     def loss(self, ctx, x_t, t, cond, anchor) -> torch.Tensor:
         with torch.no_grad(), ctx.frozen() as frozen:
             eps_u, eps_c = frozen(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([anchor, cond])).sample.chunk(2)
             target = eps_u - ctx.cfg.eta * (eps_c - eps_u)
         return F.mse_loss(ctx.pipe.unet(x_t, t, cond).sample, target)
-
-    def after_step(self, ctx) -> None:
-        pass

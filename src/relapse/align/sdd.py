@@ -13,10 +13,11 @@ import torch
 import torch.nn.functional as F
 
 from relapse.align import METHODS
+from relapse.align.erasure import ErasureMethod
 
 
 @METHODS.register("sdd")
-class SDD:
+class SDD(ErasureMethod):
     def setup(self, ctx) -> None:
         from diffusers.training_utils import EMAModel
 

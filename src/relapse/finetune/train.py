@@ -111,15 +111,19 @@ def draw(seed: int, step: int, micro: int, rank: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step, micro, rank]).generate_state(1)[0]))
 
 
-def loss_on_batch(unet, noise_scheduler, encodings, scale: float, gen: torch.Generator, batch_size: int, device) -> torch.Tensor:
-    n = len(encodings["text"])
-    idx = torch.randint(0, n, (batch_size,), generator=gen)
+def draw_batch(encodings, scale: float, gen: torch.Generator, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch of (scaled latents sampled from the cached VAE posteriors, text encodings)."""
+    idx = torch.randint(0, len(encodings["text"]), (batch_size,), generator=gen)
     mean, std = encodings["latent_mean"][idx], encodings["latent_std"][idx]
-    z0 = (mean + std * torch.randn(mean.shape, generator=gen)) * scale
+    return (mean + std * torch.randn(mean.shape, generator=gen)) * scale, encodings["text"][idx]
+
+
+def loss_on_batch(unet, noise_scheduler, encodings, scale: float, gen: torch.Generator, batch_size: int, device) -> torch.Tensor:
+    z0, text = draw_batch(encodings, scale, gen, batch_size)
     noise = torch.randn(z0.shape, generator=gen)
     t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch_size,), generator=gen)
     noisy = noise_scheduler.add_noise(z0, noise, t)
-    pred = unet(noisy.to(device), t.to(device), encodings["text"][idx].to(device)).sample
+    pred = unet(noisy.to(device), t.to(device), text.to(device)).sample
     return F.mse_loss(pred.float(), noise.to(device))
 
 

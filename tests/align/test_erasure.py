@@ -8,20 +8,22 @@ import pytest
 import torch
 
 from relapse.align import METHODS
-from relapse.align.base import ALIGN_RECORD, AlignConfig, is_cross_attention, prepare, run_align, train
+from relapse.align.base import ALIGN_RECORD, is_cross_attention, run_align
+from relapse.align.erasure import ErasureConfig, ErasureMethod, prepare, train
 from relapse.models.components import ToyModelSize, build_pipeline
 from relapse.models.lora import LoraSpec, merge_loras
 from relapse.models.pipeline_utils import encode_prompts
 
 CONCEPT = ["a checkered red star", "a checkered blue circle"]
+ERASERS = [name for name in METHODS.names() if issubclass(METHODS.get(name), ErasureMethod)]
 
 
 def small_cfg(tmp_path, method, **kw):
-    return AlignConfig(method=method, model="unused", concept=CONCEPT, out=tmp_path / "out", steps=3, batch_size=2,
+    return ErasureConfig(method=method, model="unused", concept=CONCEPT, out=tmp_path / "out", steps=3, batch_size=2,
                        sample_steps=3, **kw)
 
 
-@pytest.mark.parametrize("method", METHODS.names())
+@pytest.mark.parametrize("method", ERASERS)
 @pytest.mark.parametrize("params", ["xattn", "noxattn"])
 def test_full_mode_changes_only_the_chosen_parameters(tmp_path, tiny_pipe, method, params):
     before = {n: p.clone() for n, p in tiny_pipe.unet.named_parameters()}
@@ -35,7 +37,7 @@ def test_full_mode_changes_only_the_chosen_parameters(tmp_path, tiny_pipe, metho
     assert all(is_cross_attention(n) == (params == "xattn") for n in changed)
 
 
-@pytest.mark.parametrize("method", METHODS.names())
+@pytest.mark.parametrize("method", ERASERS)
 def test_lora_mode_trains_only_the_adapter(tmp_path, tiny_pipe, method):
     base = {n: p.clone() for n, p in tiny_pipe.unet.named_parameters()}
     ctx = prepare(tiny_pipe, small_cfg(tmp_path, method, lr=1e-2))
@@ -80,7 +82,7 @@ def test_safety_lora_loads_in_plain_diffusers_and_matches_relapse(tiny_model_dir
 
 
 def test_concept_can_come_from_a_prompt_file(tmp_path):
-    cfg = AlignConfig(method="esd", concept=["checkered"], concept_prompts="toy:align_concept", out=tmp_path / "o")
+    cfg = ErasureConfig(method="esd", concept=["checkered"], concept_prompts="toy:align_concept", out=tmp_path / "o")
     texts = cfg.concept_texts()
     assert texts[0] == "checkered" and len(texts) == 31 and all("checkered" in t for t in texts)
 
@@ -90,20 +92,20 @@ def test_a_concept_must_be_named(tmp_path):
     from relapse.errors import UserError
 
     with pytest.raises(UserError, match="--concept"):
-        resolve_config(AlignConfig, method="esd", out=tmp_path / "o")
+        resolve_config(ErasureConfig, method="esd", out=tmp_path / "o")
 
 
 def test_strip_anchors_are_the_concept_prompts_without_the_concept_words(tmp_path):
-    cfg = AlignConfig(method="esd", concept=["checkered"], concept_prompts="toy:align_concept", anchor="strip", out=tmp_path / "o")
+    cfg = ErasureConfig(method="esd", concept=["checkered"], concept_prompts="toy:align_concept", anchor="strip", out=tmp_path / "o")
     pairs = list(zip(cfg.concept_texts(), cfg.anchor_texts()))
     assert pairs[0] == ("checkered", "")
     assert pairs[1] == ("an image showing a checkered red circle over a black background",
                         "an image showing a red circle over a black background")
     assert all("checkered" not in anchor for _, anchor in pairs)
-    assert AlignConfig(method="esd", concept=["checkered"], out=tmp_path / "o").anchor_texts() == [""]
+    assert ErasureConfig(method="esd", concept=["checkered"], out=tmp_path / "o").anchor_texts() == [""]
 
 
-@pytest.mark.parametrize("method", METHODS.names())
+@pytest.mark.parametrize("method", ERASERS)
 def test_a_prompt_anchored_at_itself_has_nothing_to_erase(tiny_pipe, tmp_path, method):
     """ESD's and SDD's targets reduce to the untouched model's own prediction when anchor == concept,
     so a fresh safety LoRA (B = 0) starts at zero loss."""
