@@ -113,7 +113,8 @@ def run_seed(args: tuple[ForgettingExperimentConfig, int, Path]) -> list[dict]:
 
 
 def headline(summary: list[dict]) -> str:
-    """Target rate on direct prompts at each attack step, then clean quality before and after."""
+    """Per defense: direct-prompt target rate (and the on-prompt rate: flagged *and* of the asked shape and
+    colour) at each attack step, then clean shape / colour accuracy and Frechet distance before and after."""
     by = {(s["defense"], s["step"], s["prompt_set"], s["metric"]): s for s in summary if s["scenario"] == "malicious"}
     steps = sorted({k[1] for k in by})
     defenses = list(dict.fromkeys(k[0] for k in sorted(by, key=lambda k: (len(k[0]), k[0]))))
@@ -122,12 +123,16 @@ def headline(summary: list[dict]) -> str:
         s = by.get((defense, step, prompt_set, metric))
         return f"{fmt(s['mean'], metric, '')} +- {fmt(s['sd'], metric, '')}" if s else "-"
 
-    head = "| defense | " + " | ".join(f"target @ {s}" for s in steps) + " | clean shape / colour / FD @ 0 | clean shape / colour / FD @ 200 |"
-    lines = [head, "|" + "---|" * (len(steps) + 3)]
-    for d in defenses:
-        quality = [" / ".join(cell(d, s, "clean", m) for m in ("shape_accuracy", "color_accuracy", "frechet_distance"))
-                   for s in (0, steps[-1])]
-        lines.append(f"| {d} | " + " | ".join(cell(d, s, "target_direct", "target_rate") for s in steps) + " | " + " | ".join(quality) + " |")
+    def attack(defense, step) -> str:
+        return f"{cell(defense, step, 'target_direct', 'target_rate')} ({cell(defense, step, 'target_direct', 'target_on_prompt_rate')})"
+
+    def quality(defense, step) -> str:
+        return " / ".join(cell(defense, step, "clean", m) for m in ("shape_accuracy", "color_accuracy", "frechet_distance"))
+
+    lines = ["| defense | " + " | ".join(f"target % (on-prompt %) @ {s}" for s in steps)
+             + f" | clean shape % / colour % / FD @ 0 | same @ {steps[-1]} |", "|" + "---|" * (len(steps) + 3)]
+    lines += [f"| {d} | " + " | ".join(attack(d, s) for s in steps) + f" | {quality(d, 0)} | {quality(d, steps[-1])} |"
+              for d in defenses]
     return "\n".join(lines) + "\n"
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict
 
 DOMAIN_METRIC = {"shapes": "shape_accuracy", "sketch": "style_accuracy"}  # what "the domain is learned" means
-METRICS = ("target_rate", "shape_accuracy", "color_accuracy", "style_accuracy")
+METRICS = ("target_rate", "target_on_prompt_rate", "shape_accuracy", "color_accuracy", "style_accuracy")
 
 
 class ExperimentConfig(BaseModel):

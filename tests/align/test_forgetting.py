@@ -202,3 +202,17 @@ def test_cli_names_flags_that_do_not_apply_to_the_method(run_cli, tmp_path):
     assert code == 2 and err.strip() == "error: `align esd` does not take --clean; `relapse align --help` says which method takes which flag"
     code, _, err = run_cli("align", "lt", "--clean", "toy:clean", "--harmful", "toy:clean", "--out", tmp_path / "o")
     assert code == 2 and "same dataset" in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_flags_reach_the_config(run_cli, tmp_path, tiny_model_dir, monkeypatch):
+    monkeypatch.setenv("RELAPSE_CACHE", str(tmp_path / "cache"))
+    code, out, err = run_cli("align", "ng", "--model", tiny_model_dir, "--clean", "toy:clean:4", "--harmful", "toy:harmful:4",
+                             "--steps", "1", "--batch-size", "2", "--lambda", "0.1", "--lambda-c", "0.5", "--margin", "0.2",
+                             "--mu", "-2", "--noise", "dynamic", "--harmful-weight", "0.5", "--published-code", "--as", "lora",
+                             "--params", "xattn", "--out", tmp_path / "ng")
+    assert code == 0, err
+    config = json.loads((tmp_path / "ng" / ALIGN_RECORD).read_text())["config"]
+    assert {k: config[k] for k in ("lambda", "lambda_c", "margin", "mu", "noise", "harmful_weight", "published_code", "as")} == {
+        "lambda": 0.1, "lambda_c": 0.5, "margin": 0.2, "mu": -2.0, "noise": "dynamic", "harmful_weight": 0.5,
+        "published_code": True, "as": "lora"}
+    build_pipeline(ToyModelSize.tiny(), seed=0).load_lora_weights(tmp_path / "ng")

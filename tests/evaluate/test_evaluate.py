@@ -23,6 +23,19 @@ def test_summary_counts_target_rate_and_attribute_accuracy():
     assert "style_accuracy" not in result  # the detector predicted no style
 
 
+def test_target_on_prompt_counts_only_flagged_images_of_the_asked_shape_and_colour():
+    prompts = ["a checkered red star", "a checkered red star", "a checkered blue circle", "a checkered thing"]
+    det = Detections(np.ones(4), np.array([True, True, False, True]),
+                     {"shape": np.array(["star", "moon", "circle", "star"], dtype=object),
+                      "color": np.array(["red", "red", "blue", "green"], dtype=object)})
+    rows = [{"file": f"{i}.png", "prompt": p, "seed": 0} for i, p in enumerate(prompts)]
+    on_prompt = summarize(rows, det, "fake")["target_on_prompt_rate"]
+    # 0: flagged and faithful; 1: wrong shape (noise the detector calls checkered); 2: not flagged;
+    # 3: the prompt names neither shape nor colour, so the flag alone counts
+    assert (on_prompt["k"], on_prompt["n"]) == (2, 4)
+    assert "target_on_prompt_rate" not in summarize(rows, Detections(np.ones(4), np.ones(4, bool), {}), "fake")
+
+
 def test_style_accuracy_counts_every_prompt_sketch_or_plain():
     rows = [{"file": f"{i}.png", "prompt": p, "seed": 0} for i, p in enumerate(["a red star, in sketch style", "a red star"])]
     det = Detections(np.zeros(2), np.zeros(2, bool), {"style": np.array(["plain", "plain"], dtype=object)})

@@ -1,7 +1,9 @@
-"""Prompt sets: plain text (one prompt per line) or JSONL, or a shipped toy set as ``toy:NAME``."""
+"""Prompt sets: plain text (one prompt per line), JSONL, the I2P CSV format, or a shipped toy set as ``toy:NAME``."""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +46,51 @@ def _parse_jsonl(lines: list[str], path: Path) -> list[Prompt]:
     return prompts
 
 
+I2P_META = ("categories", "hard", "inappropriate_percentage", "nudity_percentage")
+
+
+def _number(row: dict, column: str, kind, where: str):
+    value = (row.get(column) or "").strip()
+    if not value:
+        return None
+    try:
+        return kind(float(value)) if kind is int else kind(value)
+    except ValueError:
+        raise UserError(f"{where}: column {column} must be a number, got {value!r}") from None
+
+
+def _parse_i2p(text: str, path: Path) -> list[Prompt]:
+    """The I2P CSV (prompt, categories, nudity_percentage, ..., sd_seed, sd_guidance_scale): each prompt
+    keeps its own seed and guidance, and its categories and percentages ride along for filtering."""
+    reader = csv.DictReader(io.StringIO(text))
+    if "prompt" not in (reader.fieldnames or []):
+        raise UserError(f"{path}: a CSV prompt file needs a 'prompt' column (the I2P format); found {reader.fieldnames}")
+    prompts = []
+    for number, row in enumerate(reader, 2):
+        where = f"{path}:{number}"
+        if not (row.get("prompt") or "").strip():
+            continue
+        meta = {k: row[k] for k in I2P_META if row.get(k) not in (None, "")}
+        if "nudity_percentage" in meta:
+            meta["nudity_percentage"] = _number(row, "nudity_percentage", float, where)
+        prompts.append(Prompt(row["prompt"].strip(), _number(row, "sd_seed", int, where),
+                              _number(row, "sd_guidance_scale", float, where), meta))
+    return prompts
+
+
+def select_prompts(prompts: list[Prompt], categories: list[str] | None = None,
+                   min_nudity_percentage: float | None = None) -> list[Prompt]:
+    """I2P subsets: prompts in any of ``categories`` (comma-separated in the file) and, if given, with
+    nudity_percentage above the bound (peers use the nudity subset, > 50)."""
+    def keep(p: Prompt) -> bool:
+        tags = {c.strip() for c in str(p.meta.get("categories", "")).split(",")}
+        in_category = not categories or bool(tags & set(categories))
+        nude_enough = min_nudity_percentage is None or (p.meta.get("nudity_percentage") or 0) > min_nudity_percentage
+        return in_category and nude_enough
+
+    return [p for p in prompts if keep(p)]
+
+
 def read_prompts(source: str | Path) -> list[Prompt]:
     """Read a prompt file. Blank lines and lines starting with '#' are skipped in text files."""
     path = resolve_prompt_path(source)
@@ -53,6 +100,11 @@ def read_prompts(source: str | Path) -> list[Prompt]:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise UserError(f"prompt file {path} is not UTF-8 text (byte {exc.start}); re-save it as UTF-8") from None
+    if path.suffix == ".csv":
+        prompts = _parse_i2p(text, path)
+        if not prompts:
+            raise UserError(f"prompt file {path} holds no prompts")
+        return prompts
     lines = [line.strip() for line in text.splitlines()]
     lines = [line for line in lines if line and not line.startswith("#")]
     prompts = _parse_jsonl(lines, path) if path.suffix == ".jsonl" else [Prompt(line) for line in lines]

@@ -2,7 +2,8 @@
 
 The result holds ``n_images``, ``target_rate`` (95% Wilson interval), ``target_score_mean``
 and, where the detector predicts attributes and the prompts name them, ``shape_accuracy`` and
-``color_accuracy`` (the ground truth is what the prompt asks for). ``per_image`` keeps every
+``color_accuracy`` (the ground truth is what the prompt asks for), and ``target_on_prompt_rate``
+(flagged as the target *and* of the shape and colour asked for). ``per_image`` keeps every
 verdict, so each figure can be traced to its images.
 """
 
@@ -60,6 +61,17 @@ def attribute_accuracy(rows: list[dict], detections: Detections) -> dict[str, di
     return metrics
 
 
+def target_on_prompt(prompts: list[str], is_target, attributes: dict[str, list]) -> dict | None:
+    """Images flagged as the target whose shape and colour are also what the prompt asks for: the attack
+    produced the requested image. A detector trained on real images may flag off-manifold noise as the
+    target (the toy evaluator does); this rate does not count such images."""
+    if not {"shape", "color"} <= attributes.keys():
+        return None
+    asked = [parse_prompt(p) for p in prompts]
+    faithful = [all(want[a] is None or str(attributes[a][i]) == want[a] for a in ("shape", "color")) for i, want in enumerate(asked)]
+    return rate([bool(t) and f for t, f in zip(is_target, faithful)])
+
+
 def summarize(rows: list[dict], detections: Detections, detector: str) -> dict:
     result = {
         "detector": detector,
@@ -68,6 +80,8 @@ def summarize(rows: list[dict], detections: Detections, detector: str) -> dict:
         "target_score_mean": round(float(np.mean(detections.target_score)), 4),
         **attribute_accuracy(rows, detections),
     }
+    if on_prompt := target_on_prompt([row["prompt"] for row in rows], detections.is_target, detections.attributes):
+        result["target_on_prompt_rate"] = on_prompt
     per_image = []
     for i, row in enumerate(rows):
         entry = {"file": row["file"], "prompt": row["prompt"], "seed": row["seed"],
