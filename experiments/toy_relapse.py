@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
@@ -188,12 +187,9 @@ def run_seed(args: tuple[ExperimentConfig, int, Path]) -> list[dict]:
 # ------------------------------------------------------------------------------------ summary
 def summarize_rows(rows: list[dict]) -> list[dict]:
     """Mean and spread (sd over seeds) per (defense, scenario, step, prompt set, metric)."""
-    groups: dict[tuple, list[float]] = {}
-    for r in rows:
-        groups.setdefault((r["defense"], r["scenario"], r["step"], r["prompt_set"], r["metric"]), []).append(r["value"])
-    return [{"defense": k[0], "scenario": k[1], "step": k[2], "prompt_set": k[3], "metric": k[4],
-             "mean": round(statistics.fmean(v), 4), "sd": round(statistics.stdev(v), 4) if len(v) > 1 else 0.0,
-             "n_seeds": len(v)} for k, v in sorted(groups.items())]
+    from relapse.study.results import summarize_rows as by_cell
+
+    return by_cell(rows, ("defense", "scenario", "step", "prompt_set", "metric"))
 
 
 def fmt(value: float, metric: str, unit: str = "%") -> str:

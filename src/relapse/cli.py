@@ -192,6 +192,21 @@ def finetune(
 
 
 @app.command()
+def study(
+    config: Annotated[Path, typer.Argument(help="The study's YAML config (see configs/).")],
+    out: Annotated[Optional[Path], typer.Option("--out", help="Run folder (default: runs/<study name>).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue a killed or finished run in --out.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan (steps, cached, images) without loading weights.")] = False,
+) -> None:
+    """Run a resilience study: align -> fine-tune -> generate -> evaluate, each step once, cached by its inputs."""
+    from relapse.study.run import StudyRunConfig, run_study
+
+    run_dir = run_study(StudyRunConfig(config=config, out=out, resume=resume, dry_run=dry_run))
+    if not dry_run:
+        typer.echo(f"results in {run_dir}/results.json and results.csv")
+
+
+@app.command()
 def demo(
     out: OutOpt = None,
     model: ModelOpt = None,

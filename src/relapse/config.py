@@ -13,7 +13,7 @@ from relapse.errors import UserError
 C = TypeVar("C", bound=BaseModel)
 
 
-def _describe(error: ValidationError) -> str:
+def describe_error(error: ValidationError) -> str:
     first = error.errors()[0]
     where = ".".join(str(p) for p in first["loc"]) or "config"
     return f"{where}: {first['msg']}" + (f" (and {error.error_count() - 1} more)" if error.error_count() > 1 else "")
@@ -39,4 +39,4 @@ def resolve_config(cls: type[C], config_file: str | Path | None = None, **flags:
     try:
         return cls(**data)
     except ValidationError as exc:
-        raise UserError(f"invalid {cls.__name__}: {_describe(exc)}") from None
+        raise UserError(f"invalid {cls.__name__}: {describe_error(exc)}") from None

@@ -98,6 +98,9 @@ def reference_distance(detector, images, reference) -> float:
 
     if not hasattr(detector, "model"):
         raise UserError("--reference needs a detector with image features (toy); Inception features come with the study")
+    if min(len(images), len(reference)) < 2:
+        raise UserError(f"a Frechet distance needs at least 2 images on each side (got {len(images)} generated, "
+                        f"{len(reference)} reference); generate more images per prompt")
     return round(frechet_distance(reference, images, detector.model), 4)
 
 

@@ -1,0 +1,89 @@
+"""The study config: a base model, prompt sets, defenses, fine-tuning scenarios, seeds and the
+evaluation, in one typed YAML file.
+
+A *defense* is a list of alignment stages applied in order, each the fields of a ``relapse align``
+config (``method`` plus its options; ``model``, ``out`` and ``seed`` are the study's). An erasure
+stage (ESD, SDD) runs on the base. A stage that writes a LoRA adds it to the model; a forgetting
+stage (LT, NG) after LoRA stages hardens the model with them fused (reinforcement), and a stage that
+writes full weights becomes the new model. ``none: []`` is the unaligned base.
+
+A *scenario* is a ``relapse finetune`` of every defended model (or those it names), scored at each
+step of its sweep on its ``prompt_sets`` and, before and after, on its ``quality_sets``.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from relapse.generate import SamplerConfig
+
+STUDY_OWNED = ("model", "out", "seed")  # fields the study sets on every stage and fine-tune
+
+
+class PromptSetSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    source: str = Field(description="prompt file (.txt, .jsonl, I2P .csv) or toy:NAME")
+    categories: list[str] | None = Field(None, description="I2P: keep prompts in any of these categories")
+    min_nudity_percentage: float | None = Field(None, description="I2P: keep prompts above this nudity percentage")
+
+
+class ScenarioSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    finetune: dict = Field(description="relapse finetune fields: data, method, steps, lr, rank, save_at, ...")
+    prompt_sets: list[str] = Field(description="scored at step 0, every --save-at step and the last step")
+    quality_sets: list[str] = Field(default_factory=list, description="scored at step 0 and the last step")
+    defenses: list[str] | None = Field(None, description="the defenses it applies to (default: all)")
+
+    def sweep(self) -> list[int]:
+        return sorted({0, *self.finetune.get("save_at", []), self.finetune["steps"]})
+
+
+class DetectorSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = "toy"
+    options: dict = Field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return self.name + "".join(f"@{v}" for _, v in sorted(self.options.items()))
+
+
+class StudyConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = "study"
+    model: str = "toy"
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    prompt_sets: dict[str, PromptSetSpec]
+    defenses: dict[str, list[dict]] = Field(default_factory=lambda: {"none": []})
+    before: list[str] = Field(default_factory=list, description="prompt sets scored on every defended model before fine-tuning")
+    scenarios: dict[str, ScenarioSpec] = Field(default_factory=dict)
+    sampler: SamplerConfig = Field(default_factory=SamplerConfig)
+    detectors: list[DetectorSpec] = Field(default_factory=lambda: [DetectorSpec()], min_length=1)
+    reference: str | None = Field(None, description="real images (imagefolder or toy:DOMAIN[:N]) for a Frechet distance")
+    reference_sets: list[str] = Field(default_factory=list, description="prompt sets whose images are compared with reference")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> StudyConfig:
+        named = set(self.prompt_sets)
+        for where, sets in [("before", self.before), ("reference_sets", self.reference_sets)] + [(f"scenario {n}", s.prompt_sets + s.quality_sets)
+                                                         for n, s in self.scenarios.items()]:
+            if unknown := sorted(set(sets) - named):
+                raise ValueError(f"{where} names prompt sets {unknown} that prompt_sets does not define")
+        for name, stages in self.defenses.items():
+            for stage in stages:
+                if "method" not in stage:
+                    raise ValueError(f"defense {name}: every stage needs a method (esd, sdd, lt, ng)")
+                if owned := sorted(set(stage) & set(STUDY_OWNED)):
+                    raise ValueError(f"defense {name}: {owned} are set by the study; remove them from the stage")
+        for name, scenario in self.scenarios.items():
+            if unknown := sorted(set(scenario.defenses or []) - set(self.defenses)):
+                raise ValueError(f"scenario {name} names defenses {unknown} that defenses does not define")
+            if "data" not in scenario.finetune or "steps" not in scenario.finetune:
+                raise ValueError(f"scenario {name}: finetune needs data and steps")
+            if owned := sorted(set(scenario.finetune) & {*STUDY_OWNED, "loras", "lora_scales"}):
+                raise ValueError(f"scenario {name}: {owned} are set by the study; remove them from finetune")
+        return self

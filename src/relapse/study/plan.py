@@ -1,0 +1,170 @@
+"""The study as a graph of steps (align -> fine-tune -> generate -> evaluate), built without loading
+any weights. A step's key hashes its kind, its settings and its inputs' keys, so a step shared by
+several cells (the aligned model's evaluation is step 0 of every scenario) is planned once, and a
+rerun finds every finished step under ``RUN_DIR/steps/KIND-KEY``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from relapse.config import describe_error
+from relapse.errors import UserError
+from relapse.study.config import StudyConfig
+
+SEED_STRIDE = 1000  # study seed s samples with sampler seed + 1000 s: seeds never share images
+
+
+@dataclass(eq=False)
+class Step:
+    kind: str  # align | finetune | generate | evaluate
+    label: str
+    spec: dict  # everything besides its inputs that decides the output
+    deps: list[Step] = field(default_factory=list)
+    images: int = 0  # images a generate step makes
+
+    @cached_property
+    def key(self) -> str:
+        payload = json.dumps([self.kind, self.spec, [d.key for d in self.deps]], sort_keys=True, default=str)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+    def path(self, run_dir: Path) -> Path:
+        return run_dir / "steps" / (f"{self.kind}-{self.key}" + (".json" if self.kind == "evaluate" else ""))
+
+    def done(self, run_dir: Path) -> bool:
+        path = self.path(run_dir)
+        return (path / "final").is_dir() if self.kind == "finetune" else path.exists()
+
+
+@dataclass(frozen=True)
+class Weights:
+    """A model folder or LoRA: the study's base, or a folder inside a step's output."""
+
+    step: Step | None = None
+    sub: str = ""
+    model: str = ""
+
+    def resolve(self, run_dir: Path) -> str:
+        return self.model if self.step is None else str(self.step.path(run_dir) / self.sub)
+
+    def describe(self) -> str:
+        return self.model if self.step is None else f"{self.step.kind}-{self.step.key}/{self.sub}"
+
+
+@dataclass(frozen=True)
+class ModelState:
+    """W = model + sum of LoRAs (each at scale 1), fused at inference."""
+
+    model: Weights
+    loras: tuple[Weights, ...] = ()
+
+    def producers(self) -> list[Step]:
+        return [w.step for w in (self.model, *self.loras) if w.step is not None]
+
+    def describe(self) -> dict:
+        return {"model": self.model.describe(), "loras": [w.describe() for w in self.loras]}
+
+    def with_output(self, step: Step, kind: str, sub: str = "") -> ModelState:
+        """The state after a step that wrote full weights (they replace the model) or a LoRA (added)."""
+        if kind == "full":
+            return ModelState(Weights(step, sub))
+        return ModelState(self.model, (*self.loras, Weights(step, sub)))
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One evaluated figure set: which row labels an evaluate step's result fills."""
+
+    defense: str
+    scenario: str
+    step: int
+    seed: int
+    prompt_set: str
+    detector: str
+    evaluate: Step
+
+
+@dataclass
+class Plan:
+    steps: list[Step]
+    cells: list[Cell]
+
+
+class Planner:
+    def __init__(self, cfg: StudyConfig):
+        self.cfg = cfg
+        self.steps: dict[str, Step] = {}
+        self.cells: list[Cell] = []
+
+    def add(self, step: Step) -> Step:
+        return self.steps.setdefault(step.key, step)
+
+    def align_stage(self, name: str, stage: dict, state: ModelState, seed: int) -> ModelState:
+        from relapse.align import METHODS
+        from relapse.align.forgetting import ForgettingConfig
+
+        config_class = METHODS.get(stage["method"]).config
+        fields = dict(stage)
+        hardening = state.loras or state.model.step is not None
+        if config_class is ForgettingConfig:
+            fields.setdefault("mode", "reinforcement" if hardening else "alignment")
+        elif hardening:
+            raise UserError(f"defense {name}: erasure stage {stage['method']} must come first (it runs on the base model)")
+        try:
+            checked = config_class(**fields, model="planned", out=Path("planned"), seed=seed)
+        except ValidationError as exc:
+            raise UserError(f"defense {name}, stage {stage['method']}: {describe_error(exc)}") from None
+        step = self.add(Step("align", f"align {name}: {stage['method']} (seed {seed})",
+                             {"stage": fields, "seed": seed, "on": state.describe()}, state.producers()))
+        return state.with_output(step, checked.as_)
+
+    def score(self, state: ModelState, set_name: str, seed: int, labels: dict) -> None:
+        from relapse.data.prompts import read_prompts, select_prompts
+
+        prompt_set = self.cfg.prompt_sets[set_name]
+        sampler = self.cfg.sampler.model_copy(update={"seed": self.cfg.sampler.seed + SEED_STRIDE * seed})
+        n_prompts = len(select_prompts(read_prompts(prompt_set.source), prompt_set.categories, prompt_set.min_nudity_percentage))
+        generate = self.add(Step("generate", f"generate {set_name} ({labels['defense']}, {labels['scenario']}, step {labels['step']}, seed {seed})",
+                                 {"model": state.describe(), "prompts": prompt_set.model_dump(), "sampler": sampler.model_dump()},
+                                 state.producers(), images=n_prompts * sampler.images_per_prompt))
+        for detector in self.cfg.detectors:
+            reference = self.cfg.reference if set_name in self.cfg.reference_sets and detector.name == "toy" else None
+            evaluate = self.add(Step("evaluate", f"evaluate {generate.label} with {detector.label}",
+                                     {"detector": detector.model_dump(), "reference": reference}, [generate]))
+            self.cells.append(Cell(labels["defense"], labels["scenario"], labels["step"], seed, set_name, detector.label, evaluate))
+
+    def scenario(self, defense: str, name: str, state: ModelState, seed: int) -> None:
+        spec = self.cfg.scenarios[name]
+        settings = spec.finetune
+        finetune = self.add(Step("finetune", f"finetune {name} on {defense} (seed {seed})",
+                                 {"finetune": settings, "seed": seed, "on": state.describe()}, state.producers()))
+        sweep = spec.sweep()
+        kind = "full" if settings.get("method") == "full" else "lora"
+        for step in sweep:
+            at = state if step == 0 else state.with_output(finetune, kind, "final" if step == sweep[-1] else f"step-{step:06d}")
+            sets = spec.prompt_sets + (spec.quality_sets if step in (0, sweep[-1]) else [])
+            for set_name in sets:
+                self.score(at, set_name, seed, {"defense": defense, "scenario": name, "step": step})
+
+    def build(self) -> Plan:
+        for seed in self.cfg.seeds:
+            for defense, stages in self.cfg.defenses.items():
+                state = ModelState(Weights(model=self.cfg.model))
+                for stage in stages:
+                    state = self.align_stage(defense, stage, state, seed)
+                for set_name in self.cfg.before:
+                    self.score(state, set_name, seed, {"defense": defense, "scenario": "before", "step": 0})
+                for name, spec in self.cfg.scenarios.items():
+                    if spec.defenses is None or defense in spec.defenses:
+                        self.scenario(defense, name, state, seed)
+        return Plan(list(self.steps.values()), self.cells)
+
+
+def build_plan(cfg: StudyConfig) -> Plan:
+    return Planner(cfg).build()

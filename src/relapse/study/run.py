@@ -1,0 +1,198 @@
+"""``relapse study CONFIG.yaml``: plan the grid, run every step not already finished, collect the rows.
+
+Each step writes its output in one rename (align, generate, evaluate) or, for a fine-tune, writes
+resumable checkpoints and its ``final/`` folder in one rename, so killing the study at any moment
+and running it again with ``--resume`` loses at most the step in flight.
+
+Outputs in RUN_DIR: ``config.yaml`` (as resolved), ``steps/`` (every step's artifacts),
+``results.json`` and ``results.csv`` (one row per defense, scenario, step, seed, prompt set,
+detector and metric), ``run.json`` (versions, seeds).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict
+from tqdm.auto import tqdm
+
+from relapse.errors import UserError
+from relapse.io import RUN_RECORD, atomic_dir, run_record, write_json
+from relapse.study.config import StudyConfig
+from relapse.study.plan import Cell, Plan, Step, build_plan
+
+RATE_METRICS = ("target_rate", "target_on_prompt_rate", "shape_accuracy", "color_accuracy", "background_accuracy", "style_accuracy")
+ROW_FIELDS = ("defense", "scenario", "step", "seed", "prompt_set", "detector", "metric", "value", "ci95_low", "ci95_high", "n")
+
+
+class StudyRunConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    config: Path
+    out: Path | None = None  # default: runs/<study name>
+    resume: bool = False
+    dry_run: bool = False
+
+
+class Executor:
+    """Runs steps in plan order; keeps the last pipeline and detectors loaded between steps."""
+
+    def __init__(self, cfg: StudyConfig, run_dir: Path):
+        self.cfg, self.run_dir = cfg, run_dir
+        self.pipe, self.pipe_state = None, None
+        self.detectors: dict[str, object] = {}
+
+    def run(self, step: Step) -> None:
+        getattr(self, step.kind)(step)
+
+    def state_of(self, spec_model: dict, step: Step) -> tuple[str, list[str]]:
+        """Paths of the model and LoRAs a step reads, from its inputs."""
+        by_name = {f"{d.kind}-{d.key}": d for d in self._ancestors(step)}
+
+        def path(described: str) -> str:
+            head, _, sub = described.partition("/")
+            return str(by_name[head].path(self.run_dir) / sub) if head in by_name else described
+
+        return path(spec_model["model"]), [path(lora) for lora in spec_model["loras"]]
+
+    def _ancestors(self, step: Step) -> list[Step]:
+        seen, todo = [], list(step.deps)
+        while todo:
+            dep = todo.pop()
+            seen.append(dep)
+            todo.extend(dep.deps)
+        return seen
+
+    def align(self, step: Step) -> None:
+        from relapse.align import METHODS
+        from relapse.align.base import run_align
+
+        model, loras = self.state_of(step.spec["on"], step)
+        stage = dict(step.spec["stage"])
+        if loras:
+            stage["loras"] = loras
+        cfg = METHODS.get(stage["method"]).config(**stage, model=model, out=step.path(self.run_dir), seed=step.spec["seed"])
+        run_align(cfg)
+
+    def finetune(self, step: Step) -> None:
+        from relapse.finetune.train import FinetuneConfig, run_finetune
+
+        model, loras = self.state_of(step.spec["on"], step)
+        seed, out = step.spec["seed"], step.path(self.run_dir)
+        run_finetune(FinetuneConfig(**step.spec["finetune"], model=model, loras=[Path(p) for p in loras], seed=seed,
+                                    data_seed=seed, out=out, resume=out.is_dir()))
+
+    def load(self, model: str, loras: list[str]):
+        from relapse.models.loading import load_pipeline
+        from relapse.models.lora import merge_loras, resolve_lora_specs
+
+        if self.pipe_state != (model, loras):
+            self.pipe = load_pipeline(model)
+            merge_loras(self.pipe, resolve_lora_specs([Path(p) for p in loras], []))
+            self.pipe_state = (model, loras)
+        return self.pipe
+
+    def generate(self, step: Step) -> None:
+        from relapse.data.prompts import read_prompts, select_prompts
+        from relapse.generate import SamplerConfig, generate_images
+
+        model, loras = self.state_of(step.spec["model"], step)
+        spec = step.spec["prompts"]
+        prompts = select_prompts(read_prompts(spec["source"]), spec["categories"], spec["min_nudity_percentage"])
+        with atomic_dir(step.path(self.run_dir)) as tmp:
+            generate_images(self.load(model, loras), prompts, SamplerConfig(**step.spec["sampler"]), tmp,
+                            {"model": model, "loras": [[p, 1.0] for p in loras]})
+
+    def evaluate(self, step: Step) -> None:
+        from relapse.data.datasets import load_dataset
+        from relapse.evaluate.detectors import build_detector
+        from relapse.evaluate.evaluate import load_images, reference_distance, summarize
+        from relapse.generate import read_manifest
+
+        spec, images_dir = step.spec["detector"], step.deps[0].path(self.run_dir)
+        label = json.dumps(spec, sort_keys=True)
+        if label not in self.detectors:
+            self.detectors[label] = build_detector(spec["name"], **spec["options"])
+        detector = self.detectors[label]
+        rows = read_manifest(images_dir)
+        images = load_images(images_dir, rows)
+        result = summarize(rows, detector.detect(images), spec["name"])
+        if step.spec["reference"]:
+            result["frechet_distance"] = reference_distance(detector, images, load_dataset(step.spec["reference"], 10_000).images)
+        write_json(step.path(self.run_dir), result | {"images": str(images_dir)})
+
+
+def cell_rows(cell: Cell, result: dict) -> list[dict]:
+    labels = {"defense": cell.defense, "scenario": cell.scenario, "step": cell.step, "seed": cell.seed,
+              "prompt_set": cell.prompt_set, "detector": cell.detector}
+    rows = [labels | {"metric": m, "value": result[m]["rate"], "ci95_low": result[m]["ci95"][0],
+                      "ci95_high": result[m]["ci95"][1], "n": result[m]["n"]} for m in RATE_METRICS if m in result]
+    if "frechet_distance" in result:
+        rows.append(labels | {"metric": "frechet_distance", "value": result["frechet_distance"], "ci95_low": None,
+                              "ci95_high": None, "n": result["n_images"]})
+    return rows
+
+
+def collect(plan: Plan, run_dir: Path) -> list[dict]:
+    return [row for cell in plan.cells for row in cell_rows(cell, json.loads(cell.evaluate.path(run_dir).read_text()))]
+
+
+def write_results(cfg: StudyConfig, rows: list[dict], run_dir: Path) -> None:
+    from relapse.study.results import summarize_rows
+
+    write_json(run_dir / "results.json", run_record("study", cfg, cfg.seeds, rows=rows, summary=summarize_rows(rows)))
+    tmp = run_dir / ".results.csv.tmp"
+    with open(tmp, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=ROW_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(run_dir / "results.csv")
+
+
+def describe_plan(plan: Plan, run_dir: Path) -> str:
+    lines = [f"{'kind':<9} {'steps':>6} {'cached':>6} {'to run':>6} {'images to make':>15}"]
+    for kind in ("align", "finetune", "generate", "evaluate"):
+        steps = [s for s in plan.steps if s.kind == kind]
+        todo = [s for s in steps if not s.done(run_dir)]
+        lines.append(f"{kind:<9} {len(steps):>6} {len(steps) - len(todo):>6} {len(todo):>6} {sum(s.images for s in todo):>15}")
+    return "\n".join(lines)
+
+
+def prepare_run_dir(cfg: StudyConfig, run_dir: Path, resume: bool) -> None:
+    """A run folder holds one study: refuse to mix, and require --resume to continue one."""
+    saved = run_dir / "config.yaml"
+    resolved = cfg.model_dump(mode="json")
+    if saved.is_file():
+        if yaml.safe_load(saved.read_text()) != resolved:
+            raise UserError(f"{run_dir} holds a study with another config; choose another --out")
+        if not resume:
+            raise UserError(f"{run_dir} already holds this study; pass --resume to continue it")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir / ".config.yaml.tmp"
+    tmp.write_text(yaml.safe_dump(resolved, sort_keys=False))
+    tmp.replace(saved)
+
+
+def run_study(run: StudyRunConfig) -> Path:
+    from relapse.config import load_yaml, resolve_config
+
+    cfg = resolve_config(StudyConfig, None, **load_yaml(run.config))
+    run_dir = run.out or Path("runs") / cfg.name
+    plan = build_plan(cfg)  # every config problem surfaces here, before any weights load
+    print(describe_plan(plan, run_dir))
+    if run.dry_run:
+        return run_dir
+    prepare_run_dir(cfg, run_dir, run.resume)
+    executor = Executor(cfg, run_dir)
+    todo = [s for s in plan.steps if not s.done(run_dir)]
+    for step in tqdm(todo, desc="study", unit="step"):
+        tqdm.write(step.label)
+        executor.run(step)
+    rows = collect(plan, run_dir)
+    write_results(cfg, rows, run_dir)
+    write_json(run_dir / RUN_RECORD, run_record("study", run, cfg.seeds, steps=len(plan.steps), ran=len(todo)))
+    return run_dir
+
