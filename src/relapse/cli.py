@@ -207,6 +207,14 @@ def study(
 
 
 @app.command()
+def report(run_dir: Annotated[Path, typer.Argument(help="A folder written by `relapse study`.")]) -> None:
+    """Rebuild RUN_DIR/report.html from its results.json, without recomputing anything."""
+    from relapse.report.study_report import build_report
+
+    typer.echo(f"report in {build_report(run_dir)}")
+
+
+@app.command()
 def demo(
     out: OutOpt = None,
     model: ModelOpt = None,

@@ -55,12 +55,16 @@ def _umask() -> int:
     return mask
 
 
-def write_json(path: str | Path, data: object) -> None:
-    """Write JSON via a temporary file and a rename."""
+def write_text(path: str | Path, text: str) -> None:
+    """Write a text file via a temporary file and a rename."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    tmp.write_text(text, encoding="utf-8")
     tmp.replace(path)
+
+
+def write_json(path: str | Path, data: object) -> None:
+    write_text(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
 def versions() -> dict[str, str]:

@@ -76,6 +76,27 @@ def test_study_resumes_after_a_kill_and_gives_the_same_rows(study_yaml, tmp_path
     ran.clear()
     run_study(StudyRunConfig(config=study_yaml, out=tmp_path / "killed", resume=True))
     assert ran == []  # everything cached
+    evaluation = json.loads((straight / rows[0][0]["source"]).read_text())  # every row names its evaluation,
+    assert (straight / evaluation["images"] / evaluation["per_image"][0]["file"]).is_file()  # which names its images
+
+
+def test_report_is_self_contained_and_rebuilds_from_results(study_yaml, tmp_path, run_cli):
+    import base64
+    import re
+
+    run_dir = run_study(StudyRunConfig(config=study_yaml, out=tmp_path / "run"))
+    page = (run_dir / "report.html").read_text()
+    (run_dir / "report.html").unlink()
+    code, _, err = run_cli("report", run_dir)
+    assert code == 0, err and (run_dir / "report.html").read_text() == page
+    images = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
+    assert len(images) >= 3  # curves for the malicious sweep, the scatter, the grid
+    assert all(base64.b64decode(data).startswith(b"\x89PNG") for data in images)
+    assert "http" not in page.replace("<!doctype html>", "")  # nothing to fetch
+    for defense in ("none", "esd", "esd+ng"):
+        assert f"<td>{defense}</td>" in page
+    code, _, err = run_cli("report", tmp_path / "empty")
+    assert code == 2 and "no results.json" in err
 
 
 def test_dry_run_loads_no_weights(study_yaml, tmp_path, monkeypatch, capsys):

@@ -6,7 +6,7 @@ and running it again with ``--resume`` loses at most the step in flight.
 
 Outputs in RUN_DIR: ``config.yaml`` (as resolved), ``steps/`` (every step's artifacts),
 ``results.json`` and ``results.csv`` (one row per defense, scenario, step, seed, prompt set,
-detector and metric), ``run.json`` (versions, seeds).
+detector and metric, each naming the evaluation it came from), ``report.html``, ``run.json``.
 """
 
 from __future__ import annotations
@@ -21,11 +21,13 @@ from tqdm.auto import tqdm
 
 from relapse.errors import UserError
 from relapse.io import RUN_RECORD, atomic_dir, run_record, write_json
+from relapse.report.study_report import build_report
 from relapse.study.config import StudyConfig
 from relapse.study.plan import Cell, Plan, Step, build_plan
 
 RATE_METRICS = ("target_rate", "target_on_prompt_rate", "shape_accuracy", "color_accuracy", "background_accuracy", "style_accuracy")
-ROW_FIELDS = ("defense", "scenario", "step", "seed", "prompt_set", "detector", "metric", "value", "ci95_low", "ci95_high", "n")
+ROW_FIELDS = ("defense", "scenario", "step", "seed", "prompt_set", "detector", "metric", "value", "ci95_low", "ci95_high", "n",
+              "source")
 
 
 class StudyRunConfig(BaseModel):
@@ -122,12 +124,13 @@ class Executor:
         result = summarize(rows, detector.detect(images), spec["name"])
         if step.spec["reference"]:
             result["frechet_distance"] = reference_distance(detector, images, load_dataset(step.spec["reference"], 10_000).images)
-        write_json(step.path(self.run_dir), result | {"images": str(images_dir)})
+        write_json(step.path(self.run_dir), result | {"images": str(images_dir.relative_to(self.run_dir))})
 
 
-def cell_rows(cell: Cell, result: dict) -> list[dict]:
+def cell_rows(cell: Cell, result: dict, source: str) -> list[dict]:
+    """The rows of one evaluation; ``source`` (its JSON, relative to the run folder) traces each figure to its images."""
     labels = {"defense": cell.defense, "scenario": cell.scenario, "step": cell.step, "seed": cell.seed,
-              "prompt_set": cell.prompt_set, "detector": cell.detector}
+              "prompt_set": cell.prompt_set, "detector": cell.detector, "source": source}
     rows = [labels | {"metric": m, "value": result[m]["rate"], "ci95_low": result[m]["ci95"][0],
                       "ci95_high": result[m]["ci95"][1], "n": result[m]["n"]} for m in RATE_METRICS if m in result]
     if "frechet_distance" in result:
@@ -137,7 +140,11 @@ def cell_rows(cell: Cell, result: dict) -> list[dict]:
 
 
 def collect(plan: Plan, run_dir: Path) -> list[dict]:
-    return [row for cell in plan.cells for row in cell_rows(cell, json.loads(cell.evaluate.path(run_dir).read_text()))]
+    rows = []
+    for cell in plan.cells:
+        path = cell.evaluate.path(run_dir)
+        rows += cell_rows(cell, json.loads(path.read_text()), str(path.relative_to(run_dir)))
+    return rows
 
 
 def write_results(cfg: StudyConfig, rows: list[dict], run_dir: Path) -> None:
@@ -194,5 +201,26 @@ def run_study(run: StudyRunConfig) -> Path:
     rows = collect(plan, run_dir)
     write_results(cfg, rows, run_dir)
     write_json(run_dir / RUN_RECORD, run_record("study", run, cfg.seeds, steps=len(plan.steps), ran=len(todo)))
+    build_report(run_dir)
+    print_summary(rows)
     return run_dir
+
+
+def print_summary(rows: list[dict]) -> None:
+    """The terminal's last word: target rate per defense and scenario at its last step (mean over seeds)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from relapse.study.results import summarize_rows
+
+    rates = [r for r in rows if r["metric"] == "target_rate" and r["detector"] == rows[0]["detector"]]
+    last = {}
+    for r in rates:
+        last[(r["defense"], r["scenario"])] = max(last.get((r["defense"], r["scenario"]), 0), r["step"])
+    table = Table(title="target rate (%), mean +- sd over seeds, at each scenario's last step")
+    for column in ("defense", "scenario", "step", "prompt set", "target rate"):
+        table.add_column(column)
+    for s in summarize_rows([r for r in rates if r["step"] == last[(r["defense"], r["scenario"])]]):
+        table.add_row(s["defense"], s["scenario"], str(s["step"]), s["prompt_set"], f"{100 * s['mean']:.1f} +- {100 * s['sd']:.1f}")
+    Console().print(table)
 
