@@ -126,6 +126,7 @@ def test_a_study_folder_with_another_config_is_refused(study_yaml, tmp_path):
     ({"defenses": {"x": [{"method": "lt", "clean": "toy:clean", "harmful": "toy:harmful", "as": "full"},
                          {"method": "esd", "concept": ["a"]}]}}, "must come first"),
     ({"defenses": {"x": [{"method": "esd"}]}}, "name the concept"),
+    ({"scenarios": {"m": {"finetune": {"data": "toy:harmful", "steps": 5, "save_at": [9]}, "prompt_sets": ["harm"]}}}, "1..5"),
 ])
 def test_bad_study_configs_fail_in_one_line_before_weights_load(study_yaml, tmp_path, run_cli, change, message):
     config = yaml.safe_load(study_yaml.read_text()) | change

@@ -84,6 +84,8 @@ class StudyConfig(BaseModel):
                 raise ValueError(f"scenario {name} names defenses {unknown} that defenses does not define")
             if "data" not in scenario.finetune or "steps" not in scenario.finetune:
                 raise ValueError(f"scenario {name}: finetune needs data and steps")
+            if any(not 0 < s <= scenario.finetune["steps"] for s in scenario.finetune.get("save_at", [])):
+                raise ValueError(f"scenario {name}: save_at steps must lie in 1..{scenario.finetune['steps']}")
             if owned := sorted(set(scenario.finetune) & {*STUDY_OWNED, "loras", "lora_scales"}):
                 raise ValueError(f"scenario {name}: {owned} are set by the study; remove them from finetune")
         return self
