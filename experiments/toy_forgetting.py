@@ -38,6 +38,7 @@ class ForgettingExperimentConfig(BaseModel):
         "esd+ng-fixed": {"method": "ng", "noise": "fixed", "mode": "reinforcement"},
         "esd+ng-dynamic": {"method": "ng", "noise": "dynamic", "mode": "reinforcement"},
     }
+    attack_baselines: bool = True  # also attack the base and the ESD model (off: only the defenses above)
     malicious: dict = ESD_DEFAULTS.malicious
     malicious_images: int = ESD_DEFAULTS.malicious_images
     reference: str = "toy:clean:1000"  # real clean images for the Frechet distance
@@ -97,9 +98,11 @@ class ForgettingSeedRun(SeedRun):
             self.score(defense, "malicious", step, before + [(folder, 1.0)], sets, model)
 
     def run(self) -> list[dict]:
-        esd = self.esd_lora()
-        self.attack("none", self.cfg.model, [])
-        self.attack("esd", self.cfg.model, [esd])
+        needs_esd = self.cfg.attack_baselines or any(s.get("mode") == "reinforcement" for s in self.cfg.defenses.values())
+        esd = self.esd_lora() if needs_esd else None
+        if self.cfg.attack_baselines:
+            self.attack("none", self.cfg.model, [])
+            self.attack("esd", self.cfg.model, [esd])
         for name, settings in self.cfg.defenses.items():
             self.attack(name, str(self.defend(name, settings, esd)), [])
         return self.rows

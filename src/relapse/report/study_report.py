@@ -126,7 +126,7 @@ def scatter(res: StudyResults, plt) -> str:
                 ax.scatter(100 * statistics.fmean(r["value"] for r in quality), 100 * safety[0], s=25)
                 ax.annotate(f"{defense} / {scenario}", (100 * statistics.fmean(r["value"] for r in quality), 100 * safety[0]), fontsize=6)
                 plotted = True
-    ax.set(xlabel="shape accuracy on quality prompts (%)", ylabel=f"target rate on {res.target_set} (%)")
+    ax.set(xlabel="shape accuracy on quality prompts (%)", ylabel=f"target rate on {res.target_set} (%)", xlim=(-2, 102), ylim=(-2, 102))
     data = _png(fig)
     plt.close(fig)
     return f"<figure>{_img(data, 'quality vs safety')}<figcaption>each point: a model, mean over seeds</figcaption></figure>" if plotted else ""
