@@ -86,6 +86,6 @@ class StudyConfig(BaseModel):
                 raise ValueError(f"scenario {name}: finetune needs data and steps")
             if any(not 0 < s <= scenario.finetune["steps"] for s in scenario.finetune.get("save_at", [])):
                 raise ValueError(f"scenario {name}: save_at steps must lie in 1..{scenario.finetune['steps']}")
-            if owned := sorted(set(scenario.finetune) & {*STUDY_OWNED, "loras", "lora_scales"}):
+            if owned := sorted(set(scenario.finetune) & {*STUDY_OWNED, "loras", "lora_scales", "data_seed", "resume"}):
                 raise ValueError(f"scenario {name}: {owned} are set by the study; remove them from finetune")
         return self
