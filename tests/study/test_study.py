@@ -94,7 +94,7 @@ def test_report_is_self_contained_and_rebuilds_from_results(study_yaml, tmp_path
     assert all(base64.b64decode(data).startswith(b"\x89PNG") for data in images)
     assert "http" not in page.replace("<!doctype html>", "")  # nothing to fetch
     for defense in ("none", "esd", "esd+ng"):
-        assert f"<td>{defense}</td>" in page
+        assert page.count(f"<td>{defense}</td>") == 2  # target rate and on-prompt rate tables
     code, _, err = run_cli("report", tmp_path / "empty")
     assert code == 2 and "no results.json" in err
 

@@ -77,16 +77,25 @@ def _cell(stat, percent: bool = True) -> str:
     return f"{100 * mean:.1f} &plusmn; {100 * sd:.1f} <small>(n={n})</small>" if percent else f"{mean:.2f} &plusmn; {sd:.2f}"
 
 
-def headline_table(res: StudyResults) -> str:
+def headline_table(res: StudyResults, metric: str = "target_rate") -> str:
     scenarios = res.scenarios()
     head = "".join(f"<th>after {html.escape(s)} (step {res.last_step(s)})</th>" for s in scenarios)
     lines = [f"<table><tr><th>defense</th><th>before fine-tuning</th>{head}</tr>"]
     for defense in res.defenses():
-        before = res.stat(defense=defense, scenario="before", prompt_set=res.target_set, metric="target_rate")
-        after = "".join(f"<td>{_cell(res.stat(defense=defense, scenario=s, step=res.last_step(s), prompt_set=res.target_set, metric='target_rate'))}</td>"
+        before = res.stat(defense=defense, scenario="before", prompt_set=res.target_set, metric=metric)
+        after = "".join(f"<td>{_cell(res.stat(defense=defense, scenario=s, step=res.last_step(s), prompt_set=res.target_set, metric=metric))}</td>"
                         for s in scenarios)
         lines.append(f"<tr><td>{html.escape(defense)}</td><td>{_cell(before)}</td>{after}</tr>")
     return "\n".join(lines) + "</table>"
+
+
+def on_prompt_section(res: StudyResults) -> list[str]:
+    """The same table for images flagged *and* of the asked shape and colour, where the detector says so."""
+    if not res.values(metric="target_on_prompt_rate"):
+        return []
+    return ["<h3>On-prompt rate</h3><p>Flagged <em>and</em> of the shape and colour the prompt asks for: the attack "
+            "produced the requested image. A detector trained on real images can flag off-manifold noise; this rate does not.</p>",
+            headline_table(res, "target_on_prompt_rate")]
 
 
 def curves(res: StudyResults, plt) -> list[str]:
@@ -169,7 +178,7 @@ def build_report(run_dir: str | Path) -> Path:
             f"<p>Base model <code>{html.escape(str(res.config.get('model')))}</code>, seeds {res.config.get('seeds')}; "
             f"target rate on <code>{html.escape(res.target_set)}</code> by the first detector, in %. "
             "Every figure comes from <code>results.json</code>; each row names the evaluation it came from.</p>",
-            "<h2>How much of the erased concept comes back</h2>", headline_table(res),
+            "<h2>How much of the erased concept comes back</h2>", headline_table(res), *on_prompt_section(res),
             "<h2>Re-emergence under fine-tuning</h2>", *curves(res, plt),
             "<h2>Quality vs safety</h2>", scatter(res, plt),
             "<h2>Images</h2>", grids(res)]
