@@ -201,9 +201,7 @@ def study(
     """Run a resilience study: align -> fine-tune -> generate -> evaluate, each step once, cached by its inputs."""
     from relapse.study.run import StudyRunConfig, run_study
 
-    run_dir = run_study(StudyRunConfig(config=config, out=out, resume=resume, dry_run=dry_run))
-    if not dry_run:
-        typer.echo(f"results in {run_dir}/results.json and results.csv")
+    run_study(StudyRunConfig(config=config, out=out, resume=resume, dry_run=dry_run))
 
 
 @app.command()

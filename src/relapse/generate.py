@@ -85,11 +85,22 @@ def sample(pipe, jobs: list[Job], steps: int):
     ).images
 
 
-def generate_images(pipe, prompts: list[Prompt], sampler: SamplerConfig, out_dir: Path, settings: dict) -> list[dict]:
-    """Sample every job into ``out_dir`` and return the manifest rows (also written as MANIFEST)."""
-    jobs = plan_jobs(prompts, sampler)
+def shard_manifest(rank: int) -> str:
+    return f"manifest-{rank:03d}.jsonl"
+
+
+def generate_images(pipe, prompts: list[Prompt], sampler: SamplerConfig, out_dir: Path, settings: dict,
+                    shard: tuple[int, int] = (0, 1)) -> list[dict]:
+    """Sample every job into ``out_dir`` and return the manifest rows (also written as MANIFEST).
+
+    ``shard=(rank, world)`` samples every world-th job from the rank-th on and writes its rows to a shard
+    manifest; :func:`merge_manifests` joins them. Each image has its own generator, so a job's image does
+    not depend on which process sampled it."""
+    rank, world = shard
+    jobs = plan_jobs(prompts, sampler)[rank::world]
     rows = []
-    with open(out_dir / MANIFEST, "w", encoding="utf-8") as manifest, tqdm(total=len(jobs), desc="generate", unit="img") as bar:
+    name = MANIFEST if world == 1 else shard_manifest(rank)
+    with open(out_dir / name, "w", encoding="utf-8") as manifest, tqdm(total=len(jobs), desc="generate", unit="img", disable=rank != 0) as bar:
         for batch in batches(jobs, sampler.batch_size):
             for job, image in zip(batch, sample(pipe, batch, sampler.steps)):
                 image.save(out_dir / job.file)
@@ -98,6 +109,18 @@ def generate_images(pipe, prompts: list[Prompt], sampler: SamplerConfig, out_dir
                 manifest.write(json.dumps(row) + "\n")
                 rows.append(row)
             bar.update(len(batch))
+    return rows
+
+
+def merge_manifests(out_dir: Path, world: int) -> list[dict]:
+    """Join the shard manifests of ``world`` processes into MANIFEST, in job order."""
+    rows = []
+    for rank in range(world):
+        shard = out_dir / shard_manifest(rank)
+        rows += [json.loads(line) for line in shard.read_text(encoding="utf-8").splitlines() if line.strip()]
+        shard.unlink()
+    rows.sort(key=lambda row: (row["prompt_index"], row["k"]))
+    (out_dir / MANIFEST).write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
     return rows
 
 

@@ -147,3 +147,28 @@ def test_shipped_toy_studies_plan(name, tmp_path, run_cli):
     defenses = set(yaml.safe_load(config.read_text())["defenses"])
     assert {"none", "esd", "sdd", "lt", "ng", "esd+lt", "esd+ng"} == defenses
     assert "finetune" in out and not (tmp_path / "run").exists()
+
+
+def test_two_cpu_processes_give_the_rows_of_one(study_yaml, tmp_path):
+    """torchrun with 2 processes: generation is sharded by image and merged in job order, so the scores of
+    the aligned model equal a single-process run's (each image has its own seed); fine-tunes train data-parallel."""
+    import os
+    import subprocess
+    import sys
+
+    config = yaml.safe_load(study_yaml.read_text())
+    config["defenses"] = {"esd": config["defenses"]["esd"]}
+    study_yaml.write_text(yaml.safe_dump(config))
+    single = run_study(StudyRunConfig(config=study_yaml, out=tmp_path / "one"))
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "relapse.cli", "study",
+           str(study_yaml), "--out", str(tmp_path / "two")]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((tmp_path / "two" / "run.json").read_text())["processes"] == 2
+    rows = {d: json.loads((d / "results.json").read_text())["rows"] for d in (single, tmp_path / "two")}
+    before = {d: [r for r in rows[d] if r["scenario"] == "before"] for d in rows}
+    assert before[single] and before[single] == before[tmp_path / "two"]
+    per_image = [json.loads((d / before[d][0]["source"]).read_text())["per_image"] for d in rows]
+    assert per_image[0] == per_image[1]  # same files, prompts, seeds and verdicts, in job order
+    assert not list((tmp_path / "two" / "steps").glob("*.partial"))

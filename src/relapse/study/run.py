@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import yaml
@@ -20,7 +21,7 @@ from pydantic import BaseModel, ConfigDict
 from tqdm.auto import tqdm
 
 from relapse.errors import UserError
-from relapse.io import RUN_RECORD, atomic_dir, run_record, write_json
+from relapse.io import RUN_RECORD, run_record, write_json
 from relapse.report.study_report import build_report
 from relapse.study.config import StudyConfig
 from relapse.study.plan import Cell, Plan, Step, build_plan
@@ -39,16 +40,31 @@ class StudyRunConfig(BaseModel):
     dry_run: bool = False
 
 
+def process_state():
+    """accelerate's view of the processes: one, or several under `accelerate launch` / torchrun (gloo on CPU)."""
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
 class Executor:
-    """Runs steps in plan order; keeps the last pipeline and detectors loaded between steps."""
+    """Runs steps in plan order; keeps the last pipeline and detectors loaded between steps.
+
+    Under several processes, fine-tunes train data-parallel, generation is sharded by job (each image
+    has its own seed, so the images do not depend on the number of processes), and the main process
+    alone aligns and evaluates while the others wait."""
 
     def __init__(self, cfg: StudyConfig, run_dir: Path):
         self.cfg, self.run_dir = cfg, run_dir
         self.pipe, self.pipe_state = None, None
         self.detectors: dict[str, object] = {}
+        self.processes = process_state()
 
     def run(self, step: Step) -> None:
-        getattr(self, step.kind)(step)
+        if self.processes.is_main_process or step.kind in ("finetune", "generate"):
+            getattr(self, step.kind)(step)
+        self.processes.wait_for_everyone()
 
     def state_of(self, spec_model: dict, step: Step) -> tuple[str, list[str]]:
         """Paths of the model and LoRAs a step reads, from its inputs."""
@@ -84,8 +100,10 @@ class Executor:
 
         model, loras = self.state_of(step.spec["on"], step)
         seed, out = step.spec["seed"], step.path(self.run_dir)
+        resume = out.is_dir()
+        self.processes.wait_for_everyone()  # every process decides before the main one creates the folder
         run_finetune(FinetuneConfig(**step.spec["finetune"], model=model, loras=[Path(p) for p in loras], seed=seed,
-                                    data_seed=seed, out=out, resume=out.is_dir()))
+                                    data_seed=seed, out=out, resume=resume))
 
     def load(self, model: str, loras: list[str]):
         from relapse.models.loading import load_pipeline
@@ -98,15 +116,26 @@ class Executor:
         return self.pipe
 
     def generate(self, step: Step) -> None:
+        """Each process samples its shard into one partial folder; the main process merges and renames it."""
         from relapse.data.prompts import read_prompts, select_prompts
-        from relapse.generate import SamplerConfig, generate_images
+        from relapse.generate import SamplerConfig, generate_images, merge_manifests
 
         model, loras = self.state_of(step.spec["model"], step)
         spec = step.spec["prompts"]
         prompts = select_prompts(read_prompts(spec["source"]), spec["categories"], spec["min_nudity_percentage"])
-        with atomic_dir(step.path(self.run_dir)) as tmp:
-            generate_images(self.load(model, loras), prompts, SamplerConfig(**step.spec["sampler"]), tmp,
-                            {"model": model, "loras": [[p, 1.0] for p in loras]})
+        out, world, main = step.path(self.run_dir), self.processes.num_processes, self.processes.is_main_process
+        partial = out.with_name(out.name + ".partial")
+        if main:
+            shutil.rmtree(partial, ignore_errors=True)  # what a killed run left
+            partial.mkdir(parents=True)
+        self.processes.wait_for_everyone()
+        generate_images(self.load(model, loras), prompts, SamplerConfig(**step.spec["sampler"]), partial,
+                        {"model": model, "loras": [[p, 1.0] for p in loras]}, shard=(self.processes.process_index, world))
+        self.processes.wait_for_everyone()
+        if main:
+            if world > 1:
+                merge_manifests(partial, world)
+            partial.rename(out)
 
     def evaluate(self, step: Step) -> None:
         from relapse.data.datasets import load_dataset
@@ -189,20 +218,30 @@ def run_study(run: StudyRunConfig) -> Path:
     cfg = resolve_config(StudyConfig, None, **load_yaml(run.config))
     run_dir = run.out or Path("runs") / cfg.name
     plan = build_plan(cfg)  # every config problem surfaces here, before any weights load
-    print(describe_plan(plan, run_dir))
     if run.dry_run:
+        print(describe_plan(plan, run_dir))
         return run_dir
-    prepare_run_dir(cfg, run_dir, run.resume)
+    processes = process_state()
+    main = processes.is_main_process
+    if main:
+        print(describe_plan(plan, run_dir))
+        prepare_run_dir(cfg, run_dir, run.resume)
+    processes.wait_for_everyone()
     executor = Executor(cfg, run_dir)
     todo = [s for s in plan.steps if not s.done(run_dir)]
-    for step in tqdm(todo, desc="study", unit="step"):
-        tqdm.write(step.label)
+    processes.wait_for_everyone()  # every process sees the same list before any step runs
+    for step in tqdm(todo, desc="study", unit="step", disable=not main):
+        if main:
+            tqdm.write(step.label)
         executor.run(step)
-    rows = collect(plan, run_dir)
-    write_results(cfg, rows, run_dir)
-    write_json(run_dir / RUN_RECORD, run_record("study", run, cfg.seeds, steps=len(plan.steps), ran=len(todo)))
-    build_report(run_dir)
-    print_summary(rows)
+    if main:
+        rows = collect(plan, run_dir)
+        write_results(cfg, rows, run_dir)
+        write_json(run_dir / RUN_RECORD, run_record("study", run, cfg.seeds, steps=len(plan.steps), ran=len(todo),
+                                                    processes=processes.num_processes))
+        build_report(run_dir)
+        print_summary(rows)
+        print(f"results in {run_dir}: results.json, results.csv, report.html")
     return run_dir
 
 
