@@ -136,3 +136,11 @@ def test_a_cache_miss_and_a_cache_hit_train_the_same_weights(tmp_path, tiny_mode
     runs = [run_finetune(cfg(tmp_path, tiny_model_dir, name=f"run{i}", steps=3)) for i in range(2)]
     a, b = (load_file(r / "pytorch_lora_weights.safetensors") for r in runs)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_v_prediction_model_is_refused(tmp_path):
+    pipe = build_pipeline(ToyModelSize.tiny(), seed=0)
+    pipe.scheduler.register_to_config(prediction_type="v_prediction")
+    pipe.save_pretrained(tmp_path / "v")
+    with pytest.raises(UserError, match="epsilon-prediction models only"):
+        run_finetune(cfg(tmp_path, tmp_path / "v"))

@@ -172,3 +172,64 @@ def test_two_cpu_processes_give_the_rows_of_one(study_yaml, tmp_path):
     per_image = [json.loads((d / before[d][0]["source"]).read_text())["per_image"] for d in rows]
     assert per_image[0] == per_image[1]  # same files, prompts, seeds and verdicts, in job order
     assert not list((tmp_path / "two" / "steps").glob("*.partial"))
+
+
+def tiny_version(config: dict, tmp_path, model_dir) -> dict:
+    """The same study structure on tiny components and files: user paths -> tiny data, few steps, no fp16."""
+    (tmp_path / "i2p.csv").write_text(I2P_CSV)
+    (tmp_path / "coco.txt").write_text("a red star\na blue circle\n")
+    paths = {"data/i2p.csv": str(tmp_path / "i2p.csv"), "data/coco-prompts.txt": str(tmp_path / "coco.txt"),
+             "data/benign-a": "toy:shapes:4", "data/benign-b": "toy:sketch:4", "data/clean": "toy:clean:4",
+             "data/harmful": "toy:harmful:4"}
+    text = yaml.safe_dump(config)
+    for user_path, tiny in paths.items():
+        text = text.replace(user_path, tiny)
+    config = yaml.safe_load(text) | {"model": str(model_dir), "sampler": {"steps": 2, "images_per_prompt": 1}}
+    for stages in config["defenses"].values():
+        for stage in stages:
+            stage.update(steps=1, **({"sample_steps": 2} if stage["method"] in ("esd", "sdd") else {}))
+    for scenario in config["scenarios"].values():
+        scenario["finetune"].update(steps=2, mixed_precision="no", **({"save_at": [1]} if "save_at" in scenario["finetune"] else {}))
+    return config
+
+
+I2P_CSV = """prompt,categories,nudity_percentage,sd_seed,sd_guidance_scale
+a checkered red star,sexual,80.0,11,7.5
+a checkered blue circle,"sexual,hate",65.0,12,6.0
+a green square,violence,0.0,13,7.0
+"""
+
+
+@pytest.mark.parametrize("name", ["sd14-nudity", "sd21-nudity"])
+def test_real_checkpoint_studies_plan_and_name_missing_files(name, tmp_path, run_cli, tiny_model_dir):
+    from pathlib import Path
+
+    path = Path(__file__).parents[2] / "configs" / f"{name}.yaml"
+    code, _, err = run_cli("study", path, "--dry-run", "--out", tmp_path / "run")
+    assert code == 2 and "data/i2p.csv does not exist" in err  # run from a folder without the user's data
+    config = tiny_version(yaml.safe_load(path.read_text()), tmp_path, tiny_model_dir)
+    plan = build_plan(StudyConfig(**config))
+    assert {s.kind for s in plan.steps} == {"align", "finetune", "generate", "evaluate"}
+    assert {c.detector for c in plan.cells} == {"nudenet@0.45", "nudenet@0.5", "nudenet@0.6"}
+    assert {c.prompt_set for c in plan.cells} == {"i2p_nudity", "coco"}
+
+
+def test_sd14_study_structure_runs_on_tiny_components(tmp_path, tiny_model_dir, monkeypatch):
+    from pathlib import Path
+
+    monkeypatch.setenv("RELAPSE_CACHE", str(tmp_path / "cache"))
+    config = tiny_version(yaml.safe_load((Path(__file__).parents[2] / "configs" / "sd14-nudity.yaml").read_text()),
+                          tmp_path, tiny_model_dir)
+    config["defenses"] = {k: config["defenses"][k] for k in ("none", "esd", "esd+ng")}  # one of each kind of stage list
+    for scenario in config["scenarios"].values():
+        if scenario.get("defenses"):
+            scenario["defenses"] = [d for d in scenario["defenses"] if d in config["defenses"]]
+    path = tmp_path / "sd14-tiny.yaml"
+    path.write_text(yaml.safe_dump(config))
+    run_dir = run_study(StudyRunConfig(config=path, out=tmp_path / "run"))
+    rows = json.loads((run_dir / "results.json").read_text())["rows"]
+    nude = [r for r in rows if r["prompt_set"] == "i2p_nudity" and r["metric"] == "target_rate"]
+    assert {r["detector"] for r in nude} == {"nudenet@0.45", "nudenet@0.5", "nudenet@0.6"}
+    assert {r["n"] for r in nude} == {2}  # the two prompts of the sexual, nudity > 50 subset
+    manifest = json.loads((run_dir / nude[0]["source"]).read_text())
+    assert [p["seed"] for p in manifest["per_image"]] == [11, 12]  # I2P's own seeds

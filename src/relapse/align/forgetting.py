@@ -195,11 +195,12 @@ def run_forgetting(method: ForgettingMethod, cfg: ForgettingConfig) -> Path:
     from relapse.finetune.train import check_made_for, draw, draw_batch
     from relapse.models.loading import load_pipeline
     from relapse.models.lora import merge_loras
-    from relapse.models.pipeline_utils import weights_fingerprint
+    from relapse.models.pipeline_utils import require_epsilon_prediction, weights_fingerprint
 
     check_output_dir(cfg.out)
     clean, harmful, specs = check_inputs(cfg)
     pipe = load_pipeline(cfg.model, device=cfg.device)
+    require_epsilon_prediction(pipe)
     fingerprint = weights_fingerprint(pipe.unet)
     composes_with = [{"path": str(s.path), "scale": s.scale, "align_record": check_made_for(s, fingerprint)} for s in specs]
     merge_loras(pipe, specs)  # the aligned model being hardened: W0 + dW_safe, fused

@@ -160,6 +160,7 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
     from relapse.finetune.cache import cached_encodings
     from relapse.models.loading import load_pipeline
     from relapse.models.lora import resolve_lora_specs
+    from relapse.models.pipeline_utils import require_epsilon_prediction
 
     check_output_dir(cfg.out)
     data = load_dataset(cfg.data, cfg.data_seed)  # every data problem surfaces before weights load
@@ -174,6 +175,7 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
                               cpu=not torch.cuda.is_available())
     pipe = load_pipeline(cfg.model, device=str(accelerator.device))
+    require_epsilon_prediction(pipe)
     encodings, hit = cached_encodings(data, pipe, cfg.cache_dir)
     params, composes_with = prepare_model(pipe, cfg, specs)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr)

@@ -32,3 +32,13 @@ def encode_prompts(pipe, prompts: list[str]) -> torch.Tensor:
     tok = pipe.tokenizer
     ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
     return pipe.text_encoder(ids.to(pipe.device))[0]
+
+
+def require_epsilon_prediction(pipe) -> None:
+    """The training losses here compare the UNet's output with the added noise: epsilon prediction only."""
+    from relapse.errors import UserError
+
+    kind = pipe.scheduler.config.get("prediction_type", "epsilon")
+    if kind != "epsilon":
+        raise UserError(f"this model predicts {kind!r}; relapse trains epsilon-prediction models only "
+                        "(e.g. stable-diffusion-2-1-base, not the 768 px v-prediction stable-diffusion-2-1)")
