@@ -153,7 +153,7 @@ def test_reinforcement_starts_from_the_fused_aligned_weights(tmp_path, tiny_mode
 
 def test_a_forgetting_lora_composes_with_the_safety_lora_in_plain_diffusers(tmp_path, tiny_model_dir, safety_lora):
     out = run_align(forgetting_cfg(tmp_path, "lt", model=str(tiny_model_dir), mode="reinforcement", loras=[safety_lora],
-                                   params="xattn"))
+                                   params="xattn", **{"as": "lora"}))
     pipe = build_pipeline(ToyModelSize.tiny(), seed=0)
     pipe.load_lora_weights(safety_lora, adapter_name="safe")
     pipe.load_lora_weights(out, adapter_name="lt")

@@ -50,6 +50,7 @@ class ForgettingConfig(AlignConfig):
     mode: Literal["alignment", "reinforcement"] = Field("alignment", description="start from the base, or harden an aligned model")
     loras: list[Path] = Field(default_factory=list, description="safety LoRA(s) fused into the model first (reinforcement)")
     lora_scales: list[float] = Field(default_factory=list)
+    as_: Literal["lora", "full"] = Field("full", alias="as", description="full weights (the paper) or a LoRA that composes")
     params: Literal["xattn", "noxattn", "all"] = Field("all", description="the paper trains the full UNet")
     lr: float = Field(1e-5, gt=0, description="the paper's AdamW learning rate")
     noise: Literal["fixed", "dynamic"] = Field("fixed", description="NG: mu_f fixed, or mu plus the running centre of the harmful latents")
