@@ -13,6 +13,7 @@ Steps are skipped when their output exists; results.json rows have issue 3's for
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
@@ -47,14 +48,21 @@ class ForgettingExperimentConfig(BaseModel):
     guidance: float = ESD_DEFAULTS.guidance
 
 
+@functools.cache
+def reference_images(source: str):
+    """Real images for the Frechet distance, rendered once per worker."""
+    from relapse.data.datasets import load_dataset
+
+    return load_dataset(source, 10_000).images
+
+
 class ForgettingSeedRun(SeedRun):
     def extra_metrics(self, prompt_set: str, images, detector) -> dict:
-        from relapse.data.datasets import load_dataset
         from relapse.evaluate.evaluate import reference_distance
 
         if prompt_set != "clean":
             return {}
-        return {"frechet_distance": reference_distance(detector, images, load_dataset(self.cfg.reference, 10_000).images)}
+        return {"frechet_distance": reference_distance(detector, images, reference_images(self.cfg.reference))}
 
     def esd_lora(self) -> Path:
         from relapse.align.base import run_align

@@ -193,7 +193,7 @@ def run_forgetting(method: ForgettingMethod, cfg: ForgettingConfig) -> Path:
     from diffusers import DDPMScheduler
 
     from relapse.finetune.cache import cached_encodings
-    from relapse.finetune.train import check_made_for, draw, draw_batch
+    from relapse.finetune.train import draw, draw_batch, safety_records
     from relapse.models.loading import load_pipeline
     from relapse.models.lora import merge_loras
     from relapse.models.pipeline_utils import require_epsilon_prediction, weights_fingerprint
@@ -203,7 +203,7 @@ def run_forgetting(method: ForgettingMethod, cfg: ForgettingConfig) -> Path:
     pipe = load_pipeline(cfg.model, device=cfg.device)
     require_epsilon_prediction(pipe)
     fingerprint = weights_fingerprint(pipe.unet)
-    composes_with = [{"path": str(s.path), "scale": s.scale, "align_record": check_made_for(s, fingerprint)} for s in specs]
+    composes_with = safety_records(specs, fingerprint)
     merge_loras(pipe, specs)  # the aligned model being hardened: W0 + dW_safe, fused
     encodings = {name: cached_encodings(data, pipe, cfg.cache_dir)[0] for name, data in (("clean", clean), ("harmful", harmful))}
     torch.manual_seed(cfg.seed)  # a LoRA's initial weights depend on the seed alone

@@ -74,6 +74,11 @@ def check_made_for(spec, found: str) -> dict | None:
     return record
 
 
+def safety_records(specs, base_fingerprint: str) -> list[dict]:
+    """What each safety LoRA is (path, scale, its align record), after checking it was made for this base."""
+    return [{"path": str(s.path), "scale": s.scale, "align_record": check_made_for(s, base_fingerprint)} for s in specs]
+
+
 def prepare_model(pipe, cfg: FinetuneConfig, specs) -> tuple[list[torch.nn.Parameter], list[dict]]:
     """Fuse or set aside the safety LoRAs, then choose what trains. Returns (params, composes_with)."""
     from peft import LoraConfig
@@ -81,9 +86,7 @@ def prepare_model(pipe, cfg: FinetuneConfig, specs) -> tuple[list[torch.nn.Param
     from relapse.models.lora import merge_loras
     from relapse.models.pipeline_utils import weights_fingerprint
 
-    base = weights_fingerprint(pipe.unet) if specs else ""
-    records = [check_made_for(spec, base) for spec in specs]
-    composes_with = [{"path": str(s.path), "scale": s.scale, "align_record": r} for s, r in zip(specs, records)]
+    composes_with = safety_records(specs, weights_fingerprint(pipe.unet) if specs else "")
     if cfg.method == "modular":
         pipe.delete_adapters(merge_loras(pipe, specs, fuse=False))  # a shape check against W0; then W0 alone trains
     else:

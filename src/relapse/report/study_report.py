@@ -70,11 +70,11 @@ class StudyResults:
         return max(r["step"] for r in self.values(scenario=scenario))
 
 
-def _cell(stat, percent: bool = True) -> str:
+def _cell(stat) -> str:
     if stat is None:
         return "-"
     mean, sd, n = stat
-    return f"{100 * mean:.1f} &plusmn; {100 * sd:.1f} <small>(n={n})</small>" if percent else f"{mean:.2f} &plusmn; {sd:.2f}"
+    return f"{100 * mean:.1f} &plusmn; {100 * sd:.1f} <small>(n={n})</small>"
 
 
 def headline_table(res: StudyResults, metric: str = "target_rate") -> str:

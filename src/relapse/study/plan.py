@@ -28,6 +28,7 @@ class Step:
     spec: dict  # everything besides its inputs that decides the output
     deps: list[Step] = field(default_factory=list)
     images: int = 0  # images a generate step makes
+    reads: ModelState | None = None  # the model an align, finetune or generate step starts from (its deps, as paths)
 
     @cached_property
     def key(self) -> str:
@@ -70,6 +71,10 @@ class ModelState:
     def describe(self) -> dict:
         return {"model": self.model.describe(), "loras": [w.describe() for w in self.loras]}
 
+    def resolve(self, run_dir: Path) -> tuple[str, list[str]]:
+        """Paths of the model folder and of each LoRA."""
+        return self.model.resolve(run_dir), [w.resolve(run_dir) for w in self.loras]
+
     def with_output(self, step: Step, kind: str, sub: str = "") -> ModelState:
         """The state after a step that wrote full weights (they replace the model) or a LoRA (added)."""
         if kind == "full":
@@ -101,6 +106,7 @@ class Planner:
         self.cfg = cfg
         self.steps: dict[str, Step] = {}
         self.cells: list[Cell] = []
+        self.prompt_counts: dict[str, int] = {}
 
     def add(self, step: Step) -> Step:
         return self.steps.setdefault(step.key, step)
@@ -121,7 +127,7 @@ class Planner:
         except ValidationError as exc:
             raise UserError(f"defense {name}, stage {stage['method']}: {describe_error(exc)}") from None
         step = self.add(Step("align", f"align {name}: {stage['method']} (seed {seed})",
-                             {"stage": fields, "seed": seed, "on": state.describe()}, state.producers()))
+                             {"stage": fields, "seed": seed, "on": state.describe()}, state.producers(), reads=state))
         return state.with_output(step, checked.as_)
 
     def score(self, state: ModelState, set_name: str, seed: int, labels: dict) -> None:
@@ -129,10 +135,13 @@ class Planner:
 
         prompt_set = self.cfg.prompt_sets[set_name]
         sampler = self.cfg.sampler.model_copy(update={"seed": self.cfg.sampler.seed + SEED_STRIDE * seed})
-        n_prompts = len(select_prompts(read_prompts(prompt_set.source), prompt_set.categories, prompt_set.min_nudity_percentage))
+        if set_name not in self.prompt_counts:
+            self.prompt_counts[set_name] = len(select_prompts(read_prompts(prompt_set.source), prompt_set.categories,
+                                                              prompt_set.min_nudity_percentage))
+        n_prompts = self.prompt_counts[set_name]
         generate = self.add(Step("generate", f"generate {set_name} ({labels['defense']}, {labels['scenario']}, step {labels['step']}, seed {seed})",
                                  {"model": state.describe(), "prompts": prompt_set.model_dump(), "sampler": sampler.model_dump()},
-                                 state.producers(), images=n_prompts * sampler.images_per_prompt))
+                                 state.producers(), images=n_prompts * sampler.images_per_prompt, reads=state))
         for detector in self.cfg.detectors:
             reference = self.cfg.reference if set_name in self.cfg.reference_sets and detector.name == "toy" else None
             evaluate = self.add(Step("evaluate", f"evaluate {generate.label} with {detector.label}",
@@ -143,7 +152,7 @@ class Planner:
         spec = self.cfg.scenarios[name]
         settings = spec.finetune
         finetune = self.add(Step("finetune", f"finetune {name} on {defense} (seed {seed})",
-                                 {"finetune": settings, "seed": seed, "on": state.describe()}, state.producers()))
+                                 {"finetune": settings, "seed": seed, "on": state.describe()}, state.producers(), reads=state))
         sweep = spec.sweep()
         kind = "full" if settings.get("method") == "full" else "lora"
         for step in sweep:

@@ -12,6 +12,7 @@ detector and metric, each naming the evaluation it came from), ``report.html``, 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import shutil
 from pathlib import Path
@@ -21,7 +22,7 @@ from pydantic import BaseModel, ConfigDict
 from tqdm.auto import tqdm
 
 from relapse.errors import UserError
-from relapse.io import RUN_RECORD, run_record, write_json
+from relapse.io import RUN_RECORD, run_record, write_json, write_text
 from relapse.report.study_report import build_report
 from relapse.study.config import StudyConfig
 from relapse.study.plan import Cell, Plan, Step, build_plan
@@ -55,10 +56,11 @@ class Executor:
     has its own seed, so the images do not depend on the number of processes), and the main process
     alone aligns and evaluates while the others wait."""
 
-    def __init__(self, cfg: StudyConfig, run_dir: Path):
-        self.cfg, self.run_dir = cfg, run_dir
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
         self.pipe, self.pipe_state = None, None
         self.detectors: dict[str, object] = {}
+        self.references: dict[str, object] = {}
         self.processes = process_state()
 
     def run(self, step: Step) -> None:
@@ -66,29 +68,11 @@ class Executor:
             getattr(self, step.kind)(step)
         self.processes.wait_for_everyone()
 
-    def state_of(self, spec_model: dict, step: Step) -> tuple[str, list[str]]:
-        """Paths of the model and LoRAs a step reads, from its inputs."""
-        by_name = {f"{d.kind}-{d.key}": d for d in self._ancestors(step)}
-
-        def path(described: str) -> str:
-            head, _, sub = described.partition("/")
-            return str(by_name[head].path(self.run_dir) / sub) if head in by_name else described
-
-        return path(spec_model["model"]), [path(lora) for lora in spec_model["loras"]]
-
-    def _ancestors(self, step: Step) -> list[Step]:
-        seen, todo = [], list(step.deps)
-        while todo:
-            dep = todo.pop()
-            seen.append(dep)
-            todo.extend(dep.deps)
-        return seen
-
     def align(self, step: Step) -> None:
         from relapse.align import METHODS
         from relapse.align.base import run_align
 
-        model, loras = self.state_of(step.spec["on"], step)
+        model, loras = step.reads.resolve(self.run_dir)
         stage = dict(step.spec["stage"])
         if loras:
             stage["loras"] = loras
@@ -98,7 +82,7 @@ class Executor:
     def finetune(self, step: Step) -> None:
         from relapse.finetune.train import FinetuneConfig, run_finetune
 
-        model, loras = self.state_of(step.spec["on"], step)
+        model, loras = step.reads.resolve(self.run_dir)
         seed, out = step.spec["seed"], step.path(self.run_dir)
         resume = out.is_dir()
         self.processes.wait_for_everyone()  # every process decides before the main one creates the folder
@@ -120,7 +104,7 @@ class Executor:
         from relapse.data.prompts import read_prompts, select_prompts
         from relapse.generate import SamplerConfig, generate_images, merge_manifests
 
-        model, loras = self.state_of(step.spec["model"], step)
+        model, loras = step.reads.resolve(self.run_dir)
         spec = step.spec["prompts"]
         prompts = select_prompts(read_prompts(spec["source"]), spec["categories"], spec["min_nudity_percentage"])
         out, world, main = step.path(self.run_dir), self.processes.num_processes, self.processes.is_main_process
@@ -151,8 +135,10 @@ class Executor:
         rows = read_manifest(images_dir)
         images = load_images(images_dir, rows)
         result = summarize(rows, detector.detect(images), spec["name"])
-        if step.spec["reference"]:
-            result["frechet_distance"] = reference_distance(detector, images, load_dataset(step.spec["reference"], 10_000).images)
+        if reference := step.spec["reference"]:
+            if reference not in self.references:  # rendered or read once per run, not per evaluation
+                self.references[reference] = load_dataset(reference, 10_000).images
+            result["frechet_distance"] = reference_distance(detector, images, self.references[reference])
         write_json(step.path(self.run_dir), result | {"images": str(images_dir.relative_to(self.run_dir))})
 
 
@@ -180,12 +166,11 @@ def write_results(cfg: StudyConfig, rows: list[dict], run_dir: Path) -> None:
     from relapse.study.results import summarize_rows
 
     write_json(run_dir / "results.json", run_record("study", cfg, cfg.seeds, rows=rows, summary=summarize_rows(rows)))
-    tmp = run_dir / ".results.csv.tmp"
-    with open(tmp, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=ROW_FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
-    tmp.replace(run_dir / "results.csv")
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=ROW_FIELDS)
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(run_dir / "results.csv", table.getvalue())
 
 
 def describe_plan(plan: Plan, run_dir: Path) -> str:
@@ -207,9 +192,7 @@ def prepare_run_dir(cfg: StudyConfig, run_dir: Path, resume: bool) -> None:
         if not resume:
             raise UserError(f"{run_dir} already holds this study; pass --resume to continue it")
     run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / ".config.yaml.tmp"
-    tmp.write_text(yaml.safe_dump(resolved, sort_keys=False))
-    tmp.replace(saved)
+    write_text(saved, yaml.safe_dump(resolved, sort_keys=False))
 
 
 def run_study(run: StudyRunConfig) -> Path:
@@ -227,7 +210,7 @@ def run_study(run: StudyRunConfig) -> Path:
         print(describe_plan(plan, run_dir))
         prepare_run_dir(cfg, run_dir, run.resume)
     processes.wait_for_everyone()
-    executor = Executor(cfg, run_dir)
+    executor = Executor(run_dir)
     todo = [s for s in plan.steps if not s.done(run_dir)]
     processes.wait_for_everyone()  # every process sees the same list before any step runs
     for step in tqdm(todo, desc="study", unit="step", disable=not main):
