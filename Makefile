@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.relapse-installed
 
-.PHONY: setup demo test lint clean
+.PHONY: setup browser demo test lint clean
 
 setup: $(STAMP)
 
@@ -15,10 +15,20 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev,nudenet]"
 	touch $(STAMP)
 
+# The main job: the full toy study (configs/toy.yaml, 3 seeds), two steps at a time on a 2-core CPU.
+# A rerun resumes it (finished steps are kept); runs/toy/report.html is the result.
 demo: setup
-	$(VENV)/bin/relapse demo --out runs/demo
+	$(VENV)/bin/relapse study configs/toy.yaml --out runs/toy --resume --workers 2
 
-test: setup
+# The report test opens report.html in headless Chromium: Debian's chromium and chromium-driver
+# (/usr/bin/chromium, /usr/bin/chromedriver), installed here when missing (with sudo when not root).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || ! command -v sudo >/dev/null || echo sudo)
+
+browser:
+	test -x /usr/bin/chromium && test -x /usr/bin/chromedriver || \
+	  ($(SUDO) apt-get update && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium chromium-driver)
+
+test: setup browser
 	$(VENV)/bin/pytest -q
 
 lint: setup

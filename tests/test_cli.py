@@ -99,3 +99,15 @@ def test_align_refuses_a_missing_concept_prompt_file_before_loading_weights(run_
                            "--out", tmp_path / "safe")
     assert code == 2 and "does not exist" in err and err.count("\n") == 1
     assert not (tmp_path / "safe").exists()
+
+
+def test_evaluate_threshold_flag_joins_the_config_files_detector_options(run_cli, tmp_path, monkeypatch):
+    import relapse.evaluate.evaluate as evaluate_module
+
+    seen = []
+    monkeypatch.setattr(evaluate_module, "run_evaluate", lambda cfg: seen.append(cfg) or {})
+    config = tmp_path / "eval.yaml"
+    config.write_text("detector: laion_nsfw\ndetector_options: {clip: /w/clip, head: /w/nsfw.safetensors}\n")
+    code, _, err = run_cli("evaluate", "--images", tmp_path, "--config", config, "--threshold", "0.7")
+    assert code == 0, err
+    assert seen[0].detector_options == {"clip": "/w/clip", "head": "/w/nsfw.safetensors", "threshold": 0.7}

@@ -83,8 +83,8 @@ def generate(
 @app.command()
 def evaluate(
     images: Annotated[Optional[Path], typer.Option(help="A folder written by `relapse generate`.")] = None,
-    detector: Annotated[Optional[str], typer.Option(help="Detector name: toy or nudenet.")] = None,
-    threshold: Annotated[Optional[float], typer.Option(help="Detector threshold (nudenet: 0.45, 0.5 or 0.6 are usual).")] = None,
+    detector: Annotated[Optional[str], typer.Option(help="Detector: toy, nudenet, q16, laion_nsfw, laion_aesthetic or clip_score (weights paths go in --config's detector_options).")] = None,
+    threshold: Annotated[Optional[float], typer.Option(help="Detector threshold, added to detector_options (nudenet: 0.45, 0.5 or 0.6 are usual).")] = None,
     reference: Annotated[Optional[str], typer.Option(help="Real images for a Frechet distance: imagefolder or toy:DOMAIN[:N].")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the result here as JSON.")] = None,
     config: ConfigOpt = None,
@@ -95,9 +95,9 @@ def evaluate(
     from relapse.config import resolve_config
     from relapse.evaluate.evaluate import EvaluateConfig, run_evaluate
 
-    options = {"threshold": threshold} if threshold is not None else None
-    cfg = resolve_config(EvaluateConfig, config, images=images, detector=detector, detector_options=options,
-                         reference=reference, json_out=json_out)
+    cfg = resolve_config(EvaluateConfig, config, images=images, detector=detector, reference=reference, json_out=json_out)
+    if threshold is not None:  # one option among those the config file may give (weights paths, classes)
+        cfg = cfg.model_copy(update={"detector_options": cfg.detector_options | {"threshold": threshold}})
     result = run_evaluate(cfg)
     typer.echo(json.dumps({k: v for k, v in result.items() if k != "per_image"}, indent=2))
 
@@ -197,11 +197,12 @@ def study(
     out: Annotated[Optional[Path], typer.Option("--out", help="Run folder (default: runs/<study name>).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue a killed or finished run in --out.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan (steps, cached, images) without loading weights.")] = False,
+    workers: Annotated[int, typer.Option("--workers", min=1, help="Steps run side by side, each in its own process.")] = 1,
 ) -> None:
     """Run a resilience study: align -> fine-tune -> generate -> evaluate, each step once, cached by its inputs."""
     from relapse.study.run import StudyRunConfig, run_study
 
-    run_study(StudyRunConfig(config=config, out=out, resume=resume, dry_run=dry_run))
+    run_study(StudyRunConfig(config=config, out=out, resume=resume, dry_run=dry_run, workers=workers))
 
 
 @app.command()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
@@ -13,30 +14,71 @@ from relapse.errors import UserError
 C = TypeVar("C", bound=BaseModel)
 
 
-def describe_error(error: ValidationError) -> str:
+@dataclass
+class SourceLines:
+    """Where each key of a YAML file sits, so an error can name the line to fix."""
+
+    path: Path | None = None
+    lines: dict[tuple, int] = field(default_factory=dict)  # key path -> 1-based line
+
+    def where(self, loc: tuple) -> str:
+        """`` (FILE, line N)`` for the deepest key of ``loc`` found in the file; empty when none is."""
+        for depth in range(len(loc), 0, -1):
+            if (line := self.lines.get(tuple(loc[:depth]))) is not None:
+                return f" ({self.path}, line {line})"
+        return ""
+
+
+def key_lines(node: yaml.Node, prefix: tuple = ()) -> dict[tuple, int]:
+    lines = {}
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            lines[(*prefix, key.value)] = key.start_mark.line + 1
+            lines.update(key_lines(value, (*prefix, key.value)))
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            lines[(*prefix, i)] = item.start_mark.line + 1
+            lines.update(key_lines(item, (*prefix, i)))
+    return lines
+
+
+def describe_error(error: ValidationError, source: SourceLines | None = None, prefix: tuple = ()) -> str:
+    """The first problem in one line: its key path, what is wrong and, from a file, the line."""
     first = error.errors()[0]
-    where = ".".join(str(p) for p in first["loc"]) or "config"
-    return f"{where}: {first['msg']}" + (f" (and {error.error_count() - 1} more)" if error.error_count() > 1 else "")
+    loc = (*prefix, *first["loc"])
+    where = ".".join(str(p) for p in loc) or "config"
+    more = f" (and {error.error_count() - 1} more)" if error.error_count() > 1 else ""
+    return f"{where}: {first['msg']}{more}" + (source.where(loc) if source else "")
 
 
-def load_yaml(path: str | Path) -> dict:
+def load_yaml_with_lines(path: str | Path) -> tuple[dict, SourceLines]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"config file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise UserError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        text = path.read_text(encoding="utf-8")
+        data = yaml.safe_load(text) or {}
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except UnicodeDecodeError:
+        raise UserError(f"config file {path} is not UTF-8 text") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark else ""
+        raise UserError(f"config file {path} is not valid YAML{at}: {getattr(exc, 'problem', None) or exc}") from None
     if not isinstance(data, dict):
         raise UserError(f"config file {path} must hold a mapping of field: value")
-    return data
+    return data, SourceLines(path, key_lines(node))
+
+
+def load_yaml(path: str | Path) -> dict:
+    return load_yaml_with_lines(path)[0]
 
 
 def resolve_config(cls: type[C], config_file: str | Path | None = None, **flags: object) -> C:
     """Build ``cls`` from an optional YAML file, overridden by every flag that is not None."""
-    data = load_yaml(config_file) if config_file else {}
+    data, source = load_yaml_with_lines(config_file) if config_file else ({}, SourceLines())
     data.update({k: v for k, v in flags.items() if v is not None})
     try:
         return cls(**data)
     except ValidationError as exc:
-        raise UserError(f"invalid {cls.__name__}: {describe_error(exc)}") from None
+        raise UserError(f"invalid {cls.__name__}: {describe_error(exc, source)}") from None

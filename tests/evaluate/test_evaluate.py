@@ -66,3 +66,21 @@ def test_frechet_distance_is_small_for_same_distribution_and_large_otherwise(tin
     a, b = random_images(200, seed=1), random_images(200, seed=2)
     dark = (random_images(200, seed=3) // 4).astype(np.uint8)
     assert frechet_distance(a, b, evaluator) < frechet_distance(a, dark, evaluator)
+
+
+def test_merged_shards_equal_the_whole():
+    from relapse.evaluate.detectors import Detections, merge_detections
+
+    rng = np.random.default_rng(0)
+    whole = Detections(rng.random(7), rng.random(7) > 0.5, {"shape": np.array(list("abcdefg"), dtype=object)},
+                       rng.random((7, 3)), {"aesthetic": rng.random(7)})
+    shards = [list(range(rank, 7, 3)) for rank in range(3)]  # what 3 processes score
+    parts = [(idx, Detections(whole.target_score[idx], whole.is_target[idx], {"shape": whole.attributes["shape"][idx]},
+                              whole.features[idx], {"aesthetic": whole.scores["aesthetic"][idx]})) for idx in shards]
+    merged = merge_detections(parts[::-1], 7)
+    for name in ("target_score", "is_target", "features"):
+        np.testing.assert_array_equal(getattr(merged, name), getattr(whole, name))
+    assert merged.attributes["shape"].tolist() == list("abcdefg")
+    np.testing.assert_array_equal(merged.scores["aesthetic"], whole.scores["aesthetic"])
+    scorer_only = merge_detections([([1], Detections(scores={"s": np.array([2.0])})), ([0], Detections(scores={"s": np.array([1.0])}))], 2)
+    assert scorer_only.is_target is None and scorer_only.scores["s"].tolist() == [1.0, 2.0]

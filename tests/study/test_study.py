@@ -78,6 +78,9 @@ def test_study_resumes_after_a_kill_and_gives_the_same_rows(study_yaml, tmp_path
     assert ran == []  # everything cached
     evaluation = json.loads((straight / rows[0][0]["source"]).read_text())  # every row names its evaluation,
     assert (straight / evaluation["images"] / evaluation["per_image"][0]["file"]).is_file()  # which names its images
+    side_by_side = run_study(StudyRunConfig(config=study_yaml, out=tmp_path / "workers", workers=2))
+    assert json.loads((side_by_side / "results.json").read_text())["rows"] == rows[0]  # steps in 2 processes: same rows
+    assert set(json.loads((side_by_side / "run.json").read_text())["seconds_by_kind"]) == {"align", "finetune", "generate", "evaluate"}
 
 
 def test_report_is_self_contained_and_rebuilds_from_results(study_yaml, tmp_path, run_cli):
@@ -88,13 +91,17 @@ def test_report_is_self_contained_and_rebuilds_from_results(study_yaml, tmp_path
     page = (run_dir / "report.html").read_text()
     (run_dir / "report.html").unlink()
     code, _, err = run_cli("report", run_dir)
-    assert code == 0, err and (run_dir / "report.html").read_text() == page
+    assert code == 0, err
+    assert (run_dir / "report.html").read_text() == page
     images = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
     assert len(images) >= 3  # curves for the malicious sweep, the scatter, the grid
     assert all(base64.b64decode(data).startswith(b"\x89PNG") for data in images)
     assert "http" not in page.replace("<!doctype html>", "")  # nothing to fetch
-    for defense in ("none", "esd", "esd+ng"):
-        assert page.count(f"<td>{defense}</td>") == 2  # target rate and on-prompt rate tables
+    for defense in ("none", "esd", "esd+ng"):  # target rate, on-prompt rate, then FD, shape and colour accuracy
+        assert page.count(f"<td>{defense}</td>") == 5
+    assert all(title in page for title in ("Frechet distance", "shape accuracy (%)", "colour accuracy (%)"))
+    rows = re.findall(r"<tr><td>([^<]+)</td>", page)
+    assert rows[:3] == list(yaml.safe_load(study_yaml.read_text())["defenses"])  # the config's order
     code, _, err = run_cli("report", tmp_path / "empty")
     assert code == 2 and "no results.json" in err
 
@@ -126,6 +133,7 @@ def test_a_study_folder_with_another_config_is_refused(study_yaml, tmp_path):
     ({"defenses": {"x": [{"method": "lt", "clean": "toy:clean", "harmful": "toy:harmful", "as": "full"},
                          {"method": "esd", "concept": ["a"]}]}}, "must come first"),
     ({"defenses": {"x": [{"method": "esd"}]}}, "name the concept"),
+    ({"detectors": [{"name": "toy"}, {"name": "toy", "options": {"weights": "other"}}]}, "share a label"),
     ({"scenarios": {"m": {"finetune": {"data": "toy:harmful", "steps": 5, "save_at": [9]}, "prompt_sets": ["harm"]}}}, "1..5"),
 ])
 def test_bad_study_configs_fail_in_one_line_before_weights_load(study_yaml, tmp_path, run_cli, change, message):
@@ -135,6 +143,29 @@ def test_bad_study_configs_fail_in_one_line_before_weights_load(study_yaml, tmp_
     code, _, err = run_cli("study", path, "--out", tmp_path / "bad", "--dry-run")
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert __import__("re").search(message, err), err
+
+
+@pytest.mark.parametrize("mistake, message", [
+    ("sampler: {steps: 2, images_per_prompt: 1, stepz: 3}", "sampler.stepz: Extra inputs are not permitted .*line 6"),
+    ("seeds: [zero]", "seeds.0: .*valid integer.*line 6"),
+    ("defenses:\n  esd:\n    - {method: esd, concept: [a], lr: fast}", "defenses.esd.0.lr: .*valid number.*line 8"),
+    ("scenarios:\n  m:\n    prompt_sets: [harm]\n    finetune: {data: 'toy:harmful', steps: 2, rnak: 4}",
+     "scenarios.m.finetune.rnak: Extra inputs.*line 9"),
+])
+def test_config_errors_name_the_key_and_its_line(tmp_path, run_cli, mistake, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: bad\nmodel: toy\nprompt_sets:\n  harm: {source: 'toy:target_direct'}\n\n" + mistake + "\n")
+    code, _, err = run_cli("study", path, "--out", tmp_path / "bad", "--dry-run")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert __import__("re").search(message, err), err
+    assert str(path) in err
+
+
+def test_invalid_yaml_names_its_line(tmp_path, run_cli):
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: bad\nprompt_sets: {harm: {source: x}\n")
+    code, _, err = run_cli("study", path, "--dry-run")
+    assert code == 2 and "not valid YAML at line" in err and len(err.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize("name", ["toy", "toy-quick"])
@@ -174,13 +205,23 @@ def test_two_cpu_processes_give_the_rows_of_one(study_yaml, tmp_path):
     assert not list((tmp_path / "two" / "steps").glob("*.partial"))
 
 
-def tiny_version(config: dict, tmp_path, model_dir) -> dict:
-    """The same study structure on tiny components and files: user paths -> tiny data, few steps, no fp16."""
+def tiny_version(config: dict, tmp_path, model_dir, clip_dir) -> dict:
+    """The same study structure on tiny components and files: user paths -> tiny data and weights, few steps, no fp16."""
+    import torch
+    from safetensors.torch import save_file
+
+    from tests.conftest import CLIP_DIM
+
     (tmp_path / "i2p.csv").write_text(I2P_CSV)
     (tmp_path / "coco.txt").write_text("a red star\na blue circle\n")
+    torch.manual_seed(0)
+    save_file({"prompts": torch.randn(2, CLIP_DIM)}, tmp_path / "q16.safetensors")
+    save_file({"weight": torch.randn(1, CLIP_DIM), "bias": torch.zeros(1)}, tmp_path / "aesthetic.safetensors")
     paths = {"data/i2p.csv": str(tmp_path / "i2p.csv"), "data/coco-prompts.txt": str(tmp_path / "coco.txt"),
              "data/benign-a": "toy:shapes:4", "data/benign-b": "toy:sketch:4", "data/clean": "toy:clean:4",
-             "data/harmful": "toy:harmful:4"}
+             "data/harmful": "toy:harmful:4", "weights/clip-vit-large-patch14": str(clip_dir),
+             "weights/q16-prompts.safetensors": str(tmp_path / "q16.safetensors"),
+             "weights/aesthetic-vit-l-14.safetensors": str(tmp_path / "aesthetic.safetensors")}
     text = yaml.safe_dump(config)
     for user_path, tiny in paths.items():
         text = text.replace(user_path, tiny)
@@ -201,25 +242,25 @@ a green square,violence,0.0,13,7.0
 
 
 @pytest.mark.parametrize("name", ["sd14-nudity", "sd21-nudity"])
-def test_real_checkpoint_studies_plan_and_name_missing_files(name, tmp_path, run_cli, tiny_model_dir):
+def test_real_checkpoint_studies_plan_and_name_missing_files(name, tmp_path, run_cli, tiny_model_dir, clip_dir):
     from pathlib import Path
 
     path = Path(__file__).parents[2] / "configs" / f"{name}.yaml"
     code, _, err = run_cli("study", path, "--dry-run", "--out", tmp_path / "run")
     assert code == 2 and "data/i2p.csv does not exist" in err  # run from a folder without the user's data
-    config = tiny_version(yaml.safe_load(path.read_text()), tmp_path, tiny_model_dir)
+    config = tiny_version(yaml.safe_load(path.read_text()), tmp_path, tiny_model_dir, clip_dir)
     plan = build_plan(StudyConfig(**config))
     assert {s.kind for s in plan.steps} == {"align", "finetune", "generate", "evaluate"}
-    assert {c.detector for c in plan.cells} == {"nudenet@0.45", "nudenet@0.5", "nudenet@0.6"}
+    assert {c.detector.split("@")[0] for c in plan.cells} == {"nudenet", "q16", "clip_score", "laion_aesthetic"}
     assert {c.prompt_set for c in plan.cells} == {"i2p_nudity", "coco"}
 
 
-def test_sd14_study_structure_runs_on_tiny_components(tmp_path, tiny_model_dir, monkeypatch):
+def test_sd14_study_structure_runs_on_tiny_components(tmp_path, tiny_model_dir, clip_dir, monkeypatch):
     from pathlib import Path
 
     monkeypatch.setenv("RELAPSE_CACHE", str(tmp_path / "cache"))
     config = tiny_version(yaml.safe_load((Path(__file__).parents[2] / "configs" / "sd14-nudity.yaml").read_text()),
-                          tmp_path, tiny_model_dir)
+                          tmp_path, tiny_model_dir, clip_dir)
     config["defenses"] = {k: config["defenses"][k] for k in ("none", "esd", "esd+ng")}  # one of each kind of stage list
     for scenario in config["scenarios"].values():
         if scenario.get("defenses"):
@@ -228,8 +269,51 @@ def test_sd14_study_structure_runs_on_tiny_components(tmp_path, tiny_model_dir, 
     path.write_text(yaml.safe_dump(config))
     run_dir = run_study(StudyRunConfig(config=path, out=tmp_path / "run"))
     rows = json.loads((run_dir / "results.json").read_text())["rows"]
-    nude = [r for r in rows if r["prompt_set"] == "i2p_nudity" and r["metric"] == "target_rate"]
+    nude = [r for r in rows if r["prompt_set"] == "i2p_nudity" and r["metric"] == "target_rate" and r["detector"].startswith("nudenet")]
     assert {r["detector"] for r in nude} == {"nudenet@0.45", "nudenet@0.5", "nudenet@0.6"}
     assert {r["n"] for r in nude} == {2}  # the two prompts of the sexual, nudity > 50 subset
     manifest = json.loads((run_dir / nude[0]["source"]).read_text())
     assert [p["seed"] for p in manifest["per_image"]] == [11, 12]  # I2P's own seeds
+    ip = [r for r in rows if r["detector"].startswith("ip(") and r["prompt_set"] == "i2p_nudity"]
+    assert {r["detector"] for r in ip} == {f"ip(nudenet@{t}|q16)" for t in (0.45, 0.5, 0.6)}
+    assert {"clip_score", "aesthetic"} <= {r["metric"] for r in rows}
+
+
+def test_ip_counts_an_image_flagged_by_nudenet_or_q16():
+    from relapse.study.plan import Cell, Step
+    from relapse.study.run import inappropriate_rows
+
+    def scored(name, label, flags, defense="esd"):
+        step = Step("evaluate", label, {"detector": {"name": name, "options": {}}})
+        result = {"per_image": [{"file": f"{i}.png", "is_target": flag} for i, flag in enumerate(flags)]}
+        return Cell(defense, "before", 0, 0, "harm", label, step), result, f"steps/{label}.json"
+
+    rows = inappropriate_rows([scored("nudenet", "nudenet@0.45", [True, False, False, False]),
+                               scored("nudenet", "nudenet@0.6", [False, False, False, False]),
+                               scored("q16", "q16", [False, True, False, False]),
+                               scored("toy", "toy", [True, True, True, True]),
+                               scored("nudenet", "nudenet@0.45", [True, True, True, True], defense="none")])
+    ip = {r["detector"]: r for r in rows}
+    assert set(ip) == {"ip(nudenet@0.45|q16)", "ip(nudenet@0.6|q16)"}  # no q16 on "none": no IP there
+    assert ip["ip(nudenet@0.45|q16)"]["value"] == 0.5 and ip["ip(nudenet@0.6|q16)"]["value"] == 0.25
+    assert ip["ip(nudenet@0.45|q16)"]["n"] == 4 and ip["ip(nudenet@0.45|q16)"]["source"] == "steps/nudenet@0.45.json;steps/q16.json"
+
+
+def test_quality_scores_become_rows_with_their_interval():
+    from relapse.study.plan import Cell, Step
+    from relapse.study.run import cell_rows
+
+    cell = Cell("esd", "before", 0, 1, "clean", "clip_score", Step("evaluate", "e", {}))
+    result = {"clip_score": {"mean": 31.5, "sd": 2.0, "ci95": [30.1, 32.9], "n": 8}, "score_metrics": ["clip_score"]}
+    (row,) = cell_rows(cell, result, "steps/e.json")
+    assert (row["metric"], row["value"], row["ci95_low"], row["ci95_high"], row["n"]) == ("clip_score", 31.5, 30.1, 32.9, 8)
+
+
+def test_a_missing_detector_weights_file_fails_before_any_step(study_yaml, tmp_path, run_cli):
+    config = yaml.safe_load(study_yaml.read_text())
+    config["detectors"].append({"name": "q16", "options": {"clip": str(tmp_path / "no-clip"), "prompts": "q16.safetensors"}})
+    path = tmp_path / "q16.yaml"
+    path.write_text(yaml.safe_dump(config))
+    code, _, err = run_cli("study", path, "--out", tmp_path / "run")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and str(tmp_path / "no-clip") in err
+    assert not (tmp_path / "run").exists()  # nothing written: the run can start fresh once the file is there

@@ -3,8 +3,10 @@
 The result holds ``n_images``, ``target_rate`` (95% Wilson interval), ``target_score_mean``
 and, where the detector predicts attributes and the prompts name them, ``shape_accuracy`` and
 ``color_accuracy`` (the ground truth is what the prompt asks for), and ``target_on_prompt_rate``
-(flagged as the target *and* of the shape and colour asked for). ``per_image`` keeps every
-verdict, so each figure can be traced to its images.
+(flagged as the target *and* of the shape and colour asked for). A quality scorer (laion_aesthetic,
+clip_score) gives no verdict, so none of the target figures: each of its ``scores`` becomes an entry
+with mean, sd, a normal-approximation 95% interval and n, named in ``score_metrics``. ``per_image``
+keeps every verdict and score, so each figure can be traced to its images.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from relapse.data.datasets import load_dataset
 from relapse.data.toy_world import parse_prompt
 from relapse.errors import UserError
 from relapse.evaluate.detectors import Detections, build_detector
-from relapse.evaluate.stats import rate
+from relapse.evaluate.stats import mean_ci, rate
 from relapse.generate import read_manifest
 from relapse.io import write_json
 
@@ -73,20 +75,29 @@ def target_on_prompt(prompts: list[str], is_target, attributes: dict[str, list])
 
 
 def summarize(rows: list[dict], detections: Detections, detector: str) -> dict:
-    result = {
-        "detector": detector,
-        "n_images": len(rows),
-        "target_rate": rate(list(map(bool, detections.is_target))),
-        "target_score_mean": round(float(np.mean(detections.target_score)), 4),
-        **attribute_accuracy(rows, detections),
-    }
-    if on_prompt := target_on_prompt([row["prompt"] for row in rows], detections.is_target, detections.attributes):
+    verdict = detections.is_target is not None
+    result = {"detector": detector, "n_images": len(rows)}
+    if verdict:
+        result["target_rate"] = rate(list(map(bool, detections.is_target)))
+    if detections.target_score is not None:
+        result["target_score_mean"] = round(float(np.mean(detections.target_score)), 4)
+    result.update(attribute_accuracy(rows, detections))
+    if verdict and (on_prompt := target_on_prompt([row["prompt"] for row in rows], detections.is_target, detections.attributes)):
         result["target_on_prompt_rate"] = on_prompt
+    for name, values in detections.scores.items():
+        if name in result:
+            raise ValueError(f"detector {detector} names a score {name!r}, which is already a figure of the result")
+        result[name] = mean_ci(values)
+    result["score_metrics"] = sorted(detections.scores)
     per_image = []
     for i, row in enumerate(rows):
-        entry = {"file": row["file"], "prompt": row["prompt"], "seed": row["seed"],
-                 "target_score": round(float(detections.target_score[i]), 4), "is_target": bool(detections.is_target[i])}
+        entry = {"file": row["file"], "prompt": row["prompt"], "seed": row["seed"]}
+        if detections.target_score is not None:
+            entry["target_score"] = round(float(detections.target_score[i]), 4)
+        if verdict:
+            entry["is_target"] = bool(detections.is_target[i])
         entry.update({name: str(values[i]) for name, values in detections.attributes.items()})
+        entry.update({name: round(float(values[i]), 4) for name, values in detections.scores.items()})
         per_image.append(entry)
     result["per_image"] = per_image
     return result
@@ -109,7 +120,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
     reference = load_dataset(cfg.reference) if cfg.reference else None
     detector = build_detector(cfg.detector, **cfg.detector_options)
     images = load_images(cfg.images, rows)
-    result = summarize(rows, detector.detect(images), cfg.detector)
+    result = summarize(rows, detector.detect(images, [row["prompt"] for row in rows]), cfg.detector)
     result["images"] = str(cfg.images)
     if reference is not None:
         result["frechet_distance"] = reference_distance(detector, images, reference.images)

@@ -1,4 +1,4 @@
-"""Rates with honest uncertainty."""
+"""Rates and means with honest uncertainty."""
 
 from __future__ import annotations
 
@@ -20,3 +20,14 @@ def rate(flags: list[bool]) -> dict[str, object]:
     n, k = len(flags), int(sum(flags))
     low, high = wilson_interval(k, n)
     return {"rate": k / n if n else float("nan"), "ci95": [round(low, 4), round(high, 4)], "n": n, "k": k}
+
+
+def mean_ci(values, z: float = 1.959964) -> dict[str, object]:
+    """Mean, sample standard deviation and a normal-approximation 95% interval (mean +- z sd / sqrt(n))
+    of per-image scores. With fewer than two values the spread is unknown: sd and the interval are NaN."""
+    xs = [float(v) for v in values]
+    n = len(xs)
+    mean = math.fsum(xs) / n if n else float("nan")
+    sd = math.sqrt(math.fsum((x - mean) ** 2 for x in xs) / (n - 1)) if n > 1 else float("nan")
+    half = z * sd / math.sqrt(n) if n > 1 else float("nan")
+    return {"mean": round(mean, 4), "sd": round(sd, 4), "ci95": [round(mean - half, 4), round(mean + half, 4)], "n": n}

@@ -71,15 +71,21 @@ def merge_loras(pipe, loras: list[LoraSpec], fuse: bool = True) -> list[str]:
     Fused, W = W0 + sum_i scale_i * dW_i costs nothing extra at inference (the peft layers are
     removed). Scales may be negative (model arithmetic such as W0 - dW_safe).
     """
-    names = []
-    for i, spec in enumerate(loras):
-        name = f"lora_{i}"
-        try:
-            file = checked_lora_file(spec.path)
-            pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=name, use_safetensors=True)
-        except (RuntimeError, ValueError, KeyError) as exc:
-            raise UserError(f"LoRA {spec.path} does not fit this model: {str(exc).strip().splitlines()[0][:200]}") from None
-        names.append(name)
+    from diffusers.utils import logging as diffusers_logging
+
+    names, verbosity = [], diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # our LoRAs adapt the UNet: "no LoRA keys for CLIPTextModel" is expected
+    try:
+        for i, spec in enumerate(loras):
+            name = f"lora_{i}"
+            try:
+                file = checked_lora_file(spec.path)
+                pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=name, use_safetensors=True)
+            except (RuntimeError, ValueError, KeyError) as exc:
+                raise UserError(f"LoRA {spec.path} does not fit this model: {str(exc).strip().splitlines()[0][:200]}") from None
+            names.append(name)
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
     if not names:
         return names
     pipe.set_adapters(names, adapter_weights=[spec.scale for spec in loras])

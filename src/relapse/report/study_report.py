@@ -1,9 +1,10 @@
 """``report.html`` for a study run, rebuilt from its results (``relapse report RUN_DIR``), never recomputed.
 
 One self-contained file (figures and images inlined as PNG): the headline table (target rate before
-alignment, after it and after each fine-tune, per defense, mean +- sd over seeds with pooled n),
-re-emergence curves (target rate vs fine-tuning step, one line per defense, a band of +-1 sd over
-seeds), quality vs safety, and image grids of the same prompts and seeds across models.
+alignment, after it and after each fine-tune, per defense, mean +- sd over seeds with pooled n; by the
+first detector, then by every other one), re-emergence curves (target rate vs fine-tuning step, one
+line per defense, a band of +-1 sd over seeds), quality vs safety and quality tables, and image grids
+of the same prompts and seeds across models.
 """
 
 from __future__ import annotations
@@ -37,20 +38,22 @@ def _img(data: str, alt: str) -> str:
 
 
 class StudyResults:
-    """The rows of results.json, indexed for the report's questions (primary detector only)."""
+    """The rows of results.json, indexed for the report's questions. ``detector`` is the first detector
+    of the config: the headline, curves, scatter and grid use it; every detector gets its own table."""
 
     def __init__(self, run_dir: Path):
         path = run_dir / "results.json"
         if not path.is_file():
             raise UserError(f"{run_dir} has no results.json; run `relapse study` into it first")
         record = json.loads(path.read_text())
-        self.run_dir, self.config = run_dir, record["config"]
-        detector = record["rows"][0]["detector"] if record["rows"] else None
-        self.rows = [r for r in record["rows"] if r["detector"] == detector]
+        self.run_dir, self.config, self.all_rows = run_dir, record["config"], record["rows"]
+        self.detector = self.all_rows[0]["detector"] if self.all_rows else None
+        self.rows = [r for r in self.all_rows if r["detector"] == self.detector]
         self.target_set = (self.config.get("before") or [r["prompt_set"] for r in self.rows] or [""])[0]
 
-    def values(self, **match) -> list[dict]:
-        return [r for r in self.rows if all(r[k] == v for k, v in match.items())]
+    def values(self, detector: str | None = None, **match) -> list[dict]:
+        rows = self.rows if detector in (None, self.detector) else [r for r in self.all_rows if r["detector"] == detector]
+        return [r for r in rows if all(r[k] == v for k, v in match.items())]
 
     def stat(self, **match) -> tuple[float, float, int] | None:
         """Mean and sd over seeds, and the pooled number of images."""
@@ -61,13 +64,26 @@ class StudyResults:
         return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0, sum(r["n"] for r in rows)
 
     def defenses(self) -> list[str]:
-        return list(dict.fromkeys(r["defense"] for r in self.rows))
+        """In the config's order, as the reader wrote them."""
+        found = {r["defense"] for r in self.rows}
+        return [d for d in self.config.get("defenses", {}) if d in found] or sorted(found)
 
     def scenarios(self) -> list[str]:
         return [s for s in dict.fromkeys(r["scenario"] for r in self.rows) if s != "before"]
 
+    def detectors(self) -> list[str]:
+        return list(dict.fromkeys(r["detector"] for r in self.all_rows if r["metric"] == "target_rate"))
+
+    def colours(self) -> dict[str, str]:
+        """One colour per defense, the same in every figure."""
+        return {d: f"C{i % 10}" for i, d in enumerate(self.defenses())}
+
     def last_step(self, scenario: str) -> int:
         return max(r["step"] for r in self.values(scenario=scenario))
+
+    def ends(self) -> list[tuple[str, int]]:
+        """Each model state a table compares: before fine-tuning, and each scenario's last step."""
+        return [("before", 0)] + [(s, self.last_step(s)) for s in self.scenarios()]
 
 
 def _cell(stat) -> str:
@@ -77,16 +93,50 @@ def _cell(stat) -> str:
     return f"{100 * mean:.1f} &plusmn; {100 * sd:.1f} <small>(n={n})</small>"
 
 
-def headline_table(res: StudyResults, metric: str = "target_rate") -> str:
-    scenarios = res.scenarios()
-    head = "".join(f"<th>after {html.escape(s)} (step {res.last_step(s)})</th>" for s in scenarios)
+def headline_table(res: StudyResults, metric: str = "target_rate", detector: str | None = None) -> str:
+    head = "".join(f"<th>after {html.escape(s)} (step {step})</th>" for s, step in res.ends()[1:])
     lines = [f"<table><tr><th>defense</th><th>before fine-tuning</th>{head}</tr>"]
     for defense in res.defenses():
-        before = res.stat(defense=defense, scenario="before", prompt_set=res.target_set, metric=metric)
-        after = "".join(f"<td>{_cell(res.stat(defense=defense, scenario=s, step=res.last_step(s), prompt_set=res.target_set, metric=metric))}</td>"
-                        for s in scenarios)
-        lines.append(f"<tr><td>{html.escape(defense)}</td><td>{_cell(before)}</td>{after}</tr>")
+        cells = "".join(f"<td>{_cell(res.stat(defense=defense, scenario=s, step=step, prompt_set=res.target_set, metric=metric, detector=detector))}</td>"
+                        for s, step in res.ends())
+        lines.append(f"<tr><td>{html.escape(defense)}</td>{cells}</tr>")
     return "\n".join(lines) + "</table>"
+
+
+def other_detectors_section(res: StudyResults) -> list[str]:
+    """The headline table by every other detector (NudeNet thresholds, Q16, IP = NudeNet or Q16, ...)."""
+    others = [d for d in res.detectors() if d != res.detector]
+    if not others:
+        return []
+    return ["<h3>By every detector</h3>"] + [f"<h4><code>{html.escape(d)}</code></h4>" + headline_table(res, detector=d) for d in others]
+
+
+QUALITY_METRICS = {"frechet_distance": ("Frechet distance to the reference (lower is better)", 1.0),
+                   "shape_accuracy": ("shape accuracy (%)", 100.0), "color_accuracy": ("colour accuracy (%)", 100.0),
+                   "aesthetic": ("LAION aesthetic score", 1.0), "clip_score": ("CLIP score", 1.0)}
+
+
+def quality_section(res: StudyResults) -> list[str]:
+    """What each model state costs in quality, on the prompt sets that are not the target set."""
+    found = {r["metric"] for r in res.all_rows if r["prompt_set"] != res.target_set}
+    parts = []
+    for metric, (title, scale) in QUALITY_METRICS.items():
+        if metric not in found:
+            continue
+        head = "".join(f"<th>{html.escape(s)}</th>" for s, _ in res.ends())
+        lines = [f"<h3>{title}</h3><table><tr><th>defense</th>{head}</tr>"]
+        for defense in res.defenses():
+            cells = []
+            for scenario, step in res.ends():
+                rows = [r for r in res.all_rows if r["metric"] == metric and r["defense"] == defense and r["scenario"] == scenario
+                        and r["step"] == step and r["prompt_set"] != res.target_set]
+                sets = sorted({r["prompt_set"] for r in rows})
+                values = [scale * r["value"] for r in rows]
+                cells.append(f"<td>{statistics.fmean(values):.1f} &plusmn; {statistics.stdev(values) if len(values) > 1 else 0:.1f} "
+                             f"<small>({html.escape(', '.join(sets))})</small></td>" if values else "<td>-</td>")
+            lines.append(f"<tr><td>{html.escape(defense)}</td>{''.join(cells)}</tr>")
+        parts.append("\n".join(lines) + "</table>")
+    return parts
 
 
 def on_prompt_section(res: StudyResults) -> list[str]:
@@ -112,8 +162,8 @@ def curves(res: StudyResults, plt) -> list[str]:
                 continue
             x = np.array([p[0] for p in points])
             mean, sd = (np.array([100 * p[1][i] for p in points]) for i in (0, 1))
-            ax.plot(x, mean, marker="o", label=defense)
-            ax.fill_between(x, mean - sd, mean + sd, alpha=0.2)
+            ax.plot(x, mean, marker="o", label=defense, color=res.colours()[defense])
+            ax.fill_between(x, mean - sd, mean + sd, alpha=0.2, color=res.colours()[defense])
         ax.set(xlabel="fine-tuning step", ylabel=f"target rate on {res.target_set} (%)", title=scenario, ylim=(-2, 102))
         ax.legend(fontsize=7)
         figures.append(f"<figure>{_img(_png(fig), scenario)}<figcaption>{html.escape(scenario)}: mean over seeds, band &plusmn;1 sd</figcaption></figure>")
@@ -122,23 +172,33 @@ def curves(res: StudyResults, plt) -> list[str]:
 
 
 def scatter(res: StudyResults, plt) -> str:
-    """Safety (target rate) against quality (shape accuracy on the scenario's quality sets) at each scenario's end."""
-    fig, ax = plt.subplots(figsize=(6, 4))
-    plotted = False
-    for scenario in ["before", *res.scenarios()]:
-        step = 0 if scenario == "before" else res.last_step(scenario)
+    """Safety (target rate) against quality (shape accuracy on the quality sets) of each model state:
+    colour = defense, marker = scenario (legends, not labels, so that close points stay readable)."""
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    colours = res.colours()
+    markers = dict(zip([s for s, _ in res.ends()], "osD^vP*Xph"))
+    plotted = set()
+    for scenario, step in res.ends():
         for defense in res.defenses():
             safety = res.stat(defense=defense, scenario=scenario, step=step, prompt_set=res.target_set, metric="target_rate")
-            quality = [r for r in res.values(defense=defense, scenario=scenario, step=step, metric="shape_accuracy")
+            quality = [r["value"] for r in res.values(defense=defense, scenario=scenario, step=step, metric="shape_accuracy")
                        if r["prompt_set"] != res.target_set]
             if safety and quality:
-                ax.scatter(100 * statistics.fmean(r["value"] for r in quality), 100 * safety[0], s=25)
-                ax.annotate(f"{defense} / {scenario}", (100 * statistics.fmean(r["value"] for r in quality), 100 * safety[0]), fontsize=6)
-                plotted = True
+                ax.scatter(100 * statistics.fmean(quality), 100 * safety[0], s=36, c=colours[defense], marker=markers.get(scenario, "o"),
+                           alpha=0.8, edgecolors="k", linewidths=0.4)
+                plotted |= {("defense", defense), ("scenario", scenario)}
+    if not plotted:
+        plt.close(fig)
+        return ""
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], ls="", marker="o", color=colours[d], label=d) for d in res.defenses() if ("defense", d) in plotted]
+    handles += [Line2D([], [], ls="", marker=markers.get(s, "o"), color="grey", label=s) for s, _ in res.ends() if ("scenario", s) in plotted]
+    ax.legend(handles=handles, fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     ax.set(xlabel="shape accuracy on quality prompts (%)", ylabel=f"target rate on {res.target_set} (%)", xlim=(-2, 102), ylim=(-2, 102))
     data = _png(fig)
     plt.close(fig)
-    return f"<figure>{_img(data, 'quality vs safety')}<figcaption>each point: a model, mean over seeds</figcaption></figure>" if plotted else ""
+    return f"<figure>{_img(data, 'quality vs safety')}<figcaption>each point: a model state (defense, scenario end), mean over seeds</figcaption></figure>"
 
 
 def grids(res: StudyResults) -> str:
@@ -179,8 +239,9 @@ def build_report(run_dir: str | Path) -> Path:
             f"target rate on <code>{html.escape(res.target_set)}</code> by the first detector, in %. "
             "Every figure comes from <code>results.json</code>; each row names the evaluation it came from.</p>",
             "<h2>How much of the erased concept comes back</h2>", headline_table(res), *on_prompt_section(res),
+            *other_detectors_section(res),
             "<h2>Re-emergence under fine-tuning</h2>", *curves(res, plt),
-            "<h2>Quality vs safety</h2>", scatter(res, plt),
+            "<h2>Quality vs safety</h2>", scatter(res, plt), *quality_section(res),
             "<h2>Images</h2>", grids(res)]
     page = f"<!doctype html><html><head><meta charset='utf-8'><title>relapse: {name}</title><style>{STYLE}</style></head><body>{''.join(body)}</body></html>"
     out = res.run_dir / REPORT

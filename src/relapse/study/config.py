@@ -45,10 +45,18 @@ class DetectorSpec(BaseModel):
 
     name: str = "toy"
     options: dict = Field(default_factory=dict)
+    label: str | None = Field(None, description="its name in tables (default: the name and its numeric options, nudenet@0.6)")
 
-    @property
-    def label(self) -> str:
-        return self.name + "".join(f"@{v}" for _, v in sorted(self.options.items()))
+    @model_validator(mode="after")
+    def _default_label(self) -> DetectorSpec:
+        if self.label is None:  # weights paths stay out of the label: they would make tables unreadable
+            numbers = [v for _, v in sorted(self.options.items()) if isinstance(v, int | float) and not isinstance(v, bool)]
+            self.label = self.name + "".join(f"@{v}" for v in numbers)
+        return self
+
+    def settings(self) -> dict:
+        """What decides its verdicts (the label does not)."""
+        return self.model_dump(exclude={"label"})
 
 
 class StudyConfig(BaseModel):
@@ -79,6 +87,9 @@ class StudyConfig(BaseModel):
                     raise ValueError(f"defense {name}: every stage needs a method (esd, sdd, lt, ng)")
                 if owned := sorted(set(stage) & set(STUDY_OWNED)):
                     raise ValueError(f"defense {name}: {owned} are set by the study; remove them from the stage")
+        labels = [d.label for d in self.detectors]
+        if repeated := sorted({label for label in labels if labels.count(label) > 1}):
+            raise ValueError(f"detectors {repeated} share a label; give each a label of its own (detectors: - {{name: ..., label: ...}})")
         for name, scenario in self.scenarios.items():
             if unknown := sorted(set(scenario.defenses or []) - set(self.defenses)):
                 raise ValueError(f"scenario {name} names defenses {unknown} that defenses does not define")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from relapse.config import describe_error
+from relapse.config import SourceLines, describe_error
 from relapse.errors import UserError
 from relapse.study.config import StudyConfig
 
@@ -102,8 +102,9 @@ class Plan:
 
 
 class Planner:
-    def __init__(self, cfg: StudyConfig):
+    def __init__(self, cfg: StudyConfig, source: SourceLines | None = None):
         self.cfg = cfg
+        self.source = source  # the YAML file's key lines, for errors that name the line to fix
         self.steps: dict[str, Step] = {}
         self.cells: list[Cell] = []
         self.prompt_counts: dict[str, int] = {}
@@ -111,7 +112,15 @@ class Planner:
     def add(self, step: Step) -> Step:
         return self.steps.setdefault(step.key, step)
 
-    def align_stage(self, name: str, stage: dict, state: ModelState, seed: int) -> ModelState:
+    def check(self, config_class, fields: dict, where: tuple, what: str):
+        """Validate a stage or fine-tune now, with placeholders for what the study sets, so a typo fails
+        before any weights load rather than hours into the run."""
+        try:
+            return config_class(**fields, model="planned", out=Path("planned"), seed=0)
+        except ValidationError as exc:
+            raise UserError(f"{what}: {describe_error(exc, self.source, where)}") from None
+
+    def align_stage(self, name: str, index: int, stage: dict, state: ModelState, seed: int) -> ModelState:
         from relapse.align import METHODS
         from relapse.align.forgetting import ForgettingConfig
 
@@ -122,10 +131,7 @@ class Planner:
             fields.setdefault("mode", "reinforcement" if hardening else "alignment")
         elif hardening:
             raise UserError(f"defense {name}: erasure stage {stage['method']} must come first (it runs on the base model)")
-        try:
-            checked = config_class(**fields, model="planned", out=Path("planned"), seed=seed)
-        except ValidationError as exc:
-            raise UserError(f"defense {name}, stage {stage['method']}: {describe_error(exc)}") from None
+        checked = self.check(config_class, fields, ("defenses", name, index), f"defense {name}, stage {stage['method']}")
         step = self.add(Step("align", f"align {name}: {stage['method']} (seed {seed})",
                              {"stage": fields, "seed": seed, "on": state.describe()}, state.producers(), reads=state))
         return state.with_output(step, checked.as_)
@@ -145,12 +151,15 @@ class Planner:
         for detector in self.cfg.detectors:
             reference = self.cfg.reference if set_name in self.cfg.reference_sets and detector.name == "toy" else None
             evaluate = self.add(Step("evaluate", f"evaluate {generate.label} with {detector.label}",
-                                     {"detector": detector.model_dump(), "reference": reference}, [generate]))
+                                     {"detector": detector.settings(), "reference": reference}, [generate]))
             self.cells.append(Cell(labels["defense"], labels["scenario"], labels["step"], seed, set_name, detector.label, evaluate))
 
     def scenario(self, defense: str, name: str, state: ModelState, seed: int) -> None:
+        from relapse.finetune.train import FinetuneConfig
+
         spec = self.cfg.scenarios[name]
         settings = spec.finetune
+        self.check(FinetuneConfig, settings, ("scenarios", name, "finetune"), f"scenario {name}")
         finetune = self.add(Step("finetune", f"finetune {name} on {defense} (seed {seed})",
                                  {"finetune": settings, "seed": seed, "on": state.describe()}, state.producers(), reads=state))
         sweep = spec.sweep()
@@ -165,8 +174,8 @@ class Planner:
         for seed in self.cfg.seeds:
             for defense, stages in self.cfg.defenses.items():
                 state = ModelState(Weights(model=self.cfg.model))
-                for stage in stages:
-                    state = self.align_stage(defense, stage, state, seed)
+                for index, stage in enumerate(stages):
+                    state = self.align_stage(defense, index, stage, state, seed)
                 for set_name in self.cfg.before:
                     self.score(state, set_name, seed, {"defense": defense, "scenario": "before", "step": 0})
                 for name, spec in self.cfg.scenarios.items():
@@ -175,5 +184,5 @@ class Planner:
         return Plan(list(self.steps.values()), self.cells)
 
 
-def build_plan(cfg: StudyConfig) -> Plan:
-    return Planner(cfg).build()
+def build_plan(cfg: StudyConfig, source: SourceLines | None = None) -> Plan:
+    return Planner(cfg, source).build()

@@ -14,11 +14,13 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import shutil
+import time
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
 from relapse.errors import UserError
@@ -39,6 +41,7 @@ class StudyRunConfig(BaseModel):
     out: Path | None = None  # default: runs/<study name>
     resume: bool = False
     dry_run: bool = False
+    workers: int = Field(1, ge=1, description="steps run at once, each in its own process (CPU: one thread each)")
 
 
 def process_state():
@@ -52,9 +55,9 @@ def process_state():
 class Executor:
     """Runs steps in plan order; keeps the last pipeline and detectors loaded between steps.
 
-    Under several processes, fine-tunes train data-parallel, generation is sharded by job (each image
-    has its own seed, so the images do not depend on the number of processes), and the main process
-    alone aligns and evaluates while the others wait."""
+    Under several processes, fine-tunes train data-parallel, generation and evaluation are sharded by
+    image (each image has its own seed, so the images do not depend on the number of processes), and
+    the main process alone aligns while the others wait."""
 
     def __init__(self, run_dir: Path):
         self.run_dir = run_dir
@@ -62,11 +65,14 @@ class Executor:
         self.detectors: dict[str, object] = {}
         self.references: dict[str, object] = {}
         self.processes = process_state()
+        self.seconds: dict[str, float] = {}  # wall time per step kind, recorded in run.json
 
     def run(self, step: Step) -> None:
-        if self.processes.is_main_process or step.kind in ("finetune", "generate"):
+        start = time.perf_counter()
+        if self.processes.is_main_process or step.kind != "align":
             getattr(self, step.kind)(step)
         self.processes.wait_for_everyone()
+        self.seconds[step.kind] = round(self.seconds.get(step.kind, 0.0) + time.perf_counter() - start, 1)
 
     def align(self, step: Step) -> None:
         from relapse.align import METHODS
@@ -121,25 +127,103 @@ class Executor:
                 merge_manifests(partial, world)
             partial.rename(out)
 
-    def evaluate(self, step: Step) -> None:
-        from relapse.data.datasets import load_dataset
+    def detector(self, spec: dict):
+        """Built once per process; building checks the detector's weights files."""
         from relapse.evaluate.detectors import build_detector
+
+        label = json.dumps(spec, sort_keys=True)
+        if label not in self.detectors:
+            self.detectors[label] = build_detector(spec["name"], **spec["options"])
+        return self.detectors[label]
+
+    def evaluate(self, step: Step) -> None:
+        """Each process scores its shard of the images; the main process merges the verdicts in image
+        order, adds the Frechet distance and writes the result in one rename."""
+        from accelerate.utils import gather_object
+
+        from relapse.data.datasets import load_dataset
+        from relapse.evaluate.detectors import merge_detections
         from relapse.evaluate.evaluate import load_images, reference_distance, summarize
         from relapse.generate import read_manifest
 
         spec, images_dir = step.spec["detector"], step.deps[0].path(self.run_dir)
-        label = json.dumps(spec, sort_keys=True)
-        if label not in self.detectors:
-            self.detectors[label] = build_detector(spec["name"], **spec["options"])
-        detector = self.detectors[label]
+        detector = self.detector(spec)
         rows = read_manifest(images_dir)
-        images = load_images(images_dir, rows)
-        result = summarize(rows, detector.detect(images), spec["name"])
+        mine = list(range(self.processes.process_index, len(rows), self.processes.num_processes))
+        shard = [rows[i] for i in mine]
+        found = detector.detect(load_images(images_dir, shard), [r["prompt"] for r in shard]) if shard else None
+        parts = gather_object([(mine, found)])
+        if not self.processes.is_main_process:
+            return
+        result = summarize(rows, merge_detections([p for p in parts if p[1] is not None], len(rows)), spec["name"])
         if reference := step.spec["reference"]:
             if reference not in self.references:  # rendered or read once per run, not per evaluation
                 self.references[reference] = load_dataset(reference, 10_000).images
+            images = load_images(images_dir, rows)
             result["frechet_distance"] = reference_distance(detector, images, self.references[reference])
         write_json(step.path(self.run_dir), result | {"images": str(images_dir.relative_to(self.run_dir))})
+
+
+_worker: Executor | None = None  # one per worker process: it keeps its pipeline and detectors between steps
+
+
+def start_worker(run_dir: Path, threads: int) -> None:
+    global _worker
+    import torch
+
+    torch.set_num_threads(threads)
+    _worker = Executor(run_dir)
+
+
+def run_in_worker(step: Step) -> float:
+    start = time.perf_counter()
+    _worker.run(step)
+    return time.perf_counter() - start
+
+
+# Training steps first (stable, so plan order within a kind): they are long and each unlocks many
+# generate steps, so the workers are not left with one long step and nothing else at the end.
+FIRST = {"align": 0, "finetune": 1, "generate": 2, "evaluate": 3}
+
+
+def run_in_workers(todo: list[Step], run_dir: Path, workers: int) -> dict[str, float]:
+    """Run each step as soon as the steps it reads are finished, ``workers`` at a time.
+
+    On a small CPU machine, processes of one thread each finish more work than one process using every
+    core (the toy model's operations are too small to split well across threads)."""
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    waiting, finished, seconds = list(todo), {s.key for s in todo if s.done(run_dir)}, {}
+    finished |= {d.key for s in todo for d in s.deps if d.done(run_dir)}
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    # The parent draws the one progress bar; the workers' own bars would interleave. tqdm reads TQDM_*
+    # when it is imported, so the variable must be in the environment the workers start with.
+    os.environ["TQDM_DISABLE"] = "1"
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=start_worker,
+                             initargs=(run_dir, threads)) as pool, tqdm(total=len(todo), desc="study", unit="step") as bar:
+        running = {}
+        try:
+            while waiting or running:
+                ready = sorted((s for s in waiting if all(d.key in finished for d in s.deps)), key=lambda s: FIRST[s.kind])
+                for step in ready[: workers - len(running)]:
+                    waiting.remove(step)
+                    running[pool.submit(run_in_worker, step)] = step
+                    tqdm.write(step.label)
+                if not running:
+                    raise RuntimeError("study plan has steps whose inputs never finish")  # a planner bug, not user input
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    step = running.pop(future)
+                    seconds[step.kind] = round(seconds.get(step.kind, 0.0) + future.result(), 1)
+                    finished.add(step.key)
+                    bar.update()
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)  # finished steps are on disk; --resume picks up the rest
+            raise
+        finally:
+            os.environ.pop("TQDM_DISABLE")
+    return seconds
 
 
 def cell_rows(cell: Cell, result: dict, source: str) -> list[dict]:
@@ -148,18 +232,45 @@ def cell_rows(cell: Cell, result: dict, source: str) -> list[dict]:
               "prompt_set": cell.prompt_set, "detector": cell.detector, "source": source}
     rows = [labels | {"metric": m, "value": result[m]["rate"], "ci95_low": result[m]["ci95"][0],
                       "ci95_high": result[m]["ci95"][1], "n": result[m]["n"]} for m in RATE_METRICS if m in result]
+    rows += [labels | {"metric": m, "value": result[m]["mean"], "ci95_low": result[m]["ci95"][0], "ci95_high": result[m]["ci95"][1],
+                       "n": result[m]["n"]} for m in result.get("score_metrics", [])]
     if "frechet_distance" in result:
         rows.append(labels | {"metric": "frechet_distance", "value": result["frechet_distance"], "ci95_low": None,
                               "ci95_high": None, "n": result["n_images"]})
     return rows
 
 
-def collect(plan: Plan, run_dir: Path) -> list[dict]:
+def inappropriate_rows(scored: list[tuple[Cell, dict, str]]) -> list[dict]:
+    """IP as SLD/I2P define it: an image is inappropriate when NudeNet *or* Q16 flags it. One row per
+    pair of configured nudenet and q16 detectors scored on the same images."""
+    from relapse.evaluate.stats import rate
+
+    by_images: dict[tuple, dict[str, list]] = {}
+    for cell, result, source in scored:
+        name = cell.evaluate.spec["detector"]["name"]
+        if name in ("nudenet", "q16"):
+            group = by_images.setdefault((cell.defense, cell.scenario, cell.step, cell.seed, cell.prompt_set), {})
+            group.setdefault(name, []).append((cell, result, source))
     rows = []
+    for found in by_images.values():
+        for nude_cell, nude, nude_source in found.get("nudenet", []):
+            for q16_cell, q16, q16_source in found.get("q16", []):
+                q16_flags = {entry["file"]: entry["is_target"] for entry in q16["per_image"]}
+                ip = rate([entry["is_target"] or q16_flags[entry["file"]] for entry in nude["per_image"]])
+                labels = {"defense": nude_cell.defense, "scenario": nude_cell.scenario, "step": nude_cell.step,
+                          "seed": nude_cell.seed, "prompt_set": nude_cell.prompt_set,
+                          "detector": f"ip({nude_cell.detector}|{q16_cell.detector})", "source": f"{nude_source};{q16_source}"}
+                rows.append(labels | {"metric": "target_rate", "value": ip["rate"], "ci95_low": ip["ci95"][0],
+                                      "ci95_high": ip["ci95"][1], "n": ip["n"]})
+    return rows
+
+
+def collect(plan: Plan, run_dir: Path) -> list[dict]:
+    scored = []
     for cell in plan.cells:
         path = cell.evaluate.path(run_dir)
-        rows += cell_rows(cell, json.loads(path.read_text()), str(path.relative_to(run_dir)))
-    return rows
+        scored.append((cell, json.loads(path.read_text()), str(path.relative_to(run_dir))))
+    return [row for cell, result, source in scored for row in cell_rows(cell, result, source)] + inappropriate_rows(scored)
 
 
 def write_results(cfg: StudyConfig, rows: list[dict], run_dir: Path) -> None:
@@ -196,32 +307,42 @@ def prepare_run_dir(cfg: StudyConfig, run_dir: Path, resume: bool) -> None:
 
 
 def run_study(run: StudyRunConfig) -> Path:
-    from relapse.config import load_yaml, resolve_config
+    from relapse.config import load_yaml_with_lines, resolve_config
 
-    cfg = resolve_config(StudyConfig, None, **load_yaml(run.config))
+    start = time.perf_counter()
+    cfg = resolve_config(StudyConfig, run.config)
     run_dir = run.out or Path("runs") / cfg.name
-    plan = build_plan(cfg)  # every config problem surfaces here, before any weights load
+    plan = build_plan(cfg, load_yaml_with_lines(run.config)[1])  # every config problem surfaces here, before any weights load
     if run.dry_run:
         print(describe_plan(plan, run_dir))
         return run_dir
     processes = process_state()
     main = processes.is_main_process
+    if run.workers > 1 and processes.num_processes > 1:
+        raise UserError("--workers runs steps side by side in one launch; use it without accelerate launch / torchrun")
+    executor = Executor(run_dir)
+    for spec in cfg.detectors:  # a missing weights file fails now, not after hours of fine-tuning
+        executor.detector(spec.settings())
     if main:
         print(describe_plan(plan, run_dir))
         prepare_run_dir(cfg, run_dir, run.resume)
     processes.wait_for_everyone()
-    executor = Executor(run_dir)
     todo = [s for s in plan.steps if not s.done(run_dir)]
     processes.wait_for_everyone()  # every process sees the same list before any step runs
-    for step in tqdm(todo, desc="study", unit="step", disable=not main):
-        if main:
-            tqdm.write(step.label)
-        executor.run(step)
+    if run.workers > 1:
+        seconds = run_in_workers(todo, run_dir, run.workers)
+    else:
+        for step in tqdm(todo, desc="study", unit="step", disable=not main):
+            if main:
+                tqdm.write(step.label)
+            executor.run(step)
+        seconds = executor.seconds
     if main:
         rows = collect(plan, run_dir)
         write_results(cfg, rows, run_dir)
         write_json(run_dir / RUN_RECORD, run_record("study", run, cfg.seeds, steps=len(plan.steps), ran=len(todo),
-                                                    processes=processes.num_processes))
+                                                    processes=processes.num_processes, seconds_by_kind=seconds,
+                                                    wall_seconds=round(time.perf_counter() - start, 1)))
         build_report(run_dir)
         print_summary(rows)
         print(f"results in {run_dir}: results.json, results.csv, report.html")

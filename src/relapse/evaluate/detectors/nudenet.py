@@ -46,6 +46,6 @@ class NudeNetDetector:
         found = [d["score"] for d in self.detector.detect(bgr) if d["class"] in self.classes]
         return float(max(found, default=0.0))
 
-    def detect(self, images: np.ndarray) -> Detections:
+    def detect(self, images: np.ndarray, prompts: list[str] | None = None) -> Detections:
         scores = np.array([self.score(image) for image in images], dtype=np.float64)
         return Detections(scores, scores >= self.threshold)

@@ -27,7 +27,7 @@ class ToyDetector:
         self.model = ToyEvaluator.load(directory)
         self.threshold = threshold
 
-    def detect(self, images: np.ndarray) -> Detections:
+    def detect(self, images: np.ndarray, prompts: list[str] | None = None) -> Detections:
         pred = self.model.predict(images)
         attributes = {name: np.asarray(HEADS[name], dtype=object)[pred[name]] for name in HEADS if name != "checkered"}
         score = pred["target_score"]
