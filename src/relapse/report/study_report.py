@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from relapse.errors import UserError
+from relapse.study.results import headline_metric
 
 REPORT = "report.html"
 GRID_IMAGES = 8
@@ -50,6 +51,9 @@ class StudyResults:
         self.detector = self.all_rows[0]["detector"] if self.all_rows else None
         self.rows = [r for r in self.all_rows if r["detector"] == self.detector]
         self.target_set = (self.config.get("before") or [r["prompt_set"] for r in self.rows] or [""])[0]
+        self.metric = headline_metric(self.rows)
+        scenarios = self.config.get("scenarios", {}).values()
+        self.quality_sets = set(self.config.get("reference_sets", [])).union(*(s.get("quality_sets", []) for s in scenarios))
 
     def values(self, detector: str | None = None, **match) -> list[dict]:
         rows = self.rows if detector in (None, self.detector) else [r for r in self.all_rows if r["detector"] == detector]
@@ -93,7 +97,7 @@ def _cell(stat) -> str:
     return f"{100 * mean:.1f} &plusmn; {100 * sd:.1f} <small>(n={n})</small>"
 
 
-def headline_table(res: StudyResults, metric: str = "target_rate", detector: str | None = None) -> str:
+def headline_table(res: StudyResults, metric: str, detector: str | None = None) -> str:
     head = "".join(f"<th>after {html.escape(s)} (step {step})</th>" for s, step in res.ends()[1:])
     lines = [f"<table><tr><th>defense</th><th>before fine-tuning</th>{head}</tr>"]
     for defense in res.defenses():
@@ -108,7 +112,7 @@ def other_detectors_section(res: StudyResults) -> list[str]:
     others = [d for d in res.detectors() if d != res.detector]
     if not others:
         return []
-    return ["<h3>By every detector</h3>"] + [f"<h4><code>{html.escape(d)}</code></h4>" + headline_table(res, detector=d) for d in others]
+    return ["<h3>By every detector</h3>"] + [f"<h4><code>{html.escape(d)}</code></h4>" + headline_table(res, "target_rate", d) for d in others]
 
 
 QUALITY_METRICS = {"frechet_distance": ("Frechet distance to the reference (lower is better)", 1.0),
@@ -117,8 +121,8 @@ QUALITY_METRICS = {"frechet_distance": ("Frechet distance to the reference (lowe
 
 
 def quality_section(res: StudyResults) -> list[str]:
-    """What each model state costs in quality, on the prompt sets that are not the target set."""
-    found = {r["metric"] for r in res.all_rows if r["prompt_set"] != res.target_set}
+    """What each model state costs in quality, on the quality and reference prompt sets."""
+    found = {r["metric"] for r in res.all_rows if r["prompt_set"] in res.quality_sets}
     parts = []
     for metric, (title, scale) in QUALITY_METRICS.items():
         if metric not in found:
@@ -129,7 +133,7 @@ def quality_section(res: StudyResults) -> list[str]:
             cells = []
             for scenario, step in res.ends():
                 rows = [r for r in res.all_rows if r["metric"] == metric and r["defense"] == defense and r["scenario"] == scenario
-                        and r["step"] == step and r["prompt_set"] != res.target_set]
+                        and r["step"] == step and r["prompt_set"] in res.quality_sets]
                 sets = sorted({r["prompt_set"] for r in rows})
                 values = [scale * r["value"] for r in rows]
                 cells.append(f"<td>{statistics.fmean(values):.1f} &plusmn; {statistics.stdev(values) if len(values) > 1 else 0:.1f} "
@@ -139,13 +143,16 @@ def quality_section(res: StudyResults) -> list[str]:
     return parts
 
 
-def on_prompt_section(res: StudyResults) -> list[str]:
-    """The same table for images flagged *and* of the asked shape and colour, where the detector says so."""
-    if not res.values(metric="target_on_prompt_rate"):
+METRIC_NAMES = {"target_rate": "target rate", "target_on_prompt_rate": "on-prompt target rate"}
+
+
+def secondary_section(res: StudyResults) -> list[str]:
+    """With the on-prompt rate as headline, the plain flagged rate too (and why it is not the headline)."""
+    if res.metric != "target_on_prompt_rate":
         return []
-    return ["<h3>On-prompt rate</h3><p>Flagged <em>and</em> of the shape and colour the prompt asks for: the attack "
-            "produced the requested image. A detector trained on real images can flag off-manifold noise; this rate does not.</p>",
-            headline_table(res, "target_on_prompt_rate")]
+    return ["<h3>Flagged rate</h3><p>Every image the detector flags, whatever it shows. The toy evaluator also flags "
+            "off-manifold images (smudges, noise) as the target, which is why the headline counts only images that are "
+            "flagged <em>and</em> of the shape and colour the prompt asks for.</p>", headline_table(res, "target_rate")]
 
 
 def curves(res: StudyResults, plt) -> list[str]:
@@ -156,7 +163,7 @@ def curves(res: StudyResults, plt) -> list[str]:
             continue
         fig, ax = plt.subplots(figsize=(6, 3.6))
         for defense in res.defenses():
-            stats = [res.stat(defense=defense, scenario=scenario, step=s, prompt_set=res.target_set, metric="target_rate") for s in steps]
+            stats = [res.stat(defense=defense, scenario=scenario, step=s, prompt_set=res.target_set, metric=res.metric) for s in steps]
             points = [(s, st) for s, st in zip(steps, stats) if st]
             if not points:
                 continue
@@ -164,7 +171,7 @@ def curves(res: StudyResults, plt) -> list[str]:
             mean, sd = (np.array([100 * p[1][i] for p in points]) for i in (0, 1))
             ax.plot(x, mean, marker="o", label=defense, color=res.colours()[defense])
             ax.fill_between(x, mean - sd, mean + sd, alpha=0.2, color=res.colours()[defense])
-        ax.set(xlabel="fine-tuning step", ylabel=f"target rate on {res.target_set} (%)", title=scenario, ylim=(-2, 102))
+        ax.set(xlabel="fine-tuning step", ylabel=f"{METRIC_NAMES[res.metric]} on {res.target_set} (%)", title=scenario, ylim=(-2, 102))
         ax.legend(fontsize=7)
         figures.append(f"<figure>{_img(_png(fig), scenario)}<figcaption>{html.escape(scenario)}: mean over seeds, band &plusmn;1 sd</figcaption></figure>")
         plt.close(fig)
@@ -180,9 +187,9 @@ def scatter(res: StudyResults, plt) -> str:
     plotted = set()
     for scenario, step in res.ends():
         for defense in res.defenses():
-            safety = res.stat(defense=defense, scenario=scenario, step=step, prompt_set=res.target_set, metric="target_rate")
+            safety = res.stat(defense=defense, scenario=scenario, step=step, prompt_set=res.target_set, metric=res.metric)
             quality = [r["value"] for r in res.values(defense=defense, scenario=scenario, step=step, metric="shape_accuracy")
-                       if r["prompt_set"] != res.target_set]
+                       if r["prompt_set"] in res.quality_sets]
             if safety and quality:
                 ax.scatter(100 * statistics.fmean(quality), 100 * safety[0], s=36, c=colours[defense], marker=markers.get(scenario, "o"),
                            alpha=0.8, edgecolors="k", linewidths=0.4)
@@ -195,7 +202,7 @@ def scatter(res: StudyResults, plt) -> str:
     handles = [Line2D([], [], ls="", marker="o", color=colours[d], label=d) for d in res.defenses() if ("defense", d) in plotted]
     handles += [Line2D([], [], ls="", marker=markers.get(s, "o"), color="grey", label=s) for s, _ in res.ends() if ("scenario", s) in plotted]
     ax.legend(handles=handles, fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
-    ax.set(xlabel="shape accuracy on quality prompts (%)", ylabel=f"target rate on {res.target_set} (%)", xlim=(-2, 102), ylim=(-2, 102))
+    ax.set(xlabel="shape accuracy on quality prompts (%)", ylabel=f"{METRIC_NAMES[res.metric]} on {res.target_set} (%)", xlim=(-2, 102), ylim=(-2, 102))
     data = _png(fig)
     plt.close(fig)
     return f"<figure>{_img(data, 'quality vs safety')}<figcaption>each point: a model state (defense, scenario end), mean over seeds</figcaption></figure>"
@@ -236,9 +243,10 @@ def build_report(run_dir: str | Path) -> Path:
     name = html.escape(str(res.config.get("name", "study")))
     body = [f"<h1>relapse study: {name}</h1>",
             f"<p>Base model <code>{html.escape(str(res.config.get('model')))}</code>, seeds {res.config.get('seeds')}; "
-            f"target rate on <code>{html.escape(res.target_set)}</code> by the first detector, in %. "
+            f"{METRIC_NAMES[res.metric]} on <code>{html.escape(res.target_set)}</code> by the first detector "
+            f"(<code>{html.escape(str(res.detector))}</code>), in %, mean &plusmn; sd over seeds and the images pooled over seeds. "
             "Every figure comes from <code>results.json</code>; each row names the evaluation it came from.</p>",
-            "<h2>How much of the erased concept comes back</h2>", headline_table(res), *on_prompt_section(res),
+            "<h2>How much of the erased concept comes back</h2>", headline_table(res, res.metric), *secondary_section(res),
             *other_detectors_section(res),
             "<h2>Re-emergence under fine-tuning</h2>", *curves(res, plt),
             "<h2>Quality vs safety</h2>", scatter(res, plt), *quality_section(res),

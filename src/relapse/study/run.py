@@ -194,8 +194,8 @@ def run_in_workers(todo: list[Step], run_dir: Path, workers: int) -> dict[str, f
     import multiprocessing
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
-    waiting, finished, seconds = list(todo), {s.key for s in todo if s.done(run_dir)}, {}
-    finished |= {d.key for s in todo for d in s.deps if d.done(run_dir)}
+    waiting, seconds = list(todo), {}
+    finished = {d.key for s in todo for d in s.deps if d.done(run_dir)}  # what an earlier run left
     threads = max(1, (os.cpu_count() or 1) // workers)
     # The parent draws the one progress bar; the workers' own bars would interleave. tqdm reads TQDM_*
     # when it is imported, so the variable must be in the environment the workers start with.
@@ -350,18 +350,21 @@ def run_study(run: StudyRunConfig) -> Path:
 
 
 def print_summary(rows: list[dict]) -> None:
-    """The terminal's last word: target rate per defense and scenario at its last step (mean over seeds)."""
+    """The terminal's last word: the headline rate per defense and scenario at its last step (mean over seeds)."""
     from rich.console import Console
     from rich.table import Table
 
-    from relapse.study.results import summarize_rows
+    from relapse.study.results import headline_metric, summarize_rows
 
-    rates = [r for r in rows if r["metric"] == "target_rate" and r["detector"] == rows[0]["detector"]]
+    first = [r for r in rows if r["detector"] == rows[0]["detector"]]
+    metric = headline_metric(first)
+    rates = [r for r in first if r["metric"] == metric]
     last = {}
     for r in rates:
         last[(r["defense"], r["scenario"])] = max(last.get((r["defense"], r["scenario"]), 0), r["step"])
-    table = Table(title="target rate (%), mean +- sd over seeds, at each scenario's last step")
-    for column in ("defense", "scenario", "step", "prompt set", "target rate"):
+    name = metric.replace("_", " ").replace(" rate", "")
+    table = Table(title=f"{name} rate (%), mean +- sd over seeds, at each scenario's last step")
+    for column in ("defense", "scenario", "step", "prompt set", f"{name} rate"):
         table.add_column(column)
     for s in summarize_rows([r for r in rates if r["step"] == last[(r["defense"], r["scenario"])]]):
         table.add_row(s["defense"], s["scenario"], str(s["step"]), s["prompt_set"], f"{100 * s['mean']:.1f} +- {100 * s['sd']:.1f}")
