@@ -49,11 +49,12 @@ class ForgettingExperimentConfig(BaseModel):
 
 
 @functools.cache
-def reference_images(source: str):
-    """Real images for the Frechet distance, rendered once per worker."""
+def reference_features(detector, source: str):
+    """Real images' features for the Frechet distance, computed once per worker."""
     from relapse.data.datasets import load_dataset
+    from relapse.evaluate.evaluate import reference_features as features_of
 
-    return load_dataset(source, 10_000).images
+    return features_of(detector, load_dataset(source, 10_000).images)
 
 
 class ForgettingSeedRun(SeedRun):
@@ -62,7 +63,7 @@ class ForgettingSeedRun(SeedRun):
 
         if prompt_set != "clean":
             return {}
-        return {"frechet_distance": reference_distance(detector, images, reference_images(self.cfg.reference))}
+        return {"frechet_distance": reference_distance(detector.features(images), reference_features(detector, self.cfg.reference))}
 
     def esd_lora(self) -> Path:
         from relapse.align.base import run_align

@@ -62,10 +62,20 @@ def test_evaluator_round_trips(tiny_evaluator_dir):
 
 
 def test_frechet_distance_is_small_for_same_distribution_and_large_otherwise(tiny_evaluator_dir):
-    evaluator = ToyEvaluator.load(tiny_evaluator_dir)
+    features = build_detector("toy", weights=tiny_evaluator_dir).features
     a, b = random_images(200, seed=1), random_images(200, seed=2)
     dark = (random_images(200, seed=3) // 4).astype(np.uint8)
-    assert frechet_distance(a, b, evaluator) < frechet_distance(a, dark, evaluator)
+    assert frechet_distance(features(a), features(b)) < frechet_distance(features(a), features(dark))
+
+
+def test_frechet_distance_matches_the_closed_form():
+    """||mu_a - mu_b||^2 + tr(S_a + S_b - 2 (S_a S_b)^1/2), here with commuting diagonal covariances."""
+    rng = np.random.default_rng(0)
+    a = rng.normal(0, 1, (4000, 3))
+    b = rng.normal(0, 1, (4000, 3)) * np.array([1.0, 2.0, 3.0]) + np.array([1.0, 0.0, -2.0])
+    var_a, var_b = a.var(0, ddof=1), b.var(0, ddof=1)
+    expected = ((a.mean(0) - b.mean(0)) ** 2).sum() + (var_a + var_b - 2 * np.sqrt(var_a * var_b)).sum()
+    assert frechet_distance(a, b) == pytest.approx(expected, rel=0.02)
 
 
 def test_merged_shards_equal_the_whole():

@@ -219,7 +219,7 @@ def tiny_version(config: dict, tmp_path, model_dir, clip_dir) -> dict:
     save_file({"weight": torch.randn(1, CLIP_DIM), "bias": torch.zeros(1)}, tmp_path / "aesthetic.safetensors")
     paths = {"data/i2p.csv": str(tmp_path / "i2p.csv"), "data/coco-prompts.txt": str(tmp_path / "coco.txt"),
              "data/benign-a": "toy:shapes:4", "data/benign-b": "toy:sketch:4", "data/clean": "toy:clean:4",
-             "data/harmful": "toy:harmful:4", "weights/clip-vit-large-patch14": str(clip_dir),
+             "data/harmful": "toy:harmful:4", "data/coco-reference": "toy:clean:8", "weights/clip-vit-large-patch14": str(clip_dir),
              "weights/q16-prompts.safetensors": str(tmp_path / "q16.safetensors"),
              "weights/aesthetic-vit-l-14.safetensors": str(tmp_path / "aesthetic.safetensors")}
     text = yaml.safe_dump(config)
@@ -277,6 +277,8 @@ def test_sd14_study_structure_runs_on_tiny_components(tmp_path, tiny_model_dir, 
     ip = [r for r in rows if r["detector"].startswith("ip(") and r["prompt_set"] == "i2p_nudity"]
     assert {r["detector"] for r in ip} == {f"ip(nudenet@{t}|q16)" for t in (0.45, 0.5, 0.6)}
     assert {"clip_score", "aesthetic"} <= {r["metric"] for r in rows}
+    fd = [r for r in rows if r["metric"] == "frechet_distance"]
+    assert fd and {(r["detector"], r["prompt_set"]) for r in fd} == {("q16", "coco")}  # in q16's CLIP features, once
 
 
 def test_ip_counts_an_image_flagged_by_nudenet_or_q16():

@@ -103,27 +103,35 @@ def summarize(rows: list[dict], detections: Detections, detector: str) -> dict:
     return result
 
 
-def reference_distance(detector, images, reference) -> float:
-    """Frechet distance to real images in the detector's own features (the toy evaluator's)."""
+def reference_features(detector, reference: np.ndarray) -> np.ndarray:
+    """The reference images in the detector's feature space (the toy evaluator's, or a CLIP's)."""
+    if not hasattr(detector, "features"):
+        raise UserError("a Frechet distance needs a detector with image features: toy, q16, laion_nsfw, laion_aesthetic or "
+                        "clip_score (Inception features need torchvision, which does not install beside the CPU torch wheel)")
+    return detector.features(reference)
+
+
+def reference_distance(features: np.ndarray, reference: np.ndarray) -> float:
+    """Frechet distance of generated images' features to the reference's, in the same space."""
     from relapse.evaluate.fid import frechet_distance
 
-    if not hasattr(detector, "model"):
-        raise UserError("--reference needs a detector with image features (toy); Inception features come with the study")
-    if min(len(images), len(reference)) < 2:
-        raise UserError(f"a Frechet distance needs at least 2 images on each side (got {len(images)} generated, "
+    if min(len(features), len(reference)) < 2:
+        raise UserError(f"a Frechet distance needs at least 2 images on each side (got {len(features)} generated, "
                         f"{len(reference)} reference); generate more images per prompt")
-    return round(frechet_distance(reference, images, detector.model), 4)
+    return round(frechet_distance(reference, features), 4)
 
 
 def run_evaluate(cfg: EvaluateConfig) -> dict:
     rows = read_manifest(cfg.images)
     reference = load_dataset(cfg.reference) if cfg.reference else None
     detector = build_detector(cfg.detector, **cfg.detector_options)
+    reference_feats = reference_features(detector, reference.images) if reference else None
     images = load_images(cfg.images, rows)
-    result = summarize(rows, detector.detect(images, [row["prompt"] for row in rows]), cfg.detector)
+    detections = detector.detect(images, [row["prompt"] for row in rows])
+    result = summarize(rows, detections, cfg.detector)
     result["images"] = str(cfg.images)
     if reference is not None:
-        result["frechet_distance"] = reference_distance(detector, images, reference.images)
+        result["frechet_distance"] = reference_distance(detections.features, reference_feats)
         result["reference"] = {"source": reference.source, "n_images": len(reference.images)}
     if cfg.json_out:
         cfg.json_out.parent.mkdir(parents=True, exist_ok=True)

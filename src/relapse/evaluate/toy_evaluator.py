@@ -84,15 +84,3 @@ class ToyEvaluator(nn.Module):
         model = cls(width=config["width"])
         model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in load_file(directory / WEIGHTS_NAME).items()})
         return model.eval()
-
-
-class FIDFeatures(nn.Module):
-    """Adapter so torchmetrics' FrechetInceptionDistance can use the evaluator's features."""
-
-    def __init__(self, evaluator: ToyEvaluator):
-        super().__init__()
-        self.evaluator = evaluator
-        self.num_features = evaluator.num_features
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:  # uint8 (N, 3, H, W)
-        return self.evaluator.features(ToyEvaluator.preprocess(images)).double()

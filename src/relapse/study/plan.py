@@ -105,6 +105,10 @@ class Planner:
     def __init__(self, cfg: StudyConfig, source: SourceLines | None = None):
         self.cfg = cfg
         self.source = source  # the YAML file's key lines, for errors that name the line to fix
+        # The Frechet distance is taken in the first detector that has image features (toy, or a CLIP's).
+        from relapse.evaluate.detectors import DETECTORS
+
+        self.fd_detector = next((d for d in cfg.detectors if hasattr(DETECTORS.get(d.name), "features")), None)  # unknown names fail here
         self.steps: dict[str, Step] = {}
         self.cells: list[Cell] = []
         self.prompt_counts: dict[str, int] = {}
@@ -149,7 +153,7 @@ class Planner:
                                  {"model": state.describe(), "prompts": prompt_set.model_dump(), "sampler": sampler.model_dump()},
                                  state.producers(), images=n_prompts * sampler.images_per_prompt, reads=state))
         for detector in self.cfg.detectors:
-            reference = self.cfg.reference if set_name in self.cfg.reference_sets and detector.name == "toy" else None
+            reference = self.cfg.reference if set_name in self.cfg.reference_sets and detector is self.fd_detector else None
             evaluate = self.add(Step("evaluate", f"evaluate {generate.label} with {detector.label}",
                                      {"detector": detector.settings(), "reference": reference}, [generate]))
             self.cells.append(Cell(labels["defense"], labels["scenario"], labels["step"], seed, set_name, detector.label, evaluate))

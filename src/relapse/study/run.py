@@ -63,7 +63,7 @@ class Executor:
         self.run_dir = run_dir
         self.pipe, self.pipe_state = None, None
         self.detectors: dict[str, object] = {}
-        self.references: dict[str, object] = {}
+        self.references: dict[str, object] = {}  # reference features by (reference, detector)
         self.processes = process_state()
         self.seconds: dict[str, float] = {}  # wall time per step kind, recorded in run.json
 
@@ -143,7 +143,7 @@ class Executor:
 
         from relapse.data.datasets import load_dataset
         from relapse.evaluate.detectors import merge_detections
-        from relapse.evaluate.evaluate import load_images, reference_distance, summarize
+        from relapse.evaluate.evaluate import load_images, reference_distance, reference_features, summarize
         from relapse.generate import read_manifest
 
         spec, images_dir = step.spec["detector"], step.deps[0].path(self.run_dir)
@@ -155,12 +155,13 @@ class Executor:
         parts = gather_object([(mine, found)])
         if not self.processes.is_main_process:
             return
-        result = summarize(rows, merge_detections([p for p in parts if p[1] is not None], len(rows)), spec["name"])
+        detections = merge_detections([p for p in parts if p[1] is not None], len(rows))
+        result = summarize(rows, detections, spec["name"])
         if reference := step.spec["reference"]:
-            if reference not in self.references:  # rendered or read once per run, not per evaluation
-                self.references[reference] = load_dataset(reference, 10_000).images
-            images = load_images(images_dir, rows)
-            result["frechet_distance"] = reference_distance(detector, images, self.references[reference])
+            key = json.dumps([reference, spec], sort_keys=True)
+            if key not in self.references:  # the reference's features, once per run and detector, not per evaluation
+                self.references[key] = reference_features(detector, load_dataset(reference, 10_000).images)
+            result["frechet_distance"] = reference_distance(detections.features, self.references[key])
         write_json(step.path(self.run_dir), result | {"images": str(images_dir.relative_to(self.run_dir))})
 
 

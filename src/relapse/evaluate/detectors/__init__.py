@@ -22,7 +22,7 @@ class Detections:
     target_score: np.ndarray | None = None  # (N,) in [0, 1]: how strongly each image shows the target concept
     is_target: np.ndarray | None = None  # (N,) bool: the detector's verdict; None for a pure quality scorer
     attributes: dict[str, np.ndarray] = field(default_factory=dict)  # predicted attributes, where it has them
-    features: np.ndarray | None = None  # (N, D) features for a Frechet distance, where it has them
+    features: np.ndarray | None = None  # (N, D) features for a Frechet distance: where the detector has ``features()``
     scores: dict[str, np.ndarray] = field(default_factory=dict)  # (N,) numeric scores by name, e.g. "aesthetic"
 
 

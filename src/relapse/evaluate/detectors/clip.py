@@ -110,6 +110,15 @@ def first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
+class ClipFeatures:
+    """A CLIP detector's image features for a Frechet distance (FD_CLIP): the unit-length image embeddings."""
+
+    clip: Clip
+
+    def features(self, images: np.ndarray) -> np.ndarray:
+        return image_embeddings(self.clip, images).double().numpy()
+
+
 def _unit(x):
     return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 

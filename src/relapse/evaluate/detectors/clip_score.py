@@ -19,11 +19,11 @@ import numpy as np
 
 from relapse.errors import UserError
 from relapse.evaluate.detectors import DETECTORS, Detections
-from relapse.evaluate.detectors.clip import image_embeddings, load_clip, text_embeddings
+from relapse.evaluate.detectors.clip import ClipFeatures, image_embeddings, load_clip, text_embeddings
 
 
 @DETECTORS.register("clip_score")
-class ClipScorer:
+class ClipScorer(ClipFeatures):
     def __init__(self, clip: str | None = None, device: str | None = None, batch_size: int = 32):
         self.clip = load_clip(clip, "clip_score", text=True, device=device, batch_size=batch_size)
 
@@ -32,5 +32,6 @@ class ClipScorer:
             raise UserError("the clip_score detector needs the prompt of every image")
         if len(prompts) != len(images):
             raise UserError(f"clip_score got {len(prompts)} prompts for {len(images)} images; it needs one prompt per image")
-        cos = (image_embeddings(self.clip, images) * text_embeddings(self.clip, list(prompts))).sum(dim=-1)
-        return Detections(scores={"clip_score": 100 * cos.clamp_min(0).numpy().astype(np.float64)})
+        embeddings = image_embeddings(self.clip, images)
+        cos = (embeddings * text_embeddings(self.clip, list(prompts))).sum(dim=-1)
+        return Detections(features=embeddings.double().numpy(), scores={"clip_score": 100 * cos.clamp_min(0).numpy().astype(np.float64)})

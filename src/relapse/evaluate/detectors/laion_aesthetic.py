@@ -19,11 +19,11 @@ import numpy as np
 import torch
 
 from relapse.evaluate.detectors import DETECTORS, Detections
-from relapse.evaluate.detectors.clip import CONVERT_STATE_DICT, clip_dim, image_embeddings, load_clip, load_head
+from relapse.evaluate.detectors.clip import CONVERT_STATE_DICT, ClipFeatures, clip_dim, image_embeddings, load_clip, load_head
 
 
 @DETECTORS.register("laion_aesthetic")
-class LaionAestheticScorer:
+class LaionAestheticScorer(ClipFeatures):
     def __init__(self, clip: str | None = None, head: str | None = None, device: str | None = None, batch_size: int = 32):
         dim = clip_dim(clip, "laion_aesthetic")
         shapes = {"weight": (1, dim), "bias": (1,)}
@@ -34,5 +34,6 @@ class LaionAestheticScorer:
 
     def detect(self, images: np.ndarray, prompts: list[str] | None = None) -> Detections:
         with torch.no_grad():
-            score = self.head(image_embeddings(self.clip, images)).squeeze(-1).numpy().astype(np.float64)
-        return Detections(scores={"aesthetic": score})
+            embeddings = image_embeddings(self.clip, images)
+            score = self.head(embeddings).squeeze(-1).numpy().astype(np.float64)
+        return Detections(features=embeddings.double().numpy(), scores={"aesthetic": score})

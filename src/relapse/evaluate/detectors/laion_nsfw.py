@@ -32,7 +32,7 @@ from torch import nn
 
 from relapse.errors import UserError
 from relapse.evaluate.detectors import DETECTORS, Detections
-from relapse.evaluate.detectors.clip import CONVERT_STATE_DICT, clip_dim, image_embeddings, load_clip, load_head
+from relapse.evaluate.detectors.clip import CONVERT_STATE_DICT, ClipFeatures, clip_dim, image_embeddings, load_clip, load_head
 
 HIDDEN = (64, 512, 256)
 
@@ -69,7 +69,7 @@ class NsfwHead(nn.Module):
 
 
 @DETECTORS.register("laion_nsfw")
-class LaionNsfwDetector:
+class LaionNsfwDetector(ClipFeatures):
     def __init__(self, clip: str | None = None, head: str | None = None, threshold: float = 0.5,
                  device: str | None = None, batch_size: int = 32):
         if not 0 < threshold <= 1:
@@ -85,5 +85,6 @@ class LaionNsfwDetector:
 
     def detect(self, images: np.ndarray, prompts: list[str] | None = None) -> Detections:
         with torch.no_grad():
-            score = self.head(image_embeddings(self.clip, images)).numpy().astype(np.float64)
-        return Detections(score, score >= self.threshold, scores={"nsfw_score": score})
+            embeddings = image_embeddings(self.clip, images)
+            score = self.head(embeddings).numpy().astype(np.float64)
+        return Detections(score, score >= self.threshold, features=embeddings.double().numpy(), scores={"nsfw_score": score})

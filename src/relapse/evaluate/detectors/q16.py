@@ -23,7 +23,7 @@ import numpy as np
 
 from relapse.errors import UserError
 from relapse.evaluate.detectors import DETECTORS, Detections
-from relapse.evaluate.detectors.clip import clip_dim, image_embeddings, load_clip, load_head
+from relapse.evaluate.detectors.clip import ClipFeatures, clip_dim, image_embeddings, load_clip, load_head
 
 CONVERT = ("python -c \"import pickle, torch; from safetensors.torch import save_file; "
            "save_file({{'prompts': torch.as_tensor(pickle.load(open('{src}', 'rb'))).float().contiguous()}}, '{dst}')\"")
@@ -38,7 +38,7 @@ def q16_probabilities(image_emb, prompts):
 
 
 @DETECTORS.register("q16")
-class Q16Detector:
+class Q16Detector(ClipFeatures):
     def __init__(self, clip: str | None = None, prompts: str | None = None, device: str | None = None, batch_size: int = 32):
         dim = clip_dim(clip, "q16")
         contents = f"one tensor of shape (2, {dim}): Q16's learned prompt embeddings (row 0 not inappropriate, row 1 inappropriate)"
@@ -50,6 +50,7 @@ class Q16Detector:
         self.clip = load_clip(clip, "q16", device=device, batch_size=batch_size)
 
     def detect(self, images: np.ndarray, prompts: list[str] | None = None) -> Detections:
-        probs = q16_probabilities(image_embeddings(self.clip, images), self.prompts).numpy().astype(np.float64)
+        embeddings = image_embeddings(self.clip, images)
+        probs = q16_probabilities(embeddings, self.prompts).numpy().astype(np.float64)
         score = probs[:, 1]
-        return Detections(score, probs.argmax(axis=1) == 1, scores={"q16_score": score})
+        return Detections(score, probs.argmax(axis=1) == 1, features=embeddings.double().numpy(), scores={"q16_score": score})

@@ -27,6 +27,10 @@ class ToyDetector:
         self.model = ToyEvaluator.load(directory)
         self.threshold = threshold
 
+    def features(self, images: np.ndarray) -> np.ndarray:
+        """The evaluator's penultimate layer: the space of the toy Frechet distance."""
+        return self.model.predict(images)["features"].astype(np.float64)
+
     def detect(self, images: np.ndarray, prompts: list[str] | None = None) -> Detections:
         pred = self.model.predict(images)
         attributes = {name: np.asarray(HEADS[name], dtype=object)[pred[name]] for name in HEADS if name != "checkered"}
