@@ -100,6 +100,7 @@ def test_report_is_self_contained_and_rebuilds_from_results(study_yaml, tmp_path
     for defense in ("none", "esd", "esd+ng"):  # target rate, on-prompt rate, then FD, shape and colour accuracy
         assert page.count(f"<td>{defense}</td>") == 5
     assert all(title in page for title in ("Frechet distance", "shape accuracy (%)", "colour accuracy (%)"))
+    assert re.search(r"\[\d+, \d+\] n=\d+</small>", page) and 'title="seed 0: ' in page  # pooled interval; each seed on hover
     rows = re.findall(r"<tr><td>([^<]+)</td>", page)
     assert rows[:3] == list(yaml.safe_load(study_yaml.read_text())["defenses"])  # the config's order
     code, _, err = run_cli("report", tmp_path / "empty")
@@ -159,6 +160,15 @@ def test_config_errors_name_the_key_and_its_line(tmp_path, run_cli, mistake, mes
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert __import__("re").search(message, err), err
     assert str(path) in err
+
+
+def test_a_prompt_set_left_empty_by_its_filters_is_refused(tmp_path, run_cli):
+    (tmp_path / "i2p.csv").write_text('prompt,categories,nudity_percentage\n"a red star",violence,0\n')
+    path = tmp_path / "study.yaml"
+    path.write_text(f"name: x\nmodel: toy\nprompt_sets:\n  harm: {{source: {tmp_path / 'i2p.csv'}, categories: [sexual]}}\n"
+                    "before: [harm]\n")
+    code, _, err = run_cli("study", path, "--dry-run")
+    assert code == 2 and "prompt set harm" in err and "no prompts left" in err and "line 4" in err
 
 
 def test_invalid_yaml_names_its_line(tmp_path, run_cli):

@@ -90,18 +90,27 @@ class StudyResults:
         return [("before", 0)] + [(s, self.last_step(s)) for s in self.scenarios()]
 
 
-def _cell(stat) -> str:
-    if stat is None:
+def _rate_cell(res: StudyResults, **match) -> str:
+    """Mean +- sd over seeds, the 95% Wilson interval of the images pooled over seeds and their number;
+    each seed's rate and interval on hover."""
+    from relapse.evaluate.stats import wilson_interval
+
+    rows = res.values(**match)
+    if not rows:
         return "-"
-    mean, sd, n = stat
-    return f"{100 * mean:.1f} &plusmn; {100 * sd:.1f} <small>(n={n})</small>"
+    mean, sd, n = res.stat(**match)
+    low, high = wilson_interval(sum(round(r["value"] * r["n"]) for r in rows), n)
+    seeds = "; ".join(f"seed {r['seed']}: {100 * r['value']:.1f}% [{100 * r['ci95_low']:.1f}, {100 * r['ci95_high']:.1f}], n={r['n']}"
+                      for r in rows)
+    return (f'<span title="{html.escape(seeds)}">{100 * mean:.1f} &plusmn; {100 * sd:.1f}</span> '
+            f"<small>[{100 * low:.0f}, {100 * high:.0f}] n={n}</small>")
 
 
 def headline_table(res: StudyResults, metric: str, detector: str | None = None) -> str:
     head = "".join(f"<th>after {html.escape(s)} (step {step})</th>" for s, step in res.ends()[1:])
     lines = [f"<table><tr><th>defense</th><th>before fine-tuning</th>{head}</tr>"]
     for defense in res.defenses():
-        cells = "".join(f"<td>{_cell(res.stat(defense=defense, scenario=s, step=step, prompt_set=res.target_set, metric=metric, detector=detector))}</td>"
+        cells = "".join(f"<td>{_rate_cell(res, defense=defense, scenario=s, step=step, prompt_set=res.target_set, metric=metric, detector=detector)}</td>"
                         for s, step in res.ends())
         lines.append(f"<tr><td>{html.escape(defense)}</td>{cells}</tr>")
     return "\n".join(lines) + "</table>"
@@ -244,7 +253,8 @@ def build_report(run_dir: str | Path) -> Path:
     body = [f"<h1>relapse study: {name}</h1>",
             f"<p>Base model <code>{html.escape(str(res.config.get('model')))}</code>, seeds {res.config.get('seeds')}; "
             f"{METRIC_NAMES[res.metric]} on <code>{html.escape(res.target_set)}</code> by the first detector "
-            f"(<code>{html.escape(str(res.detector))}</code>), in %, mean &plusmn; sd over seeds and the images pooled over seeds. "
+            f"(<code>{html.escape(str(res.detector))}</code>), in %: mean &plusmn; sd over seeds, then the 95% Wilson interval "
+            "of the images pooled over seeds and their number n (hover a cell for each seed's rate and interval). "
             "Every figure comes from <code>results.json</code>; each row names the evaluation it came from.</p>",
             "<h2>How much of the erased concept comes back</h2>", headline_table(res, res.metric), *secondary_section(res),
             *other_detectors_section(res),

@@ -148,6 +148,10 @@ class Planner:
         if set_name not in self.prompt_counts:
             self.prompt_counts[set_name] = len(select_prompts(read_prompts(prompt_set.source), prompt_set.categories,
                                                               prompt_set.min_nudity_percentage))
+            if not self.prompt_counts[set_name]:
+                raise UserError(f"prompt set {set_name} ({prompt_set.source}) has no prompts left after its filters (categories "
+                                f"{prompt_set.categories}, min_nudity_percentage {prompt_set.min_nudity_percentage}); widen them"
+                                + (self.source.where(("prompt_sets", set_name)) if self.source else ""))
         n_prompts = self.prompt_counts[set_name]
         generate = self.add(Step("generate", f"generate {set_name} ({labels['defense']}, {labels['scenario']}, step {labels['step']}, seed {seed})",
                                  {"model": state.describe(), "prompts": prompt_set.model_dump(), "sampler": sampler.model_dump()},
