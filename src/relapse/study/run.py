@@ -213,6 +213,7 @@ def run_in_workers(todo: list[Step], run_dir: Path, workers: int) -> dict[str, f
                     tqdm.write(step.label)
                 if not running:
                     raise RuntimeError("study plan has steps whose inputs never finish")  # a planner bug, not user input
+                bar.set_postfix_str("running: " + ", ".join(s.kind for s in running.values()))
                 done, _ = wait(running, return_when=FIRST_COMPLETED)
                 for future in done:
                     step = running.pop(future)
