@@ -210,3 +210,8 @@ def test_evaluate_cli_scores_with_clip_options_from_the_config(run_cli, clip_dir
     (tmp_path / "head.pth").write_bytes(b"\x80\x04pickle")
     cfg.write_text(f"detector: laion_aesthetic\ndetector_options:\n  clip: {clip_dir}\n  head: {tmp_path / 'head.pth'}\n")
     assert_user_error(run_cli("evaluate", "--images", tmp_path / "g", "--config", cfg), str(tmp_path / "head.pth"))
+
+
+def test_detectors_on_one_clip_folder_share_its_model(clip_dir):
+    first, second = build_detector("clip_score", clip=str(clip_dir)), build_detector("clip_score", clip=str(clip_dir))
+    assert first.clip.model is second.clip.model

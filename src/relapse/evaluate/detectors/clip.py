@@ -2,8 +2,8 @@
 
 Everything comes from local paths the user names: a transformers CLIP folder (``save_pretrained`` of e.g.
 ``openai/clip-vit-large-patch14``: config.json, model.safetensors, preprocessor_config.json and the
-tokenizer files) and small heads as .safetensors files. Nothing downloads, nothing is unpickled, nothing
-is cached between detectors.
+tokenizer files) and small heads as .safetensors files. Nothing downloads, nothing is unpickled. Detectors
+that name the same CLIP folder share one model in memory.
 
 Example::
 
@@ -13,6 +13,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,10 +85,19 @@ def pick_device(device: str | None) -> str:
     return device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
+@functools.lru_cache(maxsize=2)
+def shared_clip_model(folder: str, device: str):
+    """One CLIPModel per folder and device: q16, clip_score and laion_aesthetic in one study share it
+    (three ViT-L/14 copies would hold 5 GB). Inference only, so sharing is safe."""
+    from transformers import CLIPModel
+
+    return CLIPModel.from_pretrained(folder, local_files_only=True, use_safetensors=True).eval().to(device)
+
+
 def load_clip(folder: str | Path | None, detector: str, *, text: bool = False, device: str | None = None, batch_size: int = 32) -> Clip:
     """A CLIPModel, its image processor and (``text=True``) its tokenizer, all from ``folder`` with
     ``local_files_only=True`` and safetensors weights only."""
-    from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
+    from transformers import AutoTokenizer, CLIPImageProcessor
 
     folder = check_clip_folder(folder, detector)
     if batch_size < 1:
@@ -95,7 +105,7 @@ def load_clip(folder: str | Path | None, detector: str, *, text: bool = False, d
     device = pick_device(device)
     what = "model weights"
     try:
-        model = CLIPModel.from_pretrained(folder, local_files_only=True, use_safetensors=True).eval().to(device)
+        model = shared_clip_model(str(folder.resolve()), device)
         what = "preprocessor_config.json"
         processor = CLIPImageProcessor.from_pretrained(folder, local_files_only=True)
         what = "tokenizer files"
