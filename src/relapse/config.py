@@ -51,7 +51,8 @@ def describe_error(error: ValidationError, source: SourceLines | None = None, pr
     return f"{where}: {first['msg']}{more}" + (source.where(loc) if source else "")
 
 
-def load_yaml_with_lines(path: str | Path) -> tuple[dict, SourceLines]:
+def load_yaml(path: str | Path) -> tuple[dict, SourceLines]:
+    """The file's mapping, and where each of its keys sits."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"config file {path} does not exist")
@@ -70,14 +71,13 @@ def load_yaml_with_lines(path: str | Path) -> tuple[dict, SourceLines]:
     return data, SourceLines(path, key_lines(node))
 
 
-def load_yaml(path: str | Path) -> dict:
-    return load_yaml_with_lines(path)[0]
-
-
 def resolve_config(cls: type[C], config_file: str | Path | None = None, **flags: object) -> C:
     """Build ``cls`` from an optional YAML file, overridden by every flag that is not None."""
-    data, source = load_yaml_with_lines(config_file) if config_file else ({}, SourceLines())
-    data.update({k: v for k, v in flags.items() if v is not None})
+    data, source = load_yaml(config_file) if config_file else ({}, SourceLines())
+    return validated(cls, data | {k: v for k, v in flags.items() if v is not None}, source)
+
+
+def validated(cls: type[C], data: dict, source: SourceLines) -> C:
     try:
         return cls(**data)
     except ValidationError as exc:

@@ -57,7 +57,7 @@ def test_study_resumes_after_a_kill_and_gives_the_same_rows(study_yaml, tmp_path
         calls["n"] += 1
         if calls["n"] == 6:
             raise KeyboardInterrupt
-        original(self, step)
+        return original(self, step)
 
     monkeypatch.setattr(study_run.Executor, "run", killed_at_six)
     with pytest.raises(KeyboardInterrupt):

@@ -38,6 +38,14 @@ def _img(data: str, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
 
 
+def over_seeds(rows: list[dict]) -> tuple[float, float, int] | None:
+    """Mean and sd over seeds, and the pooled number of images."""
+    if not rows:
+        return None
+    values = [r["value"] for r in rows]
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0, sum(r["n"] for r in rows)
+
+
 class StudyResults:
     """The rows of results.json, indexed for the report's questions. ``detector`` is the first detector
     of the config: the headline, curves, scatter and grid use it; every detector gets its own table."""
@@ -60,12 +68,7 @@ class StudyResults:
         return [r for r in rows if all(r[k] == v for k, v in match.items())]
 
     def stat(self, **match) -> tuple[float, float, int] | None:
-        """Mean and sd over seeds, and the pooled number of images."""
-        rows = self.values(**match)
-        if not rows:
-            return None
-        values = [r["value"] for r in rows]
-        return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0, sum(r["n"] for r in rows)
+        return over_seeds(self.values(**match))
 
     def defenses(self) -> list[str]:
         """In the config's order, as the reader wrote them."""
@@ -98,7 +101,7 @@ def _rate_cell(res: StudyResults, **match) -> str:
     rows = res.values(**match)
     if not rows:
         return "-"
-    mean, sd, n = res.stat(**match)
+    mean, sd, n = over_seeds(rows)
     low, high = wilson_interval(sum(round(r["value"] * r["n"]) for r in rows), n)
     seeds = "; ".join(f"seed {r['seed']}: {100 * r['value']:.1f}% [{100 * r['ci95_low']:.1f}, {100 * r['ci95_high']:.1f}], n={r['n']}"
                       for r in rows)
@@ -129,6 +132,16 @@ QUALITY_METRICS = {"frechet_distance": ("Frechet distance to the reference (lowe
                    "aesthetic": ("LAION aesthetic score", 1.0), "clip_score": ("CLIP score", 1.0)}
 
 
+def _quality_cell(res: StudyResults, metric: str, scale: float, **match) -> str:
+    rows = [r for r in res.all_rows if r["metric"] == metric and r["prompt_set"] in res.quality_sets
+            and all(r[k] == v for k, v in match.items())]
+    if not rows:
+        return "<td>-</td>"
+    mean, sd, _ = over_seeds(rows)
+    sets = ", ".join(sorted({r["prompt_set"] for r in rows}))
+    return f"<td>{scale * mean:.1f} &plusmn; {scale * sd:.1f} <small>({html.escape(sets)})</small></td>"
+
+
 def quality_section(res: StudyResults) -> list[str]:
     """What each model state costs in quality, on the quality and reference prompt sets."""
     found = {r["metric"] for r in res.all_rows if r["prompt_set"] in res.quality_sets}
@@ -139,15 +152,8 @@ def quality_section(res: StudyResults) -> list[str]:
         head = "".join(f"<th>{html.escape(s)}</th>" for s, _ in res.ends())
         lines = [f"<h3>{title}</h3><table><tr><th>defense</th>{head}</tr>"]
         for defense in res.defenses():
-            cells = []
-            for scenario, step in res.ends():
-                rows = [r for r in res.all_rows if r["metric"] == metric and r["defense"] == defense and r["scenario"] == scenario
-                        and r["step"] == step and r["prompt_set"] in res.quality_sets]
-                sets = sorted({r["prompt_set"] for r in rows})
-                values = [scale * r["value"] for r in rows]
-                cells.append(f"<td>{statistics.fmean(values):.1f} &plusmn; {statistics.stdev(values) if len(values) > 1 else 0:.1f} "
-                             f"<small>({html.escape(', '.join(sets))})</small></td>" if values else "<td>-</td>")
-            lines.append(f"<tr><td>{html.escape(defense)}</td>{''.join(cells)}</tr>")
+            cells = "".join(_quality_cell(res, metric, scale, defense=defense, scenario=s, step=step) for s, step in res.ends())
+            lines.append(f"<tr><td>{html.escape(defense)}</td>{cells}</tr>")
         parts.append("\n".join(lines) + "</table>")
     return parts
 

@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import time
+from collections import Counter
 from pathlib import Path
 
 import yaml
@@ -65,14 +66,14 @@ class Executor:
         self.detectors: dict[str, object] = {}
         self.references: dict[str, object] = {}  # reference features by (reference, detector)
         self.processes = process_state()
-        self.seconds: dict[str, float] = {}  # wall time per step kind, recorded in run.json
 
-    def run(self, step: Step) -> None:
+    def run(self, step: Step) -> float:
+        """Run one step; its wall time in seconds."""
         start = time.perf_counter()
         if self.processes.is_main_process or step.kind != "align":
             getattr(self, step.kind)(step)
         self.processes.wait_for_everyone()
-        self.seconds[step.kind] = round(self.seconds.get(step.kind, 0.0) + time.perf_counter() - start, 1)
+        return time.perf_counter() - start
 
     def align(self, step: Step) -> None:
         from relapse.align import METHODS
@@ -177,9 +178,7 @@ def start_worker(run_dir: Path, threads: int) -> None:
 
 
 def run_in_worker(step: Step) -> float:
-    start = time.perf_counter()
-    _worker.run(step)
-    return time.perf_counter() - start
+    return _worker.run(step)
 
 
 # Training steps first (stable, so plan order within a kind): they are long and each unlocks many
@@ -187,7 +186,7 @@ def run_in_worker(step: Step) -> float:
 FIRST = {"align": 0, "finetune": 1, "generate": 2, "evaluate": 3}
 
 
-def run_in_workers(todo: list[Step], run_dir: Path, workers: int) -> dict[str, float]:
+def run_in_workers(todo: list[Step], run_dir: Path, workers: int) -> Counter:
     """Run each step as soon as the steps it reads are finished, ``workers`` at a time.
 
     On a small CPU machine, processes of one thread each finish more work than one process using every
@@ -195,7 +194,7 @@ def run_in_workers(todo: list[Step], run_dir: Path, workers: int) -> dict[str, f
     import multiprocessing
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
-    waiting, seconds = list(todo), {}
+    waiting, seconds = list(todo), Counter()
     finished = {d.key for s in todo for d in s.deps if d.done(run_dir)}  # what an earlier run left
     threads = max(1, (os.cpu_count() or 1) // workers)
     # The parent draws the one progress bar; the workers' own bars would interleave. tqdm reads TQDM_*
@@ -217,7 +216,7 @@ def run_in_workers(todo: list[Step], run_dir: Path, workers: int) -> dict[str, f
                 done, _ = wait(running, return_when=FIRST_COMPLETED)
                 for future in done:
                     step = running.pop(future)
-                    seconds[step.kind] = round(seconds.get(step.kind, 0.0) + future.result(), 1)
+                    seconds[step.kind] += future.result()
                     finished.add(step.key)
                     bar.update()
         except BaseException:
@@ -228,17 +227,23 @@ def run_in_workers(todo: list[Step], run_dir: Path, workers: int) -> dict[str, f
     return seconds
 
 
+def row(labels: dict, metric: str, value: float, ci95: list | None, n: int) -> dict:
+    low, high = ci95 or (None, None)
+    return labels | {"metric": metric, "value": value, "ci95_low": low, "ci95_high": high, "n": n}
+
+
+def cell_labels(cell: Cell, source: str, detector: str | None = None) -> dict:
+    return {"defense": cell.defense, "scenario": cell.scenario, "step": cell.step, "seed": cell.seed,
+            "prompt_set": cell.prompt_set, "detector": detector or cell.detector, "source": source}
+
+
 def cell_rows(cell: Cell, result: dict, source: str) -> list[dict]:
     """The rows of one evaluation; ``source`` (its JSON, relative to the run folder) traces each figure to its images."""
-    labels = {"defense": cell.defense, "scenario": cell.scenario, "step": cell.step, "seed": cell.seed,
-              "prompt_set": cell.prompt_set, "detector": cell.detector, "source": source}
-    rows = [labels | {"metric": m, "value": result[m]["rate"], "ci95_low": result[m]["ci95"][0],
-                      "ci95_high": result[m]["ci95"][1], "n": result[m]["n"]} for m in RATE_METRICS if m in result]
-    rows += [labels | {"metric": m, "value": result[m]["mean"], "ci95_low": result[m]["ci95"][0], "ci95_high": result[m]["ci95"][1],
-                       "n": result[m]["n"]} for m in result.get("score_metrics", [])]
+    labels = cell_labels(cell, source)
+    rows = [row(labels, m, result[m]["rate"], result[m]["ci95"], result[m]["n"]) for m in RATE_METRICS if m in result]
+    rows += [row(labels, m, result[m]["mean"], result[m]["ci95"], result[m]["n"]) for m in result.get("score_metrics", [])]
     if "frechet_distance" in result:
-        rows.append(labels | {"metric": "frechet_distance", "value": result["frechet_distance"], "ci95_low": None,
-                              "ci95_high": None, "n": result["n_images"]})
+        rows.append(row(labels, "frechet_distance", result["frechet_distance"], None, result["n_images"]))
     return rows
 
 
@@ -259,11 +264,8 @@ def inappropriate_rows(scored: list[tuple[Cell, dict, str]]) -> list[dict]:
             for q16_cell, q16, q16_source in found.get("q16", []):
                 q16_flags = {entry["file"]: entry["is_target"] for entry in q16["per_image"]}
                 ip = rate([entry["is_target"] or q16_flags[entry["file"]] for entry in nude["per_image"]])
-                labels = {"defense": nude_cell.defense, "scenario": nude_cell.scenario, "step": nude_cell.step,
-                          "seed": nude_cell.seed, "prompt_set": nude_cell.prompt_set,
-                          "detector": f"ip({nude_cell.detector}|{q16_cell.detector})", "source": f"{nude_source};{q16_source}"}
-                rows.append(labels | {"metric": "target_rate", "value": ip["rate"], "ci95_low": ip["ci95"][0],
-                                      "ci95_high": ip["ci95"][1], "n": ip["n"]})
+                labels = cell_labels(nude_cell, f"{nude_source};{q16_source}", f"ip({nude_cell.detector}|{q16_cell.detector})")
+                rows.append(row(labels, "target_rate", ip["rate"], ip["ci95"], ip["n"]))
     return rows
 
 
@@ -309,12 +311,13 @@ def prepare_run_dir(cfg: StudyConfig, run_dir: Path, resume: bool) -> None:
 
 
 def run_study(run: StudyRunConfig) -> Path:
-    from relapse.config import load_yaml_with_lines, resolve_config
+    from relapse.config import load_yaml, validated
 
     start = time.perf_counter()
-    cfg = resolve_config(StudyConfig, run.config)
+    data, source = load_yaml(run.config)
+    cfg = validated(StudyConfig, data, source)
     run_dir = run.out or Path("runs") / cfg.name
-    plan = build_plan(cfg, load_yaml_with_lines(run.config)[1])  # every config problem surfaces here, before any weights load
+    plan = build_plan(cfg, source)  # every config problem surfaces here, before any weights load
     if run.dry_run:
         print(describe_plan(plan, run_dir))
         return run_dir
@@ -334,16 +337,16 @@ def run_study(run: StudyRunConfig) -> Path:
     if run.workers > 1:
         seconds = run_in_workers(todo, run_dir, run.workers)
     else:
+        seconds = Counter()  # wall time per step kind, recorded in run.json
         for step in tqdm(todo, desc="study", unit="step", disable=not main):
             if main:
                 tqdm.write(step.label)
-            executor.run(step)
-        seconds = executor.seconds
+            seconds[step.kind] += executor.run(step)
     if main:
         rows = collect(plan, run_dir)
         write_results(cfg, rows, run_dir)
         write_json(run_dir / RUN_RECORD, run_record("study", run, cfg.seeds, steps=len(plan.steps), ran=len(todo),
-                                                    processes=processes.num_processes, seconds_by_kind=seconds,
+                                                    processes=processes.num_processes, seconds_by_kind={k: round(v, 1) for k, v in seconds.items()},
                                                     wall_seconds=round(time.perf_counter() - start, 1)))
         build_report(run_dir)
         print_summary(rows)
