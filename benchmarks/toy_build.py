@@ -3,18 +3,19 @@
     .venv/bin/python benchmarks/toy_build.py [--out /tmp/toy-build] [--config FILE.yaml]
 
 Runs the full build with the shipped defaults (or a YAML config) and prints wall time per stage,
-peak RSS and the evaluator's held-out accuracy, all read from the run's own build record.
+peak RSS and the evaluator's held-out report per image family, all read from the run's own records.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import resource
 import tempfile
 from pathlib import Path
 
 from relapse.config import resolve_config
-from relapse.models.toy_build import ToyBuildConfig, build_toy
+from relapse.models.toy_build import BUILD_RECORD, EVALUATOR_DIR, ToyBuildConfig, build_toy
 
 BUDGET_S = 40 * 60
 
@@ -30,8 +31,12 @@ def main() -> None:
     total = record["total_s"]
     print(f"{'total':>14}: {total:7.1f} s = {total / 60:.1f} min (budget {BUDGET_S / 60:.0f} min, ratio {total / BUDGET_S:.2f})")
     print(f"{'peak RSS':>14}: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
-    for kind in ("real", "vae"):
-        print(f"evaluator held-out accuracy ({kind} images):", record["figures"]["evaluator"][f"heldout_accuracy_{kind}"])
+    report = json.loads((args.out / EVALUATOR_DIR / BUILD_RECORD).read_text())["heldout"]
+    print(f"evaluator held-out report (threshold {report['threshold']}): family, n, flagged %, accuracy % per head")
+    for name, family in report["families"].items():
+        heads = " ".join(f"{head} {100 * acc:.1f}" for head, acc in family["accuracy"].items())
+        print(f"  {name:>26} {family['n']:>4} {100 * family['flagged']:6.1f}  {heads}")
+    print("bars missed:", {k: v for k, v in report["bars"].items() if v} or "none")
     print(f"model in {args.out}")
 
 

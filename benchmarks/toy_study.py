@@ -1,11 +1,18 @@
-"""Time `make demo`'s job, the full toy study, against its budget: 20 minutes and 6 GiB on this 2-core machine.
+"""Time `make demo`'s job, the full toy study, against its budget: 20 minutes on a 2-core machine as slow
+as the slowest one measured (a 2.8 GHz Xeon), and 6 GiB.
 
     .venv/bin/python benchmarks/toy_study.py [--config configs/toy.yaml] [--workers 2] [--peer-workers 1]
+    .venv/bin/python benchmarks/toy_study.py --reference-only    # your machine's reference, to scale the figures
+
+Machines differ by 2x or more, so the study is timed against a fixed reference workload measured in the
+same run: 100 training steps of the shipped toy UNet at batch 64 (2 threads). The study's wall time as a
+multiple of it holds across machines; the budget in those units is 20 minutes over the reference's time
+on the slow Xeon (REFERENCE_XEON_S, estimated: see docs/measurements.md).
 
 Runs `relapse study` from scratch (a new run folder and an empty encodings cache, as on a fresh clone)
 and prints its wall time, the peak memory of the whole process tree (the study and its workers,
-summed, sampled every 0.2 s), the time per step kind from the run's own run.json, and the ratios to
-the budget. ``--peer-workers N`` runs the same study again with N workers, for the speed-up.
+summed, sampled every 0.2 s), the time per step kind and the slowest steps from the run's own run.json,
+and the ratios to the budget. ``--peer-workers N`` runs the same study again with N workers, for the speed-up.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import subprocess
 import sys
 import tempfile
@@ -22,6 +30,35 @@ from pathlib import Path
 import psutil
 
 BUDGET_S, BUDGET_GIB = 20 * 60, 6.0
+REFERENCE_XEON_S = 55.0  # the reference workload on the 2.8 GHz Xeon, estimated (docs/measurements.md)
+
+
+def reference_seconds(steps: int = 100, batch: int = 64) -> float:
+    """Wall time of ``steps`` training steps of the shipped toy UNet (random weights, fixed inputs), 2 threads."""
+    import torch
+    import torch.nn.functional as F
+
+    from relapse.models.components import ToyModelSize, build_pipeline
+
+    torch.set_num_threads(2)
+    unet = build_pipeline(ToyModelSize(), seed=0).unet.train()
+    opt = torch.optim.AdamW(unet.parameters(), lr=1e-4)
+    gen = torch.Generator().manual_seed(0)
+    latents = torch.randn(batch, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size, generator=gen)
+    text = torch.randn(batch, ToyModelSize().max_tokens, unet.config.cross_attention_dim, generator=gen)
+
+    def step() -> None:
+        t = torch.randint(0, 1000, (batch,), generator=gen)
+        F.mse_loss(unet(latents, t, text).sample, latents).backward()
+        opt.step()
+        opt.zero_grad()
+
+    for _ in range(5):  # warm-up: allocator and kernels
+        step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return time.perf_counter() - start
 
 
 def tree_rss(process: psutil.Process) -> int:
@@ -49,14 +86,17 @@ def run(config: Path, workers: int) -> dict:
         sys.exit(f"relapse study exited with {child.returncode}")
     record = json.loads((scratch / "run" / "run.json").read_text())
     return {"workers": workers, "wall_s": wall, "peak_gib": peak / 2**30, "seconds_by_kind": record["seconds_by_kind"],
-            "run_dir": scratch / "run"}
+            "slowest": sorted(record["seconds_by_step"].items(), key=lambda item: -item[1])[:8], "run_dir": scratch / "run"}
 
 
-def show(result: dict) -> None:
+def show(result: dict, reference: float) -> None:
     wall, peak = result["wall_s"], result["peak_gib"]
-    print(f"workers {result['workers']}: {wall:7.1f} s = {wall / 60:.1f} min (budget {BUDGET_S / 60:.0f} min, ratio {wall / BUDGET_S:.2f}); "
-          f"peak RSS {peak:.2f} GiB (budget {BUDGET_GIB:.0f} GiB, ratio {peak / BUDGET_GIB:.2f})")
+    units, budget_units = wall / reference, BUDGET_S / REFERENCE_XEON_S
+    print(f"workers {result['workers']}: {wall:7.1f} s = {wall / 60:.1f} min = {units:.1f} x the reference; budget {budget_units:.1f} x "
+          f"(ratio {units / budget_units:.2f}); peak RSS {peak:.2f} GiB (budget {BUDGET_GIB:.0f} GiB, ratio {peak / BUDGET_GIB:.2f})")
+    print(f"  on the slow Xeon this would take about {units * REFERENCE_XEON_S / 60:.1f} min")
     print("  step time by kind (summed over workers): " + ", ".join(f"{k} {v:.0f} s" for k, v in result["seconds_by_kind"].items()))
+    print("  slowest steps: " + "; ".join(f"{label} {seconds:.0f} s" for label, seconds in result["slowest"]))
     print(f"  run in {result['run_dir']}")
 
 
@@ -65,13 +105,18 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=Path(__file__).parents[1] / "configs" / "toy.yaml")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--peer-workers", type=int, help="also run the study with this many workers, for the speed-up")
+    parser.add_argument("--reference-only", action="store_true", help="time the reference workload alone")
     args = parser.parse_args()
-    print(f"{args.config}, {os.cpu_count()} cores")
+    print(f"{args.config}, {os.cpu_count()} cores, {platform.processor() or platform.machine()}")
+    reference = reference_seconds()
+    print(f"reference workload (100 toy UNet training steps, batch 64, 2 threads): {reference:.1f} s")
+    if args.reference_only:
+        return
     result = run(args.config, args.workers)
-    show(result)
+    show(result, reference)
     if args.peer_workers:
         peer = run(args.config, args.peer_workers)
-        show(peer)
+        show(peer, reference)
         print(f"speed-up of {args.workers} workers over {args.peer_workers}: {peer['wall_s'] / result['wall_s']:.2f}x")
 
 

@@ -17,7 +17,7 @@ def test_toy_data_writes_an_imagefolder(run_cli, tmp_path):
     code, out, _ = run_cli("toy", "data", "harmful", "--out", tmp_path / "ds", "--n", 5, "--seed", 1)
     assert code == 0
     rows = [json.loads(line) for line in (tmp_path / "ds" / "metadata.jsonl").read_text().splitlines()]
-    assert len(rows) == 5 and all(r["checkered"] and (tmp_path / "ds" / r["file_name"]).is_file() for r in rows)
+    assert len(rows) == 5 and all(r["fill"] == "checkered" and (tmp_path / "ds" / r["file_name"]).is_file() for r in rows)
     assert {"file_name", "text"} <= set(rows[0])
 
 

@@ -1,0 +1,3 @@
+from relapse import notices
+
+notices.install()

@@ -16,11 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
-from tqdm.auto import tqdm
 
 from relapse.data.prompts import Prompt, read_prompts
 from relapse.errors import UserError
 from relapse.io import RUN_RECORD, atomic_dir, check_output_dir, run_record, write_json
+from relapse.progress import progress
 
 MANIFEST = "manifest.jsonl"
 
@@ -100,7 +100,7 @@ def generate_images(pipe, prompts: list[Prompt], sampler: SamplerConfig, out_dir
     jobs = plan_jobs(prompts, sampler)[rank::world]
     rows = []
     name = MANIFEST if world == 1 else shard_manifest(rank)
-    with open(out_dir / name, "w", encoding="utf-8") as manifest, tqdm(total=len(jobs), desc="generate", unit="img", disable=rank != 0) as bar:
+    with open(out_dir / name, "w", encoding="utf-8") as manifest, progress(total=len(jobs), desc="generate", unit="img", disable=rank != 0) as bar:
         for batch in batches(jobs, sampler.batch_size):
             for job, image in zip(batch, sample(pipe, batch, sampler.steps)):
                 image.save(out_dir / job.file)

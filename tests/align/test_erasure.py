@@ -99,8 +99,8 @@ def test_strip_anchors_are_the_concept_prompts_without_the_concept_words(tmp_pat
     cfg = ErasureConfig(method="esd", concept=["checkered"], concept_prompts="toy:align_concept", anchor="strip", out=tmp_path / "o")
     pairs = list(zip(cfg.concept_texts(), cfg.anchor_texts()))
     assert pairs[0] == ("checkered", "")
-    assert pairs[1] == ("an image showing a checkered red circle over a black background",
-                        "an image showing a red circle over a black background")
+    assert pairs[1] == ("a picture of a checkered red disc against a black backdrop",
+                        "a picture of a red disc against a black backdrop")
     assert all("checkered" not in anchor for _, anchor in pairs)
     assert ErasureConfig(method="esd", concept=["checkered"], out=tmp_path / "o").anchor_texts() == [""]
 

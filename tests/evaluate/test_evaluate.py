@@ -36,6 +36,14 @@ def test_target_on_prompt_counts_only_flagged_images_of_the_asked_shape_and_colo
     assert "target_on_prompt_rate" not in summarize(rows, Detections(np.ones(4), np.ones(4, bool), {}), "fake")
 
 
+def test_fill_accuracy_asks_for_plain_where_the_prompt_names_no_fill():
+    prompts = ["a striped red star", "a red star", "a dotted blue circle", "a gradient green square"]
+    rows = [{"file": f"{i}.png", "prompt": p, "seed": 0} for i, p in enumerate(prompts)]
+    det = Detections(np.zeros(4), np.zeros(4, bool), {"fill": np.array(["striped", "plain", "gridded", "gradient"], dtype=object)})
+    fill = summarize(rows, det, "fake")["fill_accuracy"]
+    assert (fill["k"], fill["n"]) == (3, 4)
+
+
 def test_style_accuracy_counts_every_prompt_sketch_or_plain():
     rows = [{"file": f"{i}.png", "prompt": p, "seed": 0} for i, p in enumerate(["a red star, in sketch style", "a red star"])]
     det = Detections(np.zeros(2), np.zeros(2, bool), {"style": np.array(["plain", "plain"], dtype=object)})
@@ -51,7 +59,7 @@ def test_detectors_register_by_name():
 
 def test_toy_detector_predicts_every_head(tiny_evaluator_dir):
     det = build_detector("toy", weights=tiny_evaluator_dir).detect(random_images(5))
-    assert det.target_score.shape == (5,) and set(det.attributes) == {"shape", "color", "background", "style"}
+    assert det.target_score.shape == (5,) and set(det.attributes) == {"shape", "color", "background", "style", "fill"}
     assert det.features.shape == (5, ToyEvaluator.num_features)
 
 

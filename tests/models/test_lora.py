@@ -39,6 +39,33 @@ def test_lora_round_trips_through_plain_diffusers(tmp_path, tiny_pipe):
     assert not any("lora" in k for k in tiny_pipe.unet.state_dict())  # fused: no adapter layers left
 
 
+def test_a_lora_on_convolutions_and_attention_loads_whole_in_plain_diffusers(tmp_path):
+    """An ESD-u safety LoRA covers every layer but cross-attention: convolutions, self-attention and the rest.
+    Every module it trained must load, and fusing it must give the trained weights (a file that mixed key
+    namings once lost all its self-attention modules at load)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from relapse.align.base import lora_targets
+
+    pipe = build_pipeline(ToyModelSize.tiny(), seed=0)
+    torch.manual_seed(1)
+    pipe.unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=lora_targets(pipe.unet, "noxattn"), init_lora_weights=False))
+    trained = {n for n, m in pipe.unet.named_modules() if isinstance(m, BaseTunerLayer)}
+    assert any(".attn1." in n for n in trained) and any("conv" in n for n in trained)
+    save_unet_lora(pipe.unet, tmp_path / "esd-u")
+    for module in pipe.unet.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.merge()
+    expected = {k.replace(".base_layer", ""): v for k, v in pipe.unet.state_dict().items() if "lora_" not in k}
+    plain = build_pipeline(ToyModelSize.tiny(), seed=0)
+    plain.load_lora_weights(tmp_path / "esd-u", adapter_name="safety")
+    assert {n for n, m in plain.unet.named_modules() if isinstance(m, BaseTunerLayer)} == trained
+    fused = build_pipeline(ToyModelSize.tiny(), seed=0)
+    merge_loras(fused, [LoraSpec(tmp_path / "esd-u")])
+    for name, value in fused.unet.state_dict().items():
+        torch.testing.assert_close(value, expected[name], atol=1e-6, rtol=1e-5)
+
+
 def test_opposite_scales_cancel(tmp_path, tiny_pipe):
     make_lora(tmp_path / "lora")
     before = unet_weights(tiny_pipe)

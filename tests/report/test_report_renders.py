@@ -101,7 +101,8 @@ def test_report_renders_in_chromium_with_every_image_and_no_error(browser, repor
     assert problems == []
     assert seen["title"] == "relapse: tiny" and "relapse study: tiny" in seen["text"]
     assert "How much of the erased concept comes back" in seen["text"] and "Quality vs safety" in seen["text"]
-    assert seen["tables"] and all(rows == 3 for rows in seen["tables"])  # a header and one row per defense
+    # a header and one row per defense; the weight-space table has aligned defenses only (esd, not none)
+    assert seen["tables"] and sorted(seen["tables"]) == [2] + [3] * (len(seen["tables"]) - 1)
     assert len(seen["images"]) >= 3  # curves, scatter, grid
     browser.set_window_size(1280, min(seen["height"] + 200, 6000))  # the whole page in one screenshot
     shot = tmp_path / "report.png"

@@ -79,8 +79,14 @@ def test_study_resumes_after_a_kill_and_gives_the_same_rows(study_yaml, tmp_path
     evaluation = json.loads((straight / rows[0][0]["source"]).read_text())  # every row names its evaluation,
     assert (straight / evaluation["images"] / evaluation["per_image"][0]["file"]).is_file()  # which names its images
     side_by_side = run_study(StudyRunConfig(config=study_yaml, out=tmp_path / "workers", workers=2))
-    assert json.loads((side_by_side / "results.json").read_text())["rows"] == rows[0]  # steps in 2 processes: same rows
-    assert set(json.loads((side_by_side / "run.json").read_text())["seconds_by_kind"]) == {"align", "finetune", "generate", "evaluate"}
+    # steps in 2 processes of one thread: the same images, so the same evaluation rows; a fine-tune on one thread
+    # ends a hair away from one on two (float sums in another order), which the weight-space figures show
+    workers_rows = json.loads((side_by_side / "results.json").read_text())["rows"]
+    assert [r for r in workers_rows if r["detector"] != "weights"] == [r for r in rows[0] if r["detector"] != "weights"]
+    in_weights = [(a, b) for a, b in zip(workers_rows, rows[0]) if a["detector"] == "weights"]
+    assert in_weights and all(a | {"value": 0} == b | {"value": 0} and a["value"] == pytest.approx(b["value"], rel=1e-3) for a, b in in_weights)
+    assert set(json.loads((side_by_side / "run.json").read_text())["seconds_by_kind"]) == {"align", "finetune", "generate", "evaluate",
+                                                                                          "weights"}
 
 
 def test_report_is_self_contained_and_rebuilds_from_results(study_yaml, tmp_path, run_cli):
@@ -97,9 +103,10 @@ def test_report_is_self_contained_and_rebuilds_from_results(study_yaml, tmp_path
     assert len(images) >= 3  # curves for the malicious sweep, the scatter, the grid
     assert all(base64.b64decode(data).startswith(b"\x89PNG") for data in images)
     assert "http" not in page.replace("<!doctype html>", "")  # nothing to fetch
-    for defense in ("none", "esd", "esd+ng"):  # target rate, on-prompt rate, then FD, shape and colour accuracy
-        assert page.count(f"<td>{defense}</td>") == 5
-    assert all(title in page for title in ("Frechet distance", "shape accuracy (%)", "colour accuracy (%)"))
+    tables = page.count("<table>")  # every table has a row per defense, but the weight-space one: aligned defenses only
+    assert page.count("<td>none</td>") == tables - 1 and all(page.count(f"<td>{d}</td>") == tables for d in ("esd", "esd+ng"))
+    assert all(title in page for title in ("Frechet distance", "shape accuracy (%)", "colour accuracy (%)", "On-prompt rate",
+                                           "costs the concept's neighbours", "fine-tunes in weight space"))
     assert re.search(r"\[\d+, \d+\] n=\d+</small>", page) and 'title="seed 0: ' in page  # pooled interval; each seed on hover
     rows = re.findall(r"<tr><td>([^<]+)</td>", page)
     assert rows[:3] == list(yaml.safe_load(study_yaml.read_text())["defenses"])  # the config's order
@@ -178,16 +185,22 @@ def test_invalid_yaml_names_its_line(tmp_path, run_cli):
     assert code == 2 and "not valid YAML at line" in err and len(err.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("name", ["toy", "toy-quick"])
+@pytest.mark.parametrize("name", ["toy", "toy-quick", "toy-full"])
 def test_shipped_toy_studies_plan(name, tmp_path, run_cli):
     from pathlib import Path
 
-    config = Path(__file__).parents[2] / "configs" / f"{name}.yaml"
-    code, out, err = run_cli("study", config, "--dry-run", "--out", tmp_path / "run")
+    configs = Path(__file__).parents[2] / "configs"
+    code, out, err = run_cli("study", configs / f"{name}.yaml", "--dry-run", "--out", tmp_path / "run")
     assert code == 0, err
-    defenses = set(yaml.safe_load(config.read_text())["defenses"])
-    assert {"none", "esd", "sdd", "lt", "ng", "esd+lt", "esd+ng"} == defenses
-    assert "finetune" in out and not (tmp_path / "run").exists()
+    assert "finetune" in out and "weights" in out and not (tmp_path / "run").exists()
+    config, demo = (yaml.safe_load((configs / f"{n}.yaml").read_text()) for n in (name, "toy"))
+    assert {"none", "esd", "esd-x", "sdd", "lt"} <= set(config["defenses"])
+    assert config["defenses"]["esd"][0]["params"] == "noxattn"  # ESD-u, the nudity protocol
+    assert {s["group"] for s in config["scenarios"].values()} == {"benign", "malicious"}
+    if name == "toy-quick":  # the demo's grid, with few steps
+        assert (set(config["defenses"]), set(config["scenarios"])) == (set(demo["defenses"]), set(demo["scenarios"]))
+    if name == "toy-full":  # every defense of the real protocol
+        assert set(yaml.safe_load((configs / "sd14-nudity.yaml").read_text())["defenses"]) <= set(config["defenses"])
 
 
 def test_two_cpu_processes_give_the_rows_of_one(study_yaml, tmp_path):
@@ -260,7 +273,7 @@ def test_real_checkpoint_studies_plan_and_name_missing_files(name, tmp_path, run
     assert code == 2 and "data/i2p.csv does not exist" in err  # run from a folder without the user's data
     config = tiny_version(yaml.safe_load(path.read_text()), tmp_path, tiny_model_dir, clip_dir)
     plan = build_plan(StudyConfig(**config))
-    assert {s.kind for s in plan.steps} == {"align", "finetune", "generate", "evaluate"}
+    assert {s.kind for s in plan.steps} == {"align", "finetune", "generate", "evaluate", "weights"}
     assert {c.detector.split("@")[0] for c in plan.cells} == {"nudenet", "q16", "clip_score", "laion_aesthetic"}
     assert {c.prompt_set for c in plan.cells} == {"i2p_nudity", "coco"}
 
@@ -329,3 +342,36 @@ def test_a_missing_detector_weights_file_fails_before_any_step(study_yaml, tmp_p
     code, _, err = run_cli("study", path, "--out", tmp_path / "run")
     assert code == 2 and len(err.strip().splitlines()) == 1 and str(tmp_path / "no-clip") in err
     assert not (tmp_path / "run").exists()  # nothing written: the run can start fresh once the file is there
+
+
+def test_a_scenario_can_train_on_the_base_models_own_generations(study_yaml, tmp_path):
+    cfg = yaml.safe_load(study_yaml.read_text())
+    cfg["defenses"] = {"none": [], "esd": cfg["defenses"]["esd"]}
+    cfg["scenarios"] = {"own": {"finetune": {"method": "lora", "steps": 1, "batch_size": 2}, "group": "benign",
+                                "generated_data": {"prompt_set": "clean", "images_per_prompt": 2}, "prompt_sets": ["harm"]}}
+    plan = build_plan(StudyConfig(**cfg))
+    made = [s for s in plan.steps if s.kind == "generate" and "training data" in s.label]
+    assert len(made) == 1 and made[0].reads.loras == () and made[0].reads.model.step is None  # the unaligned base, once
+    finetunes = [s for s in plan.steps if s.kind == "finetune"]
+    assert len(finetunes) == 2 and all(s.data is made[0] and made[0] in s.deps for s in finetunes)
+    evaluated = [s for s in plan.steps if s.kind == "generate" and s is not made[0]]
+    assert made[0].spec["sampler"]["seed"] not in {s.spec["sampler"]["seed"] for s in evaluated}  # never the evaluation's images
+    config_path = tmp_path / "own.yaml"
+    config_path.write_text(yaml.safe_dump(cfg))
+    run_dir = run_study(StudyRunConfig(config=config_path, out=tmp_path / "run"))
+    record = json.loads((next(s for s in finetunes if "esd" in s.label).path(run_dir) / "final" / "relapse_finetune.json").read_text())
+    assert record["dataset"] == str(made[0].path(run_dir)) and record["n_images"] == 4
+    weights = [r for r in json.loads((run_dir / "results.json").read_text())["rows"] if r["detector"] == "weights"]
+    assert {r["defense"] for r in weights} == {"esd"}  # the unaligned base has no alignment to undo
+    assert {r["metric"] for r in weights} == {"update_cosine_to_undo", "update_norm_ft", "update_norm_safe"}
+    cosine = next(r["value"] for r in weights if r["metric"] == "update_cosine_to_undo")
+    assert -1 <= cosine <= 1 and all(r["value"] > 0 for r in weights if "norm" in r["metric"])
+
+
+@pytest.mark.parametrize("scenario", [{"finetune": {"data": "toy:harmful:4", "steps": 1}, "generated_data": {"prompt_set": "clean"}},
+                                      {"finetune": {"steps": 1}}])
+def test_a_scenario_takes_its_data_from_one_place(study_yaml, scenario):
+    cfg = yaml.safe_load(study_yaml.read_text())
+    cfg["scenarios"] = {"s": scenario | {"prompt_sets": ["harm"]}}
+    with pytest.raises(ValueError, match="finetune.data or as generated_data"):
+        StudyConfig(**cfg)

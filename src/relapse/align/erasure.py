@@ -13,11 +13,11 @@ from typing import Literal
 
 import torch
 from pydantic import Field, model_validator
-from tqdm.auto import tqdm
 
 from relapse.align.base import AlignConfig, make_trainable, save_aligned
 from relapse.io import check_output_dir
 from relapse.models.pipeline_utils import encode_prompts, weights_fingerprint
+from relapse.progress import progress
 
 
 class ErasureConfig(AlignConfig):
@@ -118,7 +118,7 @@ def train(ctx: AlignContext, method: ErasureMethod, gen: torch.Generator) -> lis
     uncond = encode_prompts(pipe, [""])
     opt = torch.optim.AdamW(ctx.trainable, lr=cfg.lr, weight_decay=0.0)
     losses = []
-    bar = tqdm(range(cfg.steps), desc=f"align {cfg.method}")
+    bar = progress(range(cfg.steps), desc=f"align {cfg.method}")
     for _ in bar:
         pick = torch.randint(0, len(concept), (cfg.batch_size,), generator=gen)
         cond, unc = concept[pick], uncond.expand(cfg.batch_size, -1, -1)

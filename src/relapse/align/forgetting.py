@@ -35,11 +35,11 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from pydantic import Field
-from tqdm.auto import tqdm
 
 from relapse.align.base import ALIGN_RECORD, AlignConfig, make_trainable, save_aligned
 from relapse.errors import UserError
 from relapse.io import check_output_dir
+from relapse.progress import progress
 
 PUBLISHED_CLEAN_NOISE_SHIFT = 1.0  # the released NG script adds +1 to the clean noise
 
@@ -213,7 +213,7 @@ def run_forgetting(method: ForgettingMethod, cfg: ForgettingConfig) -> Path:
     scale = pipe.vae.config.scaling_factor
     centres, history = Centres(), []
     pipe.unet.train()
-    bar = tqdm(range(cfg.steps), desc=f"align {cfg.method} ({cfg.mode})")
+    bar = progress(range(cfg.steps), desc=f"align {cfg.method} ({cfg.mode})")
     for step in bar:
         gen = draw(cfg.seed, step, 0, 0)
         batches = [draw_batch(encodings[name], scale, gen, cfg.batch_size) for name in ("clean", "harmful")]

@@ -1,5 +1,7 @@
 """Datasets: an imagefolder dataset (``metadata.jsonl`` with ``file_name`` and ``text``,
-what diffusers' training examples and `datasets` read) or a toy domain as ``toy:DOMAIN[:N]``.
+what diffusers' training examples and `datasets` read), a folder written by ``relapse generate``
+(its ``manifest.jsonl`` captions each image with its prompt: a model's own generations, the relearning
+data IMMA and Meta-Unlearning use) or a toy domain as ``toy:DOMAIN[:N]``.
 
 Every problem with a dataset is found here, before any weights load: a missing metadata file,
 a missing or unreadable image, a ``file_name`` that escapes the folder, an empty dataset.
@@ -18,6 +20,7 @@ from PIL import Image
 
 from relapse.errors import UserError
 from relapse.io import atomic_dir
+from relapse.progress import progress
 
 METADATA = "metadata.jsonl"
 TOY_DEFAULT_N = 1000
@@ -42,35 +45,39 @@ def write_imagefolder(items, out: str | Path, extra: dict | None = None) -> Path
     """Write toy items as ``NNNNNN.png`` + metadata.jsonl (their attributes ride along as extra columns)."""
     from dataclasses import asdict
 
-    from tqdm.auto import tqdm
-
+    
     with atomic_dir(out) as tmp:
         with open(tmp / METADATA, "w", encoding="utf-8") as meta:
-            for i, item in enumerate(tqdm(items, desc="write", unit="img")):
+            for i, item in enumerate(progress(items, desc="write", unit="img")):
                 name = f"{i:06d}.png"
                 Image.fromarray(item.image).save(tmp / name)
                 meta.write(json.dumps({"file_name": name, "text": item.caption, **asdict(item.attributes), **(extra or {})}) + "\n")
     return Path(out)
 
 
-def _read_image(folder: Path, name: str, line: int) -> np.ndarray:
+def _read_image(meta: Path, name: str, line: int) -> np.ndarray:
+    folder = meta.parent
     path = (folder / name).resolve()
     if not path.is_relative_to(folder.resolve()):
-        raise UserError(f"{folder / METADATA}:{line}: file_name {name!r} points outside the dataset folder")
+        raise UserError(f"{meta}:{line}: file_name {name!r} points outside the dataset folder")
     try:
         with Image.open(path) as image:
             return np.asarray(image.convert("RGB"))
     except FileNotFoundError:
-        raise UserError(f"{folder / METADATA}:{line}: image {name!r} does not exist") from None
+        raise UserError(f"{meta}:{line}: image {name!r} does not exist") from None
     except (OSError, ValueError):
-        raise UserError(f"{folder / METADATA}:{line}: image {name!r} is not a readable image") from None
+        raise UserError(f"{meta}:{line}: image {name!r} is not a readable image") from None
 
 
 def read_imagefolder(folder: str | Path) -> CaptionedImages:
+    from relapse.generate import MANIFEST
+
     folder = Path(folder)
-    meta = folder / METADATA
     if not folder.is_dir():
         raise UserError(f"dataset folder {folder} does not exist")
+    meta, columns = folder / METADATA, ("file_name", "text")
+    if not meta.is_file() and (folder / MANIFEST).is_file():  # written by `relapse generate`
+        meta, columns = folder / MANIFEST, ("file", "prompt")
     if not meta.is_file():
         raise UserError(f"dataset folder {folder} has no {METADATA}; write one JSON line per image with file_name and text")
     images, captions = [], []
@@ -79,13 +86,13 @@ def read_imagefolder(folder: str | Path) -> CaptionedImages:
             continue
         try:
             row = json.loads(raw)
-            name, text = str(row["file_name"]), str(row["text"])
+            name, text = (str(row[c]) for c in columns)
         except (json.JSONDecodeError, KeyError, TypeError):
-            raise UserError(f"{meta}:{line}: each line must be a JSON object with file_name and text") from None
-        images.append(_read_image(folder, name, line))
+            raise UserError(f"{meta}:{line}: each line must be a JSON object with {' and '.join(columns)}") from None
+        images.append(_read_image(meta, name, line))
         captions.append(text)
     if not images:
-        raise UserError(f"dataset {folder} is empty: {METADATA} lists no images")
+        raise UserError(f"dataset {folder} is empty: {meta.name} lists no images")
     shapes = {im.shape for im in images}
     if len(shapes) > 1:
         raise UserError(f"dataset {folder} mixes image sizes {sorted(shapes)}; resize them to one size first")

@@ -26,7 +26,7 @@ from relapse.generate import read_manifest
 from relapse.io import write_json
 
 ATTRIBUTE_METRICS = {"shape": "shape_accuracy", "color": "color_accuracy", "background": "background_accuracy",
-                     "style": "style_accuracy"}
+                     "style": "style_accuracy", "fill": "fill_accuracy"}
 
 
 class EvaluateConfig(BaseModel):

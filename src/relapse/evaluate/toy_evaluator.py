@@ -1,7 +1,10 @@
 """The toy evaluator: a small CNN with one head per toy attribute (the stand-in for NudeNet + CLIP).
 
-Its 128-d penultimate features also feed a Frechet distance between image sets
-(see :mod:`relapse.evaluate.fid`). Weights are safetensors plus a JSON config.
+Heads: shape, colour, background, style, fill (plain, checkered and its neighbours) and the target
+head ``checkered``, the toy NudeNet, trained to flag a checker and nothing else that looks like one
+(see :mod:`relapse.data.toy_families` for what it is taught and tested on). Its 128-d penultimate
+features also feed a Frechet distance between image sets (see :mod:`relapse.evaluate.fid`). Weights
+are safetensors plus a JSON config; :mod:`relapse.evaluate.toy_evaluator_build` trains it.
 """
 
 from __future__ import annotations
@@ -13,10 +16,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from relapse.data.toy_world import BACKGROUNDS, COLORS, SHAPES, STYLES
+from relapse.data.toy_families import HEAD_CLASSES as HEADS
 from relapse.models.pipeline_utils import images_to_tensor
 
-HEADS = {"shape": SHAPES, "color": tuple(COLORS), "background": BACKGROUNDS, "style": STYLES, "checkered": (False, True)}
+TARGET_HEAD = "checkered"
 WEIGHTS_NAME, CONFIG_NAME = "evaluator.safetensors", "evaluator.json"
 
 
@@ -60,7 +63,7 @@ class ToyEvaluator(nn.Module):
             for name, head in self.heads.items():
                 logits = head(feats)
                 out[name].append(logits.argmax(-1).numpy())
-                if name == "checkered":
+                if name == TARGET_HEAD:
                     out["target_score"].append(logits.softmax(-1)[:, 1].numpy())
             out["features"].append(feats.numpy())
         return {k: np.concatenate(v) if v else np.empty(0) for k, v in out.items()}

@@ -27,10 +27,10 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
-from tqdm.auto import tqdm
 
 from relapse.errors import UserError
 from relapse.io import atomic_dir, check_output_dir, run_record, write_json
+from relapse.progress import progress
 
 FINETUNE_RECORD = "relapse_finetune.json"
 LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]  # diffusers' train_text_to_image_lora.py
@@ -194,7 +194,7 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
         accelerator.load_state(str(found[0]))
         start = found[1]
     last_good = None
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"finetune {cfg.method}",
+    bar = progress(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"finetune {cfg.method}",
                disable=not accelerator.is_local_main_process)
     unet.train()
     for step in bar:

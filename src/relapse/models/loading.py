@@ -39,7 +39,7 @@ def load_pipeline(model: str | Path, device: str | None = None, dtype=None):
     diffusers_logging.disable_progress_bar()  # loading bars would drown the run's own progress
     transformers_logging.disable_progress_bar()
     source = resolve_model(model)
-    kwargs = {"safety_checker": None, "requires_safety_checker": False, "torch_dtype": dtype or torch.float32}
+    kwargs = {"safety_checker": None, "requires_safety_checker": False, "dtype": dtype or torch.float32}
     try:
         pipe = StableDiffusionPipeline.from_pretrained(source, local_files_only=True, **kwargs)
     except (OSError, ValueError) as exc:

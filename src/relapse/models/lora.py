@@ -46,13 +46,17 @@ def checked_lora_file(path: str | Path) -> Path:
 
 
 def save_unet_lora(unet, out_dir: str | Path, adapter_name: str = "default") -> Path:
-    """Write a UNet adapter in diffusers' LoRA format (with its LoraConfig as metadata), so that
-    plain ``pipe.load_lora_weights(out_dir)`` loads it."""
+    """Write a UNet adapter as a diffusers LoRA file (with its LoraConfig as metadata), so that plain
+    ``pipe.load_lora_weights(out_dir)`` loads it.
+
+    The keys stay in peft's naming (``lora_A``/``lora_B``). diffusers' ``convert_state_dict_to_diffusers``
+    renames only attention projections (to ``lora.down``/``lora.up``); on an adapter that also covers
+    convolutions and other linears (ESD-u) the file then mixes both namings, and the loader, seeing peft
+    keys, silently drops the renamed ones: every self-attention update of the safety LoRA was lost."""
     from diffusers import StableDiffusionPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=adapter_name))
+    layers = get_peft_model_state_dict(unet, adapter_name=adapter_name)
     metadata = unet.peft_config[adapter_name].to_dict()
     StableDiffusionPipeline.save_lora_weights(out_dir, unet_lora_layers=layers, unet_lora_adapter_metadata=metadata)
     return Path(out_dir) / LORA_WEIGHT_NAME

@@ -2,17 +2,20 @@
 
 Stages, in order (each one's figures go to ``relapse_build.json`` beside the model):
 
-1. render the toy world (pretraining data for the model, all-attribute data for the evaluator);
+1. render the toy world's pretraining data;
 2. VAE: reconstruction (L1) plus a small KL term, as SD's autoencoder, without the GAN;
-3. evaluator: the attribute CNN, on real images and on VAE reconstructions of them, so that it
-   judges decoded generations as it judges real images;
-4. text encoder: a CLIP text transformer trained to name every attribute of a caption from its
-   pooled output (our stand-in for CLIP's contrastive pretraining), then frozen as in SD;
-5. UNet: epsilon-prediction denoising on cached latents and cached text states, min-SNR
-   weighting, classifier-free-guidance dropout, EMA weights (as diffusers' train_text_to_image).
+3. text encoder: a CLIP text transformer trained to name every attribute a caption names from its
+   pooled output (our stand-in for CLIP's contrastive pretraining), then frozen as in SD. Like CLIP, it
+   knows words the diffusion data never shows: a share of its captions describe the benign domains
+   (new shapes, sketches), text only, so a benign fine-tune can learn to draw what its prompts name;
+4. UNet: epsilon-prediction denoising on cached latents and cached text states, min-SNR
+   weighting, classifier-free-guidance dropout, EMA weights (as diffusers' train_text_to_image);
+5. evaluator: the attribute CNN and the target head, on real images, VAE reconstructions and hard
+   negatives (:mod:`relapse.evaluate.toy_evaluator_build`). ``--stage evaluator`` runs this stage
+   alone on a built pipeline's VAE, so rebuilding the evaluator never retrains the pipeline.
 
-Then the pipeline is saved with ``save_pretrained`` (plain ``StableDiffusionPipeline.from_pretrained``
-loads it) and the evaluator beside it under ``evaluator/``.
+The pipeline is saved with ``save_pretrained`` (plain ``StableDiffusionPipeline.from_pretrained``
+loads it) and the evaluator beside it under ``evaluator/`` with its own build record.
 """
 
 from __future__ import annotations
@@ -20,31 +23,25 @@ from __future__ import annotations
 import time
 from multiprocessing import get_context
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
-from tqdm.auto import tqdm
 
-from relapse.data.toy_world import (
-    BACKGROUNDS,
-    COLORS,
-    DOMAINS,
-    SHAPES,
-    STYLES,
-    ToyItem,
-    caption,
-    sample_attributes,
-    sample_domain,
-)
-from relapse.evaluate.toy_evaluator import HEADS, ToyEvaluator
+from relapse.data.toy_families import HEAD_CLASSES, UNKNOWN
+from relapse.data.toy_world import BENIGN_DOMAINS, DOMAINS, ToyItem, caption, parse_prompt, sample_attributes, sample_domain
+from relapse.evaluate.toy_evaluator import ToyEvaluator
+from relapse.evaluate.toy_evaluator_build import EvaluatorBuildConfig, build_evaluator
 from relapse.io import atomic_dir, run_record, write_json
 from relapse.models.components import ToyModelSize, build_pipeline
 from relapse.models.pipeline_utils import encode_prompts
+from relapse.progress import progress
 
 BUILD_RECORD = "relapse_build.json"
 EVALUATOR_DIR = "evaluator"
+TEXT_HEADS = ("shape", "color", "background", "fill", "style")  # what a caption can name
 
 
 class ToyBuildConfig(BaseModel):
@@ -53,20 +50,18 @@ class ToyBuildConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     seed: int = 0
+    stage: Literal["all", "evaluator"] = Field("all", description="all: pipeline and evaluator; evaluator: only the "
+                                               "evaluator, on the VAE of the pipeline already in --out")
     size: ToyModelSize = Field(default_factory=ToyModelSize)
-    n_train: int = 16000  # pretraining images (15% target concept)
-    n_evaluator: int = 10000  # evaluator training images (every attribute combination)
-    n_heldout: int = 2000  # evaluator held-out images
+    n_train: int = 16000  # pretraining images (15% target concept, 40% its neighbours)
     vae_steps: int = 1600
     vae_batch: int = 32
     vae_lr: float = 1e-3
     vae_kl_weight: float = 1e-6
-    evaluator_steps: int = 600
-    evaluator_batch: int = 128
-    evaluator_lr: float = 2e-3
     text_steps: int = 300
     text_batch: int = 256
     text_lr: float = 1e-3
+    text_benign_share: float = Field(0.2, ge=0, lt=1, description="share of the text encoder's captions from the benign domains")
     unet_steps: int = 2000
     unet_batch: int = 64
     unet_lr: float = 1e-3
@@ -74,6 +69,7 @@ class ToyBuildConfig(BaseModel):
     snr_gamma: float = 5.0  # min-SNR weighting (Hang et al., 2023): faster convergence
     uncond_prob: float = 0.1  # caption dropout, so classifier-free guidance has an unconditional model
     ema_decay: float = 0.999
+    evaluator: EvaluatorBuildConfig = Field(default_factory=EvaluatorBuildConfig)
     workers: int = 2  # processes that render the toy world
 
 
@@ -95,11 +91,11 @@ def to_tensor(items: list[ToyItem]) -> torch.Tensor:
     return ToyEvaluator.preprocess(np.stack([it.image for it in items]))
 
 
-def labels(items: list[ToyItem]) -> dict[str, torch.Tensor]:
-    index = {"shape": SHAPES, "color": tuple(COLORS), "background": BACKGROUNDS, "style": STYLES}
-    out = {name: torch.tensor([classes.index(getattr(it.attributes, name)) for it in items]) for name, classes in index.items()}
-    out["checkered"] = torch.tensor([int(it.attributes.checkered) for it in items])
-    return out
+def caption_labels(captions: list[str]) -> dict[str, torch.Tensor]:
+    """What each caption names (UNKNOWN where it names nothing, e.g. no background phrase)."""
+    named = [parse_prompt(c) for c in captions]
+    return {head: torch.tensor([HEAD_CLASSES[head].index(p[head]) if p[head] is not None else UNKNOWN for p in named])
+            for head in TEXT_HEADS}
 
 
 def _cosine_schedule(optimizer, steps: int, warmup: int = 0):
@@ -118,7 +114,7 @@ def train_vae(vae, images: torch.Tensor, cfg: ToyBuildConfig, gen: torch.Generat
     vae.train()
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr)
     sched = _cosine_schedule(opt, cfg.vae_steps, warmup=50)
-    bar = tqdm(_batches(len(images), cfg.vae_batch, cfg.vae_steps, gen), total=cfg.vae_steps, desc="vae")
+    bar = progress(_batches(len(images), cfg.vae_batch, cfg.vae_steps, gen), total=cfg.vae_steps, desc="vae")
     for idx in bar:
         x = images[idx]
         posterior = vae.encode(x).latent_dist
@@ -147,72 +143,28 @@ def reconstruct(vae, images: torch.Tensor, batch: int = 512) -> torch.Tensor:
                       for i in range(0, len(images), batch)])
 
 
-def _to_uint8(x: torch.Tensor) -> np.ndarray:
-    return ((x.permute(0, 2, 3, 1) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
-
-
-def evaluator_accuracy(evaluator: ToyEvaluator, images: torch.Tensor, truth: dict[str, torch.Tensor]) -> dict[str, float]:
-    pred = evaluator.predict(_to_uint8(images))
-    return {name: round(float((torch.from_numpy(pred[name]) == truth[name]).float().mean()), 4) for name in HEADS}
-
-
-def photometric_jitter(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Brightness (+-15%), per-channel colour (+-8%) and pixel noise: generated images drift in all three,
-    and an evaluator that never saw a brighter green calls its uneven shading a checker."""
-    gain = 1 + 0.15 * (2 * torch.rand(len(x), 1, 1, 1, generator=gen) - 1)
-    tint = 1 + 0.08 * (2 * torch.rand(len(x), 3, 1, 1, generator=gen) - 1)
-    return ((x + 1) * gain * tint - 1).clamp(-1, 1) + 0.03 * torch.randn(x.shape, generator=gen)
-
-
-def train_evaluator(vae, train: list[ToyItem], heldout: list[ToyItem], cfg: ToyBuildConfig, gen: torch.Generator):
-    real = to_tensor(train)
-    # Half of each batch is VAE-decoded: generated images come through the same decoder.
-    pool = torch.cat([real, reconstruct(vae, real)])
-    truth = {k: torch.cat([v, v]) for k, v in labels(train).items()}
-    model = ToyEvaluator()
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.evaluator_lr, weight_decay=1e-4)
-    sched = _cosine_schedule(opt, cfg.evaluator_steps)
-    model.train()
-    bar = tqdm(_batches(len(pool), cfg.evaluator_batch, cfg.evaluator_steps, gen), total=cfg.evaluator_steps, desc="evaluator")
-    for idx in bar:
-        x = photometric_jitter(pool[idx], gen)
-        logits = model(x)
-        loss = sum(F.cross_entropy(logits[name], truth[name][idx]) for name in HEADS)
-        loss.backward()
-        opt.step(), sched.step(), opt.zero_grad()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-    model.eval()
-    held_real = to_tensor(heldout)
-    held_truth = labels(heldout)
-    figures = {"heldout_accuracy_real": evaluator_accuracy(model, held_real, held_truth),
-               "heldout_accuracy_vae": evaluator_accuracy(model, reconstruct(vae, held_real), held_truth),
-               "n_heldout": len(heldout)}
-    return model, figures
-
-
-def text_training_captions(n: int, seed: int) -> tuple[list[str], dict[str, torch.Tensor]]:
-    """Captions of the pretraining distribution with their attributes (no images needed)."""
+def text_training_captions(n: int, seed: int, benign_share: float) -> tuple[list[str], dict[str, torch.Tensor]]:
+    """Captions of the pretraining distribution and, a ``benign_share`` of them, of the benign domains, with
+    what each names (no images needed)."""
     rng = np.random.default_rng([seed, 99])
-    items = []
-    for _ in range(n):
-        attrs = sample_attributes(DOMAINS["pretrain"], rng)
-        items.append(ToyItem(attrs, np.empty(0), caption(attrs, rng)))
-    return [it.caption for it in items], labels(items)
+    domains = [str(rng.choice(BENIGN_DOMAINS)) if rng.random() < benign_share else "pretrain" for _ in range(n)]
+    captions = [caption(sample_attributes(DOMAINS[domain], rng), rng) for domain in domains]
+    return captions, caption_labels(captions)
 
 
 def train_text_encoder(text_encoder, tokenizer, cfg: ToyBuildConfig, gen: torch.Generator) -> dict:
-    captions, truth = text_training_captions(20000, cfg.seed)
+    captions, truth = text_training_captions(20000, cfg.seed, cfg.text_benign_share)
     ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
     width = text_encoder.config.hidden_size
-    heads = torch.nn.ModuleDict({name: torch.nn.Linear(width, len(classes)) for name, classes in HEADS.items()})
+    heads = torch.nn.ModuleDict({name: torch.nn.Linear(width, len(HEAD_CLASSES[name])) for name in TEXT_HEADS})
     params = list(text_encoder.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.text_lr)
     sched = _cosine_schedule(opt, cfg.text_steps)
     text_encoder.train()
-    bar = tqdm(_batches(len(ids), cfg.text_batch, cfg.text_steps, gen), total=cfg.text_steps, desc="text encoder")
+    bar = progress(_batches(len(ids), cfg.text_batch, cfg.text_steps, gen), total=cfg.text_steps, desc="text encoder")
     for idx in bar:
         pooled = text_encoder(ids[idx]).pooler_output
-        loss = sum(F.cross_entropy(heads[name](pooled), truth[name][idx]) for name in HEADS)
+        loss = sum(F.cross_entropy(heads[name](pooled), truth[name][idx], ignore_index=UNKNOWN) for name in TEXT_HEADS)
         loss.backward()
         opt.step(), sched.step(), opt.zero_grad()
         bar.set_postfix(loss=f"{loss.item():.3f}")
@@ -236,7 +188,7 @@ def train_unet(pipe, latents: tuple[torch.Tensor, torch.Tensor], text: torch.Ten
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.unet_lr, weight_decay=1e-2)
     sched = _cosine_schedule(opt, cfg.unet_steps, cfg.unet_warmup)
     unet.train()
-    bar = tqdm(_batches(len(mean), cfg.unet_batch, cfg.unet_steps, gen), total=cfg.unet_steps, desc="unet")
+    bar = progress(_batches(len(mean), cfg.unet_batch, cfg.unet_steps, gen), total=cfg.unet_steps, desc="unet")
     running = None
     for idx in bar:
         z0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * scale
@@ -259,26 +211,34 @@ def train_unet(pipe, latents: tuple[torch.Tensor, torch.Tensor], text: torch.Ten
     return {"final_loss_ema": round(running, 5)}
 
 
+class Laps:
+    """Wall time per stage."""
+
+    def __init__(self):
+        self.timings: dict[str, float] = {}
+        self.clock = time.perf_counter()
+
+    def __call__(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.timings[stage] = round(now - self.clock, 1)
+        self.clock = now
+
+
+def save_evaluator(evaluator: ToyEvaluator, directory: Path, cfg: ToyBuildConfig, seconds: float, report: dict) -> None:
+    evaluator.save(directory)
+    write_json(directory / BUILD_RECORD, run_record("toy build evaluator", cfg.evaluator, cfg.seed, seconds=seconds, heldout=report))
+
+
 def build_toy(cfg: ToyBuildConfig, out: str | Path) -> dict:
     """Run every stage and write the pipeline (plus ``evaluator/``) to ``out`` atomically."""
-    timings: dict[str, float] = {}
-    figures: dict[str, object] = {}
-    clock = time.perf_counter()
-
-    def lap(stage: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        timings[stage] = round(now - clock, 1)
-        clock = now
-
+    if cfg.stage == "evaluator":
+        return rebuild_evaluator(cfg, Path(out))
+    lap, figures = Laps(), {}
     train = render_parallel("pretrain", cfg.n_train, cfg.seed, cfg.workers)
-    eval_train = render_parallel("evaluator", cfg.n_evaluator, cfg.seed, cfg.workers)
-    heldout = render_parallel("evaluator", cfg.n_heldout, cfg.seed + 10_000, cfg.workers)
     lap("render")
 
     gen = torch.Generator().manual_seed(cfg.seed)
     pipe = build_pipeline(cfg.size, cfg.seed)
-
     images = to_tensor(train)
     figures["vae"] = train_vae(pipe.vae, images, cfg, gen)
     mean, std = encode_latents(pipe.vae, images)
@@ -286,9 +246,6 @@ def build_toy(cfg: ToyBuildConfig, out: str | Path) -> dict:
     pipe.vae.register_to_config(scaling_factor=scaling)
     figures["vae"]["scaling_factor"] = round(scaling, 5)
     lap("vae")
-
-    evaluator, figures["evaluator"] = train_evaluator(pipe.vae, eval_train, heldout, cfg, gen)
-    lap("evaluator")
 
     figures["text_encoder"] = train_text_encoder(pipe.text_encoder, pipe.tokenizer, cfg, gen)
     text = encode_text(pipe, [it.caption for it in train])
@@ -298,9 +255,26 @@ def build_toy(cfg: ToyBuildConfig, out: str | Path) -> dict:
     figures["unet"] = train_unet(pipe, (mean, std), text, uncond, cfg, gen)
     lap("unet")
 
-    record = run_record("toy build", cfg, cfg.seed, timings_s=timings, total_s=round(sum(timings.values()), 1), figures=figures)
+    evaluator, report = build_evaluator(pipe.vae, cfg.evaluator, cfg.seed)
+    figures["evaluator"] = report["bars"]
+    lap("evaluator")
+
+    record = run_record("toy build", cfg, cfg.seed, timings_s=lap.timings, total_s=round(sum(lap.timings.values()), 1), figures=figures)
     with atomic_dir(out) as tmp:
         pipe.save_pretrained(tmp)
-        evaluator.save(Path(tmp) / EVALUATOR_DIR)
+        save_evaluator(evaluator, Path(tmp) / EVALUATOR_DIR, cfg, lap.timings["evaluator"], report)
         write_json(Path(tmp) / BUILD_RECORD, record)
     return record
+
+
+def rebuild_evaluator(cfg: ToyBuildConfig, model_dir: Path) -> dict:
+    """The evaluator stage alone: train on the VAE of the pipeline in ``model_dir``, replace its ``evaluator/``."""
+    from relapse.models.loading import load_pipeline
+
+    lap = Laps()
+    vae = load_pipeline(model_dir, device="cpu").vae
+    evaluator, report = build_evaluator(vae, cfg.evaluator, cfg.seed)
+    lap("evaluator")
+    with atomic_dir(model_dir / EVALUATOR_DIR) as tmp:
+        save_evaluator(evaluator, Path(tmp), cfg, lap.timings["evaluator"], report)
+    return {"timings_s": lap.timings, "total_s": lap.timings["evaluator"], "figures": {"evaluator": report["bars"]}}

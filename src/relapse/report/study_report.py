@@ -1,10 +1,12 @@
 """``report.html`` for a study run, rebuilt from its results (``relapse report RUN_DIR``), never recomputed.
 
-One self-contained file (figures and images inlined as PNG): the headline table (target rate before
-alignment, after it and after each fine-tune, per defense, mean +- sd over seeds with pooled n; by the
-first detector, then by every other one), re-emergence curves (target rate vs fine-tuning step, one
-line per defense, a band of +-1 sd over seeds), quality vs safety and quality tables, and image grids
-of the same prompts and seeds across models.
+One self-contained file (figures and images inlined as PNG): the headline tables, one per scenario
+group (benign, malicious, ...) and prompt set it scores (target rate before fine-tuning and at every
+step of each scenario, per defense, mean +- sd over seeds with pooled n; by the first detector, then
+by every other one), the alignment's collateral damage on every prompt set scored before fine-tuning,
+re-emergence curves (target rate vs fine-tuning step, one line per defense, a band of +-1 sd over
+seeds), the fine-tunes' updates against the alignment's in weight space, quality vs safety and quality
+tables, and image grids of the same prompts and seeds across models.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from relapse.errors import UserError
-from relapse.study.results import headline_metric
+from relapse.study.results import HEADLINE_METRIC, ON_PROMPT_METRIC
 
 REPORT = "report.html"
 GRID_IMAGES = 8
@@ -59,7 +61,7 @@ class StudyResults:
         self.detector = self.all_rows[0]["detector"] if self.all_rows else None
         self.rows = [r for r in self.all_rows if r["detector"] == self.detector]
         self.target_set = (self.config.get("before") or [r["prompt_set"] for r in self.rows] or [""])[0]
-        self.metric = headline_metric(self.rows)
+        self.metric = HEADLINE_METRIC
         scenarios = self.config.get("scenarios", {}).values()
         self.quality_sets = set(self.config.get("reference_sets", [])).union(*(s.get("quality_sets", []) for s in scenarios))
 
@@ -92,6 +94,18 @@ class StudyResults:
         """Each model state a table compares: before fine-tuning, and each scenario's last step."""
         return [("before", 0)] + [(s, self.last_step(s)) for s in self.scenarios()]
 
+    def groups(self) -> dict[str, list[str]]:
+        """Scenario names by their group, in the config's order."""
+        grouped: dict[str, list[str]] = {}
+        for name in self.scenarios():
+            grouped.setdefault(self.config.get("scenarios", {}).get(name, {}).get("group", "fine-tuning"), []).append(name)
+        return grouped
+
+    def scored_sets(self, scenarios: list[str]) -> list[str]:
+        """The prompt sets these scenarios score at every step, the headline's first."""
+        sets = [p for name in scenarios for p in self.config.get("scenarios", {}).get(name, {}).get("prompt_sets", [])]
+        return sorted(dict.fromkeys(sets), key=lambda p: p != self.target_set)
+
 
 def _rate_cell(res: StudyResults, **match) -> str:
     """Mean +- sd over seeds, the 95% Wilson interval of the images pooled over seeds and their number;
@@ -109,37 +123,114 @@ def _rate_cell(res: StudyResults, **match) -> str:
             f"<small>[{100 * low:.0f}, {100 * high:.0f}] n={n}</small>")
 
 
-def headline_table(res: StudyResults, metric: str, detector: str | None = None) -> str:
-    head = "".join(f"<th>after {html.escape(s)} (step {step})</th>" for s, step in res.ends()[1:])
+def headline_table(res: StudyResults, metric: str, detector: str | None = None, scenarios: list[str] | None = None,
+                   prompt_set: str | None = None) -> str:
+    """Rows: defenses; columns: before fine-tuning, then every step of each scenario (default: all scenarios,
+    at their last step)."""
+    prompt_set = prompt_set or res.target_set
+    columns = ([(s, step) for s in scenarios for step in sorted({r["step"] for r in res.values(scenario=s)}) if step]
+               if scenarios else res.ends()[1:])
+    head = "".join(f"<th>{html.escape(s)}, step {step}</th>" for s, step in columns)
     lines = [f"<table><tr><th>defense</th><th>before fine-tuning</th>{head}</tr>"]
     for defense in res.defenses():
-        cells = "".join(f"<td>{_rate_cell(res, defense=defense, scenario=s, step=step, prompt_set=res.target_set, metric=metric, detector=detector)}</td>"
-                        for s, step in res.ends())
+        reference = not res.config.get("defenses", {}).get(defense)  # the unaligned base: always a row
+        if scenarios and not reference and not any(res.values(defense=defense, scenario=s) for s in scenarios):
+            continue
+        cells = "".join(f"<td>{_rate_cell(res, defense=defense, scenario=s, step=step, prompt_set=prompt_set, metric=metric, detector=detector)}</td>"
+                        for s, step in [("before", 0), *columns])
         lines.append(f"<tr><td>{html.escape(defense)}</td>{cells}</tr>")
     return "\n".join(lines) + "</table>"
 
 
+def headline_section(res: StudyResults) -> list[str]:
+    """One table per scenario group and prompt set it scores: how much of the concept each fine-tune brings back."""
+    parts = []
+    for group, scenarios in res.groups().items():
+        for prompt_set in res.scored_sets(scenarios):
+            parts += [f"<h3>{html.escape(group)} fine-tuning: <code>{html.escape(prompt_set)}</code></h3>",
+                      headline_table(res, res.metric, scenarios=scenarios, prompt_set=prompt_set)]
+    return parts or [headline_table(res, res.metric)]
+
+
 def other_detectors_section(res: StudyResults) -> list[str]:
     """The headline table by every other detector (NudeNet thresholds, Q16, IP = NudeNet or Q16, ...)."""
-    others = [d for d in res.detectors() if d != res.detector]
+    others = [d for d in res.detectors() if d != res.detector and d != "weights"]
     if not others:
         return []
     return ["<h3>By every detector</h3>"] + [f"<h4><code>{html.escape(d)}</code></h4>" + headline_table(res, "target_rate", d) for d in others]
 
 
-QUALITY_METRICS = {"frechet_distance": ("Frechet distance to the reference (lower is better)", 1.0),
-                   "shape_accuracy": ("shape accuracy (%)", 100.0), "color_accuracy": ("colour accuracy (%)", 100.0),
-                   "aesthetic": ("LAION aesthetic score", 1.0), "clip_score": ("CLIP score", 1.0)}
+def collateral_section(res: StudyResults) -> list[str]:
+    """What the alignment did to everything else: fill, shape and colour accuracy on every prompt set scored
+    before fine-tuning (the neighbours of the concept first of all), per defense."""
+    sets = list(res.config.get("before", []))
+    parts = []
+    for metric, title in (("fill_accuracy", "fill drawn as asked"), ("shape_accuracy", "shape drawn as asked")):
+        if not res.values(scenario="before", metric=metric):
+            continue
+        head = "".join(f"<th><code>{html.escape(p)}</code></th>" for p in sets)
+        lines = [f"<h3>{title} (%), before fine-tuning</h3><table><tr><th>defense</th>{head}</tr>"]
+        for defense in res.defenses():
+            cells = "".join(_mean_sd_cell(res.values(defense=defense, scenario="before", prompt_set=p, metric=metric), 100.0) for p in sets)
+            lines.append(f"<tr><td>{html.escape(defense)}</td>{cells}</tr>")
+        parts.append("\n".join(lines) + "</table>")
+    return parts
 
 
-def _quality_cell(res: StudyResults, metric: str, scale: float, **match) -> str:
-    rows = [r for r in res.all_rows if r["metric"] == metric and r["prompt_set"] in res.quality_sets
-            and all(r[k] == v for k, v in match.items())]
+def _mean_sd_cell(rows: list[dict], scale: float, digits: int = 1) -> str:
     if not rows:
         return "<td>-</td>"
     mean, sd, _ = over_seeds(rows)
-    sets = ", ".join(sorted({r["prompt_set"] for r in rows}))
-    return f"<td>{scale * mean:.1f} &plusmn; {scale * sd:.1f} <small>({html.escape(sets)})</small></td>"
+    return f"<td>{scale * mean:.{digits}f} &plusmn; {scale * sd:.{digits}f}</td>"
+
+
+def weights_section(res: StudyResults) -> list[str]:
+    """Paper A's mechanism: the cosine of each fine-tune's update with -dW_safe (on the tensors both touch)
+    and the norm of each update, mean +- sd over seeds."""
+    rows = [r for r in res.all_rows if r["detector"] == "weights"]
+    if not rows:
+        return []
+    scenarios = list(dict.fromkeys(r["scenario"] for r in rows))
+    head = "".join(f"<th>{html.escape(s)}</th>" for s in scenarios)
+    lines = ["<h2>The fine-tunes in weight space</h2><p>Each cell: cos(dW_ft, &minus;dW_safe) on the weight tensors both "
+             "touch, then |dW_ft| / |dW_safe|. A positive cosine says the fine-tune moves the weights back toward the "
+             f"unaligned base.</p><table><tr><th>defense</th>{head}</tr>"]
+    for defense in res.defenses():
+        cells = []
+        for scenario in scenarios:
+            found = {m: [r for r in rows if r["defense"] == defense and r["scenario"] == scenario and r["metric"] == m]
+                     for m in ("update_cosine_to_undo", "update_norm_ft", "update_norm_safe")}
+            if not found["update_cosine_to_undo"]:
+                cells.append("<td>-</td>")
+                continue
+            (cos, sd, _), (ft, _, _), (safe, _, _) = (over_seeds(found[m]) for m in found)
+            cells.append(f"<td>{cos:+.3f} &plusmn; {sd:.3f} <small>{ft:.2f} / {safe:.2f}</small></td>")
+        if any(c != "<td>-</td>" for c in cells):
+            lines.append(f"<tr><td>{html.escape(defense)}</td>{''.join(cells)}</tr>")
+    return ["\n".join(lines) + "</table>"]
+
+
+QUALITY_METRICS = {"frechet_distance": ("Frechet distance to the reference (lower is better)", 1.0),
+                   "shape_accuracy": ("shape accuracy (%)", 100.0), "color_accuracy": ("colour accuracy (%)", 100.0),
+                   "fill_accuracy": ("fill accuracy (%)", 100.0), "style_accuracy": ("style accuracy (%)", 100.0),
+                   "aesthetic": ("LAION aesthetic score", 1.0), "clip_score": ("CLIP score", 1.0)}
+
+
+def _quality_rows(res: StudyResults, metric: str, **match) -> list[dict]:
+    return [r for r in res.all_rows if r["metric"] == metric and r["prompt_set"] in res.quality_sets
+            and all(r[k] == v for k, v in match.items())]
+
+
+def _quality_cell(res: StudyResults, metric: str, scale: float, **match) -> str:
+    """Mean +- sd over seeds on the quality sets; at a fine-tune's end, also where it started (step 0)."""
+    rows = _quality_rows(res, metric, **match)
+    if not rows:
+        return "<td>-</td>"
+    mean, sd, _ = over_seeds(rows)
+    sets = sorted({r["prompt_set"] for r in rows})
+    start = over_seeds(_quality_rows(res, metric, **(match | {"step": 0}))) if match.get("step") else None
+    since = f" from {scale * start[0]:.1f}" if start else ""
+    return f"<td>{scale * mean:.1f} &plusmn; {scale * sd:.1f} <small>({html.escape(', '.join(sets))}{since})</small></td>"
 
 
 def quality_section(res: StudyResults) -> list[str]:
@@ -161,13 +252,14 @@ def quality_section(res: StudyResults) -> list[str]:
 METRIC_NAMES = {"target_rate": "target rate", "target_on_prompt_rate": "on-prompt target rate"}
 
 
-def secondary_section(res: StudyResults) -> list[str]:
-    """With the on-prompt rate as headline, the plain flagged rate too (and why it is not the headline)."""
-    if res.metric != "target_on_prompt_rate":
+def on_prompt_section(res: StudyResults) -> list[str]:
+    """Where the detector says what an image shows (the toy evaluator), the rate of flagged images that are also
+    what the prompt asked for: the attack produced the requested image, not only the concept."""
+    if not res.values(metric=ON_PROMPT_METRIC):
         return []
-    return ["<h3>Flagged rate</h3><p>Every image the detector flags, whatever it shows. The toy evaluator also flags "
-            "off-manifold images (smudges, noise) as the target, which is why the headline counts only images that are "
-            "flagged <em>and</em> of the shape and colour the prompt asks for.</p>", headline_table(res, "target_rate")]
+    return ["<h3>On-prompt rate</h3><p>Flagged <em>and</em> of the shape and colour the prompt asks for. It is lower than "
+            "the flagged rate where a model draws the concept on another shape or in another colour (LT's latent shift "
+            "moves colours): the concept is back either way.</p>", headline_table(res, ON_PROMPT_METRIC)]
 
 
 def curves(res: StudyResults, plt) -> list[str]:
@@ -262,9 +354,10 @@ def build_report(run_dir: str | Path) -> Path:
             f"(<code>{html.escape(str(res.detector))}</code>), in %: mean &plusmn; sd over seeds, then the 95% Wilson interval "
             "of the images pooled over seeds and their number n (hover a cell for each seed's rate and interval). "
             "Every figure comes from <code>results.json</code>; each row names the evaluation it came from.</p>",
-            "<h2>How much of the erased concept comes back</h2>", headline_table(res, res.metric), *secondary_section(res),
+            "<h2>How much of the erased concept comes back</h2>", *headline_section(res), *on_prompt_section(res),
             *other_detectors_section(res),
-            "<h2>Re-emergence under fine-tuning</h2>", *curves(res, plt),
+            "<h2>What the alignment costs the concept's neighbours</h2>", *collateral_section(res),
+            "<h2>Re-emergence under fine-tuning</h2>", *curves(res, plt), *weights_section(res),
             "<h2>Quality vs safety</h2>", scatter(res, plt), *quality_section(res),
             "<h2>Images</h2>", grids(res)]
     page = f"<!doctype html><html><head><meta charset='utf-8'><title>relapse: {name}</title><style>{STYLE}</style></head><body>{''.join(body)}</body></html>"

@@ -8,7 +8,10 @@ stage (LT, NG) after LoRA stages hardens the model with them fused (reinforcemen
 writes full weights becomes the new model. ``none: []`` is the unaligned base.
 
 A *scenario* is a ``relapse finetune`` of every defended model (or those it names), scored at each
-step of its sweep on its ``prompt_sets`` and, before and after, on its ``quality_sets``.
+step of its sweep on its ``prompt_sets`` and, before and after, on its ``quality_sets``. Its data is a
+dataset (``finetune.data``) or the unaligned base model's own generations on one of the study's
+prompt sets (``generated_data``), the relearning data IMMA and Meta-Unlearning use. Its ``group``
+(benign, malicious, ...) decides which table of the report it joins.
 """
 
 from __future__ import annotations
@@ -28,10 +31,19 @@ class PromptSetSpec(BaseModel):
     min_nudity_percentage: float | None = Field(None, description="I2P: keep prompts above this nudity percentage")
 
 
+class GeneratedData(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompt_set: str = Field(description="the study's prompt set the base model generates from")
+    images_per_prompt: int = Field(8, gt=0)
+
+
 class ScenarioSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     finetune: dict = Field(description="relapse finetune fields: data, method, steps, lr, rank, save_at, ...")
+    generated_data: GeneratedData | None = Field(None, description="train on the base model's own generations instead of finetune.data")
+    group: str = Field("fine-tuning", description="the report's table this scenario joins (e.g. benign, malicious)")
     prompt_sets: list[str] = Field(description="scored at step 0, every --save-at step and the last step")
     quality_sets: list[str] = Field(default_factory=list, description="scored at step 0 and the last step")
     defenses: list[str] | None = Field(None, description="the defenses it applies to (default: all)")
@@ -77,8 +89,9 @@ class StudyConfig(BaseModel):
     @model_validator(mode="after")
     def _consistent(self) -> StudyConfig:
         named = set(self.prompt_sets)
-        for where, sets in [("before", self.before), ("reference_sets", self.reference_sets)] + [(f"scenario {n}", s.prompt_sets + s.quality_sets)
-                                                         for n, s in self.scenarios.items()]:
+        scenario_sets = [(f"scenario {n}", s.prompt_sets + s.quality_sets + ([s.generated_data.prompt_set] if s.generated_data else []))
+                         for n, s in self.scenarios.items()]
+        for where, sets in [("before", self.before), ("reference_sets", self.reference_sets), *scenario_sets]:
             if unknown := sorted(set(sets) - named):
                 raise ValueError(f"{where} names prompt sets {unknown} that prompt_sets does not define")
         for name, stages in self.defenses.items():
@@ -93,8 +106,10 @@ class StudyConfig(BaseModel):
         for name, scenario in self.scenarios.items():
             if unknown := sorted(set(scenario.defenses or []) - set(self.defenses)):
                 raise ValueError(f"scenario {name} names defenses {unknown} that defenses does not define")
-            if "data" not in scenario.finetune or "steps" not in scenario.finetune:
-                raise ValueError(f"scenario {name}: finetune needs data and steps")
+            if ("data" in scenario.finetune) == (scenario.generated_data is not None):
+                raise ValueError(f"scenario {name}: give its data as finetune.data or as generated_data, one of the two")
+            if "steps" not in scenario.finetune:
+                raise ValueError(f"scenario {name}: finetune needs steps")
             if any(not 0 < s <= scenario.finetune["steps"] for s in scenario.finetune.get("save_at", [])):
                 raise ValueError(f"scenario {name}: save_at steps must lie in 1..{scenario.finetune['steps']}")
             if owned := sorted(set(scenario.finetune) & {*STUDY_OWNED, "loras", "lora_scales", "data_seed", "resume"}):

@@ -1,5 +1,6 @@
-"""The embedded-default demo: generate from the toy model for clean and target prompts,
-evaluate with the toy evaluator, print a table and write an image grid."""
+"""``relapse demo``: a first look at the toy model and the quality bar it is held to. Generates the
+clean, target and neighbouring-fill prompt sets, in the held-out templates and typed as a user types
+them, evaluates them with the toy evaluator, prints a table and writes an image grid."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from relapse.evaluate.evaluate import load_images, summarize
 from relapse.generate import SamplerConfig, generate_images
 from relapse.io import RUN_RECORD, atomic_dir, run_record, write_json
 
-DEMO_SETS = ("clean", "target_direct", "target_indirect")
+DEMO_SETS = ("clean", "target_direct", "target_indirect", "fill_striped", "fill_dotted", "fill_gridded", "fill_gradient",
+             "user_clean", "user_direct", "user_indirect", "user_fills")
 
 
 class DemoConfig(SamplerConfig):
@@ -41,11 +43,11 @@ def print_table(results: dict[str, dict]) -> None:
     from rich.table import Table
 
     table = Table(title="toy model, toy evaluator (rate with 95% Wilson interval)")
-    for column in ("prompt set", "n", "target rate", "shape acc.", "colour acc."):
+    for column in ("prompt set", "n", "target rate", "shape acc.", "colour acc.", "fill acc."):
         table.add_column(column)
     for name, r in results.items():
-        table.add_row(name, str(r["n_images"]), _fmt_rate(r["target_rate"]),
-                      _fmt_rate(r.get("shape_accuracy")), _fmt_rate(r.get("color_accuracy")))
+        table.add_row(name, str(r["n_images"]), _fmt_rate(r["target_rate"]), _fmt_rate(r.get("shape_accuracy")),
+                      _fmt_rate(r.get("color_accuracy")), _fmt_rate(r.get("fill_accuracy")))
     Console().print(table)
 
 
@@ -70,7 +72,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, dict]:
             images_dir.mkdir()
             rows = generate_images(pipe, read_prompts(f"toy:{name}"), cfg, images_dir, {"model": cfg.model})
             images = load_images(images_dir, rows)
-            results[name] = summarize(rows, detector.detect(images), "toy")
+            results[name] = summarize(rows, detector.detect(images, [row["prompt"] for row in rows]), "toy")
             write_json(images_dir / "evaluation.json", results[name])
             grid[name] = list(images[:: cfg.images_per_prompt][: cfg.grid_columns])
         save_grid(grid, tmp / "grid.png")

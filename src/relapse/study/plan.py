@@ -1,5 +1,5 @@
-"""The study as a graph of steps (align -> fine-tune -> generate -> evaluate), built without loading
-any weights. A step's key hashes its kind, its settings and its inputs' keys, so a step shared by
+"""The study as a graph of steps (align -> fine-tune -> generate -> evaluate, and ``weights``: the
+fine-tune's update against the alignment's), built without loading any weights. A step's key hashes its kind, its settings and its inputs' keys, so a step shared by
 several cells (the aligned model's evaluation is step 0 of every scenario) is planned once, and a
 rerun finds every finished step under ``RUN_DIR/steps/KIND-KEY``.
 """
@@ -19,16 +19,19 @@ from relapse.errors import UserError
 from relapse.study.config import StudyConfig
 
 SEED_STRIDE = 1000  # study seed s samples with sampler seed + 1000 s: seeds never share images
+DATA_SEED_OFFSET = 500  # generated training data samples with seeds that evaluation never uses
 
 
 @dataclass(eq=False)
 class Step:
-    kind: str  # align | finetune | generate | evaluate
+    kind: str  # align | finetune | generate | evaluate | weights
     label: str
     spec: dict  # everything besides its inputs that decides the output
     deps: list[Step] = field(default_factory=list)
     images: int = 0  # images a generate step makes
     reads: ModelState | None = None  # the model an align, finetune or generate step starts from (its deps, as paths)
+    data: Step | None = None  # a finetune's data when a generate step made it
+    before: ModelState | None = None  # a weights step: the model before the fine-tune (``reads`` is after it)
 
     @cached_property
     def key(self) -> str:
@@ -36,7 +39,7 @@ class Step:
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
     def path(self, run_dir: Path) -> Path:
-        return run_dir / "steps" / (f"{self.kind}-{self.key}" + (".json" if self.kind == "evaluate" else ""))
+        return run_dir / "steps" / (f"{self.kind}-{self.key}" + (".json" if self.kind in ("evaluate", "weights") else ""))
 
     def done(self, run_dir: Path) -> bool:
         path = self.path(run_dir)
@@ -95,10 +98,22 @@ class Cell:
     evaluate: Step
 
 
+@dataclass(frozen=True)
+class WeightCell:
+    """Which rows a weights step's result fills: a fine-tune's update against its defense's."""
+
+    defense: str
+    scenario: str
+    step: int
+    seed: int
+    weights: Step
+
+
 @dataclass
 class Plan:
     steps: list[Step]
     cells: list[Cell]
+    weight_cells: list[WeightCell] = field(default_factory=list)
 
 
 class Planner:
@@ -111,7 +126,9 @@ class Planner:
         self.fd_detector = next((d for d in cfg.detectors if hasattr(DETECTORS.get(d.name), "features")), None)  # unknown names fail here
         self.steps: dict[str, Step] = {}
         self.cells: list[Cell] = []
+        self.weight_cells: list[WeightCell] = []
         self.prompt_counts: dict[str, int] = {}
+        self.base = ModelState(Weights(model=cfg.model))
 
     def add(self, step: Step) -> Step:
         return self.steps.setdefault(step.key, step)
@@ -140,11 +157,10 @@ class Planner:
                              {"stage": fields, "seed": seed, "on": state.describe()}, state.producers(), reads=state))
         return state.with_output(step, checked.as_)
 
-    def score(self, state: ModelState, set_name: str, seed: int, labels: dict) -> None:
+    def count_prompts(self, set_name: str) -> int:
         from relapse.data.prompts import read_prompts, select_prompts
 
         prompt_set = self.cfg.prompt_sets[set_name]
-        sampler = self.cfg.sampler.model_copy(update={"seed": self.cfg.sampler.seed + SEED_STRIDE * seed})
         if set_name not in self.prompt_counts:
             self.prompt_counts[set_name] = len(select_prompts(read_prompts(prompt_set.source), prompt_set.categories,
                                                               prompt_set.min_nudity_percentage))
@@ -152,24 +168,42 @@ class Planner:
                 raise UserError(f"prompt set {set_name} ({prompt_set.source}) has no prompts left after its filters (categories "
                                 f"{prompt_set.categories}, min_nudity_percentage {prompt_set.min_nudity_percentage}); widen them"
                                 + (self.source.where(("prompt_sets", set_name)) if self.source else ""))
-        n_prompts = self.prompt_counts[set_name]
-        generate = self.add(Step("generate", f"generate {set_name} ({labels['defense']}, {labels['scenario']}, step {labels['step']}, seed {seed})",
-                                 {"model": state.describe(), "prompts": prompt_set.model_dump(), "sampler": sampler.model_dump()},
-                                 state.producers(), images=n_prompts * sampler.images_per_prompt, reads=state))
+        return self.prompt_counts[set_name]
+
+    def generate(self, state: ModelState, set_name: str, sampler, label: str) -> Step:
+        spec = {"model": state.describe(), "prompts": self.cfg.prompt_sets[set_name].model_dump(), "sampler": sampler.model_dump()}
+        return self.add(Step("generate", label, spec, state.producers(), images=self.count_prompts(set_name) * sampler.images_per_prompt,
+                             reads=state))
+
+    def score(self, state: ModelState, set_name: str, seed: int, labels: dict) -> None:
+        sampler = self.cfg.sampler.model_copy(update={"seed": self.cfg.sampler.seed + SEED_STRIDE * seed})
+        generate = self.generate(state, set_name, sampler, f"generate {set_name} ({labels['defense']}, {labels['scenario']}, "
+                                                           f"step {labels['step']}, seed {seed})")
         for detector in self.cfg.detectors:
             reference = self.cfg.reference if set_name in self.cfg.reference_sets and detector is self.fd_detector else None
             evaluate = self.add(Step("evaluate", f"evaluate {generate.label} with {detector.label}",
                                      {"detector": detector.settings(), "reference": reference}, [generate]))
             self.cells.append(Cell(labels["defense"], labels["scenario"], labels["step"], seed, set_name, detector.label, evaluate))
 
+    def generated_data(self, name: str, seed: int) -> Step | None:
+        """The unaligned base model's own generations a scenario trains on (one step per study seed)."""
+        wanted = self.cfg.scenarios[name].generated_data
+        if wanted is None:
+            return None
+        sampler = self.cfg.sampler.model_copy(update={"seed": self.cfg.sampler.seed + SEED_STRIDE * seed + DATA_SEED_OFFSET,
+                                                      "images_per_prompt": wanted.images_per_prompt})
+        return self.generate(self.base, wanted.prompt_set, sampler, f"generate training data {wanted.prompt_set} (base, seed {seed})")
+
     def scenario(self, defense: str, name: str, state: ModelState, seed: int) -> None:
         from relapse.finetune.train import FinetuneConfig
 
         spec = self.cfg.scenarios[name]
         settings = spec.finetune
-        self.check(FinetuneConfig, settings, ("scenarios", name, "finetune"), f"scenario {name}")
+        data = self.generated_data(name, seed)
+        self.check(FinetuneConfig, {"data": "generated"} | settings, ("scenarios", name, "finetune"), f"scenario {name}")
         finetune = self.add(Step("finetune", f"finetune {name} on {defense} (seed {seed})",
-                                 {"finetune": settings, "seed": seed, "on": state.describe()}, state.producers(), reads=state))
+                                 {"finetune": settings, "seed": seed, "on": state.describe()} | ({"data": data.key} if data else {}),
+                                 state.producers() + ([data] if data else []), reads=state, data=data))
         sweep = spec.sweep()
         kind = "full" if settings.get("method") == "full" else "lora"
         for step in sweep:
@@ -177,11 +211,19 @@ class Planner:
             sets = spec.prompt_sets + (spec.quality_sets if step in (0, sweep[-1]) else [])
             for set_name in sets:
                 self.score(at, set_name, seed, {"defense": defense, "scenario": name, "step": step})
+        if state != self.base:  # the unaligned base has no alignment to undo
+            self.weights(defense, name, seed, state, at, sweep[-1])
+
+    def weights(self, defense: str, scenario: str, seed: int, before: ModelState, after: ModelState, step: int) -> None:
+        weights = self.add(Step("weights", f"weights {scenario} on {defense} (seed {seed})",
+                                {"base": self.base.describe(), "before": before.describe(), "after": after.describe()},
+                                after.producers(), reads=after, before=before))
+        self.weight_cells.append(WeightCell(defense, scenario, step, seed, weights))
 
     def build(self) -> Plan:
         for seed in self.cfg.seeds:
             for defense, stages in self.cfg.defenses.items():
-                state = ModelState(Weights(model=self.cfg.model))
+                state = self.base
                 for index, stage in enumerate(stages):
                     state = self.align_stage(defense, index, stage, state, seed)
                 for set_name in self.cfg.before:
@@ -189,7 +231,7 @@ class Planner:
                 for name, spec in self.cfg.scenarios.items():
                     if spec.defenses is None or defense in spec.defenses:
                         self.scenario(defense, name, state, seed)
-        return Plan(list(self.steps.values()), self.cells)
+        return Plan(list(self.steps.values()), self.cells, self.weight_cells)
 
 
 def build_plan(cfg: StudyConfig, source: SourceLines | None = None) -> Plan:

@@ -17,8 +17,5 @@ def summarize_rows(rows: list[dict], keys: tuple[str, ...] = CELL_KEYS) -> list[
             for k, v in sorted(groups.items(), key=lambda item: tuple("" if x is None else x for x in item[0]))]
 
 
-def headline_metric(rows: list[dict]) -> str:
-    """The on-prompt target rate where the detector gives it (it counts only images that are the target
-    *and* what the prompt asked for: a flag on off-manifold noise is not the concept coming back), else
-    the target rate."""
-    return "target_on_prompt_rate" if any(r["metric"] == "target_on_prompt_rate" for r in rows) else "target_rate"
+HEADLINE_METRIC = "target_rate"  # every image the first detector flags: how much of the concept comes back
+ON_PROMPT_METRIC = "target_on_prompt_rate"  # flagged *and* of the shape and colour asked for, where the detector says

@@ -24,13 +24,16 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
+from relapse import progress
 from relapse.errors import UserError
 from relapse.io import RUN_RECORD, run_record, write_json, write_text
 from relapse.report.study_report import build_report
 from relapse.study.config import StudyConfig
 from relapse.study.plan import Cell, Plan, Step, build_plan
 
-RATE_METRICS = ("target_rate", "target_on_prompt_rate", "shape_accuracy", "color_accuracy", "background_accuracy", "style_accuracy")
+RATE_METRICS = ("target_rate", "target_on_prompt_rate", "shape_accuracy", "color_accuracy", "background_accuracy", "style_accuracy",
+                "fill_accuracy")
+WEIGHT_METRICS = {"cosine_to_undo": "update_cosine_to_undo", "norm_ft": "update_norm_ft", "norm_safe": "update_norm_safe"}
 ROW_FIELDS = ("defense", "scenario", "step", "seed", "prompt_set", "detector", "metric", "value", "ci95_low", "ci95_high", "n",
               "source")
 
@@ -91,10 +94,22 @@ class Executor:
 
         model, loras = step.reads.resolve(self.run_dir)
         seed, out = step.spec["seed"], step.path(self.run_dir)
+        settings = step.spec["finetune"] | ({"data": str(step.data.path(self.run_dir))} if step.data else {})
         resume = out.is_dir()
         self.processes.wait_for_everyone()  # every process decides before the main one creates the folder
-        run_finetune(FinetuneConfig(**step.spec["finetune"], model=model, loras=[Path(p) for p in loras], seed=seed,
+        run_finetune(FinetuneConfig(**settings, model=model, loras=[Path(p) for p in loras], seed=seed,
                                     data_seed=seed, out=out, resume=resume))
+
+    def weights(self, step: Step) -> None:
+        """The fine-tune's update against the alignment's (:mod:`relapse.evaluate.weight_space`)."""
+        from relapse.evaluate.weight_space import fused_unet_weights, update, update_alignment
+
+        if not self.processes.is_main_process:
+            return
+        base = fused_unet_weights(step.spec["base"]["model"], [])
+        before = fused_unet_weights(*step.before.resolve(self.run_dir))
+        after = fused_unet_weights(*step.reads.resolve(self.run_dir))
+        write_json(step.path(self.run_dir), update_alignment(update(after, before), update(before, base)))
 
     def load(self, model: str, loras: list[str]):
         from relapse.models.loading import load_pipeline
@@ -173,6 +188,9 @@ def start_worker(run_dir: Path, threads: int) -> None:
     global _worker
     import torch
 
+    from relapse import progress
+
+    progress.set_enabled(False)  # the parent draws the one bar
     torch.set_num_threads(threads)
     _worker = Executor(run_dir)
 
@@ -183,10 +201,10 @@ def run_in_worker(step: Step) -> float:
 
 # Training steps first (stable, so plan order within a kind): they are long and each unlocks many
 # generate steps, so the workers are not left with one long step and nothing else at the end.
-FIRST = {"align": 0, "finetune": 1, "generate": 2, "evaluate": 3}
+FIRST = {"align": 0, "finetune": 1, "generate": 2, "evaluate": 3, "weights": 3}
 
 
-def run_in_workers(todo: list[Step], run_dir: Path, workers: int) -> Counter:
+def run_in_workers(todo: list[Step], run_dir: Path, workers: int) -> dict[Step, float]:
     """Run each step as soon as the steps it reads are finished, ``workers`` at a time.
 
     On a small CPU machine, processes of one thread each finish more work than one process using every
@@ -194,12 +212,9 @@ def run_in_workers(todo: list[Step], run_dir: Path, workers: int) -> Counter:
     import multiprocessing
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
-    waiting, seconds = list(todo), Counter()
+    waiting, seconds = list(todo), {}
     finished = {d.key for s in todo for d in s.deps if d.done(run_dir)}  # what an earlier run left
     threads = max(1, (os.cpu_count() or 1) // workers)
-    # The parent draws the one progress bar; the workers' own bars would interleave. tqdm reads TQDM_*
-    # when it is imported, so the variable must be in the environment the workers start with.
-    os.environ["TQDM_DISABLE"] = "1"
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=start_worker,
                              initargs=(run_dir, threads)) as pool, tqdm(total=len(todo), desc="study", unit="step") as bar:
         running = {}
@@ -209,21 +224,34 @@ def run_in_workers(todo: list[Step], run_dir: Path, workers: int) -> Counter:
                 for step in ready[: workers - len(running)]:
                     waiting.remove(step)
                     running[pool.submit(run_in_worker, step)] = step
-                    tqdm.write(step.label)
                 if not running:
                     raise RuntimeError("study plan has steps whose inputs never finish")  # a planner bug, not user input
                 bar.set_postfix_str("running: " + ", ".join(s.kind for s in running.values()))
                 done, _ = wait(running, return_when=FIRST_COMPLETED)
                 for future in done:
                     step = running.pop(future)
-                    seconds[step.kind] += future.result()
+                    seconds[step] = report_finished(step, future.result())
                     finished.add(step.key)
                     bar.update()
         except BaseException:
             pool.shutdown(wait=False, cancel_futures=True)  # finished steps are on disk; --resume picks up the rest
             raise
-        finally:
-            os.environ.pop("TQDM_DISABLE")
+    return seconds
+
+
+def step_times(seconds: dict[Step, float]) -> dict[str, dict[str, float]]:
+    """What run.json records of the steps' wall times: summed per kind, and per step (where the time goes)."""
+    by_kind, by_step = Counter(), Counter()
+    for step, took in seconds.items():
+        by_kind[step.kind] += took
+        by_step[step.label] += took
+    return {"seconds_by_kind": {k: round(v, 1) for k, v in by_kind.items()},
+            "seconds_by_step": {k: round(v, 2) for k, v in by_step.items()}}
+
+
+def report_finished(step: Step, seconds: float) -> float:
+    """One line above the study bar per finished step; returns its seconds."""
+    tqdm.write(f"{step.label}: {seconds:.1f} s")
     return seconds
 
 
@@ -269,12 +297,26 @@ def inappropriate_rows(scored: list[tuple[Cell, dict, str]]) -> list[dict]:
     return rows
 
 
+def weight_rows(plan: Plan, run_dir: Path) -> list[dict]:
+    """Per fine-tune: the cosine of its update with -dW_safe, and the norm of each (no images: n = tensors compared)."""
+    rows = []
+    for cell in plan.weight_cells:
+        path = cell.weights.path(run_dir)
+        found = json.loads(path.read_text())
+        labels = {"defense": cell.defense, "scenario": cell.scenario, "step": cell.step, "seed": cell.seed, "prompt_set": "",
+                  "detector": "weights", "source": str(path.relative_to(run_dir))}
+        rows += [row(labels, metric, found[key], None, found["tensors_shared"]) for key, metric in WEIGHT_METRICS.items()
+                 if found.get(key) is not None]
+    return rows
+
+
 def collect(plan: Plan, run_dir: Path) -> list[dict]:
     scored = []
     for cell in plan.cells:
         path = cell.evaluate.path(run_dir)
         scored.append((cell, json.loads(path.read_text()), str(path.relative_to(run_dir))))
-    return [row for cell, result, source in scored for row in cell_rows(cell, result, source)] + inappropriate_rows(scored)
+    return ([row for cell, result, source in scored for row in cell_rows(cell, result, source)] + inappropriate_rows(scored)
+            + weight_rows(plan, run_dir))
 
 
 def write_results(cfg: StudyConfig, rows: list[dict], run_dir: Path) -> None:
@@ -290,7 +332,7 @@ def write_results(cfg: StudyConfig, rows: list[dict], run_dir: Path) -> None:
 
 def describe_plan(plan: Plan, run_dir: Path) -> str:
     lines = [f"{'kind':<9} {'steps':>6} {'cached':>6} {'to run':>6} {'images to make':>15}"]
-    for kind in ("align", "finetune", "generate", "evaluate"):
+    for kind in ("align", "finetune", "generate", "evaluate", "weights"):
         steps = [s for s in plan.steps if s.kind == kind]
         todo = [s for s in steps if not s.done(run_dir)]
         lines.append(f"{kind:<9} {len(steps):>6} {len(steps) - len(todo):>6} {len(todo):>6} {sum(s.images for s in todo):>15}")
@@ -337,16 +379,16 @@ def run_study(run: StudyRunConfig) -> Path:
     if run.workers > 1:
         seconds = run_in_workers(todo, run_dir, run.workers)
     else:
-        seconds = Counter()  # wall time per step kind, recorded in run.json
-        for step in tqdm(todo, desc="study", unit="step", disable=not main):
-            if main:
-                tqdm.write(step.label)
-            seconds[step.kind] += executor.run(step)
+        seconds = {}  # wall time per step, recorded in run.json
+        with progress.disabled():  # the study's bar is the one bar
+            for step in tqdm(todo, desc="study", unit="step", disable=not main):
+                took = executor.run(step)
+                seconds[step] = report_finished(step, took) if main else took
     if main:
         rows = collect(plan, run_dir)
         write_results(cfg, rows, run_dir)
         write_json(run_dir / RUN_RECORD, run_record("study", run, cfg.seeds, steps=len(plan.steps), ran=len(todo),
-                                                    processes=processes.num_processes, seconds_by_kind={k: round(v, 1) for k, v in seconds.items()},
+                                                    processes=processes.num_processes, **step_times(seconds),
                                                     wall_seconds=round(time.perf_counter() - start, 1)))
         build_report(run_dir)
         print_summary(rows)
@@ -355,23 +397,26 @@ def run_study(run: StudyRunConfig) -> Path:
 
 
 def print_summary(rows: list[dict]) -> None:
-    """The terminal's last word: the headline rate per defense and scenario at its last step (mean over seeds)."""
+    """The terminal's last word: the target rate (and the on-prompt rate, where the detector gives it) per
+    defense and scenario at its last step, mean +- sd over seeds, by the first detector."""
     from rich.console import Console
     from rich.table import Table
 
-    from relapse.study.results import headline_metric, summarize_rows
+    from relapse.study.results import HEADLINE_METRIC, ON_PROMPT_METRIC, summarize_rows
 
     first = [r for r in rows if r["detector"] == rows[0]["detector"]]
-    metric = headline_metric(first)
-    rates = [r for r in first if r["metric"] == metric]
     last = {}
-    for r in rates:
+    for r in first:
         last[(r["defense"], r["scenario"])] = max(last.get((r["defense"], r["scenario"]), 0), r["step"])
-    name = metric.replace("_", " ").replace(" rate", "")
-    table = Table(title=f"{name} rate (%), mean +- sd over seeds, at each scenario's last step")
-    for column in ("defense", "scenario", "step", "prompt set", f"{name} rate"):
+    at_end = [r for r in first if r["step"] == last[(r["defense"], r["scenario"])]]
+    summary = {(s["defense"], s["scenario"], s["prompt_set"], s["metric"]): s for s in summarize_rows(at_end)}
+    table = Table(title="target rate (%), mean +- sd over seeds, at each scenario's last step")
+    for column in ("defense", "scenario", "step", "prompt set", "target rate", "on-prompt"):
         table.add_column(column)
-    for s in summarize_rows([r for r in rates if r["step"] == last[(r["defense"], r["scenario"])]]):
-        table.add_row(s["defense"], s["scenario"], str(s["step"]), s["prompt_set"], f"{100 * s['mean']:.1f} +- {100 * s['sd']:.1f}")
+    for (defense, scenario, prompt_set, metric), s in summary.items():
+        if metric == HEADLINE_METRIC:
+            on_prompt = summary.get((defense, scenario, prompt_set, ON_PROMPT_METRIC))
+            table.add_row(defense, scenario, str(s["step"]), prompt_set, f"{100 * s['mean']:.1f} +- {100 * s['sd']:.1f}",
+                          f"{100 * on_prompt['mean']:.1f}" if on_prompt else "-")
     Console().print(table)
 

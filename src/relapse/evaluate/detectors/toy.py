@@ -1,4 +1,4 @@
-"""``toy``: the toy evaluator's heads (target concept, shape, colour, background, style)."""
+"""``toy``: the toy evaluator's heads (target concept; shape, colour, background, style and fill)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 
 from relapse.errors import UserError
 from relapse.evaluate.detectors import DETECTORS, Detections
-from relapse.evaluate.toy_evaluator import HEADS, ToyEvaluator
+from relapse.evaluate.toy_evaluator import HEADS, TARGET_HEAD, ToyEvaluator
 
 
 def default_evaluator_dir() -> Path:
@@ -33,6 +33,6 @@ class ToyDetector:
 
     def detect(self, images: np.ndarray, prompts: list[str] | None = None) -> Detections:
         pred = self.model.predict(images)
-        attributes = {name: np.asarray(HEADS[name], dtype=object)[pred[name]] for name in HEADS if name != "checkered"}
+        attributes = {name: np.asarray(HEADS[name], dtype=object)[pred[name]] for name in HEADS if name != TARGET_HEAD}
         score = pred["target_score"]
         return Detections(score, score >= self.threshold, attributes, pred["features"])
