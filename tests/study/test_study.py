@@ -1,8 +1,13 @@
 """The study planner and runner on tiny random components: shared steps run once, a killed study
-resumes without redoing finished steps and gives the same rows, --dry-run loads no weights."""
+(kill -9 of its process group) resumes without redoing finished steps and gives the same rows, --dry-run loads no weights."""
 
 import csv
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import yaml
@@ -10,6 +15,7 @@ import yaml
 from relapse.errors import UserError
 from relapse.study import run as study_run
 from relapse.study.config import StudyConfig
+from relapse.study.lock import run_lock
 from relapse.study.plan import build_plan
 from relapse.study.run import StudyRunConfig, run_study
 
@@ -49,33 +55,43 @@ def test_plan_shares_steps_between_cells(study_yaml):
     assert len(plan.cells) == 3 * (2 + 2 + 1 + 2)  # before (2) + attack at 0 (2), 1 (1), 2 (2)
 
 
-def test_study_resumes_after_a_kill_and_gives_the_same_rows(study_yaml, tmp_path, monkeypatch):
+def kill_study_after(study_yaml, run_dir, finished: int) -> None:
+    """Start `relapse study` in its own process group and SIGKILL the whole group once ``finished`` steps are done."""
+    command = [sys.executable, "-m", "relapse.cli", "study", str(study_yaml), "--out", str(run_dir)]
+    child = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    steps, deadline = run_dir / "steps", time.monotonic() + 240
+    while child.poll() is None and time.monotonic() < deadline:
+        if steps.is_dir() and sum(not p.name.endswith(".partial") for p in steps.iterdir()) >= finished:
+            break
+        time.sleep(0.05)
+    assert child.poll() is None, "the study ended before it could be killed"
+    os.killpg(child.pid, signal.SIGKILL)
+    child.wait()
+
+
+def test_study_resumes_after_kill_9_and_gives_the_same_rows(study_yaml, tmp_path, monkeypatch, caplog):
     straight = run_study(StudyRunConfig(config=study_yaml, out=tmp_path / "straight"))
-    original, calls = study_run.Executor.run, {"n": 0}
-
-    def killed_at_six(self, step):
-        calls["n"] += 1
-        if calls["n"] == 6:
-            raise KeyboardInterrupt
-        return original(self, step)
-
-    monkeypatch.setattr(study_run.Executor, "run", killed_at_six)
-    with pytest.raises(KeyboardInterrupt):
-        run_study(StudyRunConfig(config=study_yaml, out=tmp_path / "killed"))
+    killed = tmp_path / "killed"
+    kill_study_after(study_yaml, killed, finished=6)
+    assert (killed / "study.lock").is_file()  # left by the dead driver
+    plan = build_plan(StudyConfig(**yaml.safe_load(study_yaml.read_text())))
+    done = sum(step.done(killed) for step in plan.steps)
+    assert 0 < done < len(plan.steps)
     with pytest.raises(UserError, match="--resume"):
-        run_study(StudyRunConfig(config=study_yaml, out=tmp_path / "killed"))
-    ran = []
+        run_study(StudyRunConfig(config=study_yaml, out=killed))
+    original, ran = study_run.Executor.run, []
     monkeypatch.setattr(study_run.Executor, "run", lambda self, step: ran.append(step) or original(self, step))
-    resumed = run_study(StudyRunConfig(config=study_yaml, out=tmp_path / "killed", resume=True))
-    assert len(ran) == len(build_plan(StudyConfig(**yaml.safe_load(study_yaml.read_text()))).steps) - 5
+    resumed = run_study(StudyRunConfig(config=study_yaml, out=killed, resume=True))
+    assert len(ran) == len(plan.steps) - done
+    assert "no longer running" in caplog.text  # the dead driver's lock was taken over, with a warning
     rows = [json.loads((d / "results.json").read_text())["rows"] for d in (straight, resumed)]
-    assert rows[0] == [r | {} for r in rows[1]] and len(rows[0]) > 0
+    assert rows[0] == rows[1] and len(rows[0]) > 0
     with open(straight / "results.csv", newline="") as handle:
         table = list(csv.DictReader(handle))
     assert len(table) == len(rows[0]) and {"frechet_distance", "target_rate"} <= {r["metric"] for r in table}
     ran.clear()
-    run_study(StudyRunConfig(config=study_yaml, out=tmp_path / "killed", resume=True))
-    assert ran == []  # everything cached
+    run_study(StudyRunConfig(config=study_yaml, out=killed, resume=True))
+    assert ran == [] and not (killed / "study.lock").exists()  # everything cached; the lock released
     evaluation = json.loads((straight / rows[0][0]["source"]).read_text())  # every row names its evaluation,
     assert (straight / evaluation["images"] / evaluation["per_image"][0]["file"]).is_file()  # which names its images
     side_by_side = run_study(StudyRunConfig(config=study_yaml, out=tmp_path / "workers", workers=2))
@@ -87,6 +103,15 @@ def test_study_resumes_after_a_kill_and_gives_the_same_rows(study_yaml, tmp_path
     assert in_weights and all(a | {"value": 0} == b | {"value": 0} and a["value"] == pytest.approx(b["value"], rel=1e-3) for a, b in in_weights)
     assert set(json.loads((side_by_side / "run.json").read_text())["seconds_by_kind"]) == {"align", "finetune", "generate", "evaluate",
                                                                                           "weights"}
+
+
+def test_a_second_study_on_a_folder_in_use_is_refused_in_one_line(study_yaml, tmp_path, run_cli):
+    run_dir = tmp_path / "run"
+    with run_lock(run_dir):  # another driver holds the folder
+        code, _, err = run_cli("study", study_yaml, "--out", run_dir, "--resume")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "in use by another relapse study" in err and "--out" in err
+    assert sorted(p.name for p in run_dir.iterdir()) == []  # it wrote nothing
 
 
 def test_report_is_self_contained_and_rebuilds_from_results(study_yaml, tmp_path, run_cli):

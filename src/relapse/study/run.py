@@ -18,6 +18,7 @@ import os
 import shutil
 import time
 from collections import Counter
+from contextlib import nullcontext
 from pathlib import Path
 
 import yaml
@@ -29,6 +30,7 @@ from relapse.errors import UserError
 from relapse.io import RUN_RECORD, run_record, write_json, write_text
 from relapse.report.study_report import build_report
 from relapse.study.config import StudyConfig
+from relapse.study.lock import run_lock
 from relapse.study.plan import Cell, Plan, Step, build_plan
 
 RATE_METRICS = ("target_rate", "target_on_prompt_rate", "shape_accuracy", "color_accuracy", "background_accuracy", "style_accuracy",
@@ -370,30 +372,36 @@ def run_study(run: StudyRunConfig) -> Path:
     executor = Executor(run_dir)
     for spec in cfg.detectors:  # a missing weights file fails now, not after hours of fine-tuning
         executor.detector(spec.settings())
-    if main:
-        print(describe_plan(plan, run_dir))
-        prepare_run_dir(cfg, run_dir, run.resume)
-    processes.wait_for_everyone()
-    todo = [s for s in plan.steps if not s.done(run_dir)]
-    processes.wait_for_everyone()  # every process sees the same list before any step runs
-    if run.workers > 1:
-        seconds = run_in_workers(todo, run_dir, run.workers)
-    else:
-        seconds = {}  # wall time per step, recorded in run.json
-        with progress.disabled():  # the study's bar is the one bar
-            for step in tqdm(todo, desc="study", unit="step", disable=not main):
-                took = executor.run(step)
-                seconds[step] = report_finished(step, took) if main else took
-    if main:
-        rows = collect(plan, run_dir)
-        write_results(cfg, rows, run_dir)
-        write_json(run_dir / RUN_RECORD, run_record("study", run, cfg.seeds, steps=len(plan.steps), ran=len(todo),
-                                                    processes=processes.num_processes, **step_times(seconds),
-                                                    wall_seconds=round(time.perf_counter() - start, 1)))
-        build_report(run_dir)
-        print_summary(rows)
-        print(f"results in {run_dir}: results.json, results.csv, report.html")
+    with run_lock(run_dir) if main else nullcontext():  # one driver per run folder; the other processes follow it
+        if main:
+            print(describe_plan(plan, run_dir))
+            prepare_run_dir(cfg, run_dir, run.resume)
+        processes.wait_for_everyone()
+        todo = [s for s in plan.steps if not s.done(run_dir)]
+        processes.wait_for_everyone()  # every process sees the same list before any step runs
+        seconds = run_steps(todo, executor, run_dir, run.workers, main)
+        if main:
+            rows = collect(plan, run_dir)
+            write_results(cfg, rows, run_dir)
+            write_json(run_dir / RUN_RECORD, run_record("study", run, cfg.seeds, steps=len(plan.steps), ran=len(todo),
+                                                        processes=processes.num_processes, **step_times(seconds),
+                                                        wall_seconds=round(time.perf_counter() - start, 1)))
+            build_report(run_dir)
+            print_summary(rows)
+            print(f"results in {run_dir}: results.json, results.csv, report.html")
     return run_dir
+
+
+def run_steps(todo: list[Step], executor: Executor, run_dir: Path, workers: int, main: bool) -> dict[Step, float]:
+    """Run the unfinished steps, in worker processes or here; return each one's wall time (for run.json)."""
+    if workers > 1:
+        return run_in_workers(todo, run_dir, workers)
+    seconds = {}
+    with progress.disabled():  # the study's bar is the one bar
+        for step in tqdm(todo, desc="study", unit="step", disable=not main):
+            took = executor.run(step)
+            seconds[step] = report_finished(step, took) if main else took
+    return seconds
 
 
 def print_summary(rows: list[dict]) -> None:
