@@ -1,5 +1,5 @@
 """End to end on the shipped toy model, with few images and steps (the quality bar itself is
-measured by `relapse demo` and recorded in the README, not asserted here)."""
+measured by `relapse demo` and recorded in docs/toy-world.md, not asserted here)."""
 
 import json
 
