@@ -19,7 +19,7 @@ from peft import LoraConfig
 
 from relapse.data.prompts import read_prompts
 from relapse.finetune.train import LORA_TARGETS
-from relapse.generate import SamplerConfig, generate_images
+from relapse.sampling import SamplerConfig, generate_images
 from relapse.models.loading import load_pipeline
 from relapse.models.lora import LoraSpec, merge_loras, save_unet_lora
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from relapse.data.prompts import read_prompts
-from relapse.generate import SamplerConfig, generate_images
+from relapse.sampling import SamplerConfig, generate_images
 from relapse.models.loading import load_pipeline
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from relapse.cli import main
-from relapse.evaluate.toy_evaluator import ToyEvaluator
+from relapse.measure.toy_evaluator import ToyEvaluator
 from relapse.models.components import ToyModelSize, build_pipeline
 
 

@@ -102,7 +102,7 @@ def test_align_refuses_a_missing_concept_prompt_file_before_loading_weights(run_
 
 
 def test_evaluate_threshold_flag_joins_the_config_files_detector_options(run_cli, tmp_path, monkeypatch):
-    import relapse.evaluate.evaluate as evaluate_module
+    import relapse.measure.evaluate as evaluate_module
 
     seen = []
     monkeypatch.setattr(evaluate_module, "run_evaluate", lambda cfg: seen.append(cfg) or {})

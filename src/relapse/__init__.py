@@ -1,3 +1,44 @@
+"""relapse: keep the safety alignment of text-to-image diffusion models from relapsing under fine-tuning,
+and measure whether it did.
+
+The library works in memory on diffusers pipelines; the ``relapse`` CLI and studies are layers that read
+and write disk around it::
+
+    import relapse
+
+    pipe = relapse.load("toy")  # the embedded toy model, a local diffusers folder or a hub id
+    images = relapse.generate(pipe, "toy:target_direct", images_per_prompt=2, steps=8)
+    result = relapse.evaluate(images, detector="toy")
+    result["target_rate"]  # {"rate": ..., "ci95": [...], "n": ...}
+
+Names are imported on first use, so ``import relapse`` stays light (no torch until it is needed).
+"""
+
+from importlib import import_module
+
 from relapse import notices
 
 notices.install()
+
+_EXPORTS = {
+    "load": ("relapse.models.loading", "load_pipeline"),
+    "generate": ("relapse.sampling", "generate"),
+    "Generation": ("relapse.sampling", "Generation"),
+    "evaluate": ("relapse.measure.evaluate", "evaluate"),
+    "Prompt": ("relapse.data.prompts", "Prompt"),
+    "UserError": ("relapse.errors", "UserError"),
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'relapse' has no attribute {name!r}")
+    module, attribute = _EXPORTS[name]
+    value = getattr(import_module(module), attribute)
+    globals()[name] = value  # looked up once
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

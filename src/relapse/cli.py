@@ -79,7 +79,7 @@ def generate(
 ) -> None:
     """Generate images from a prompt set: PNGs plus manifest.jsonl and run.json."""
     from relapse.config import resolve_config
-    from relapse.generate import GenerateConfig, run_generate
+    from relapse.sampling import GenerateConfig, run_generate
 
     cfg = resolve_config(GenerateConfig, config, prompts=prompts, out=out, model=model, loras=lora or None,
                          lora_scales=lora_scale or None, images_per_prompt=images_per_prompt, seed=seed, steps=steps,
@@ -100,7 +100,7 @@ def evaluate(
     import json
 
     from relapse.config import resolve_config
-    from relapse.evaluate.evaluate import EvaluateConfig, run_evaluate
+    from relapse.measure.evaluate import EvaluateConfig, run_evaluate
 
     cfg = resolve_config(EvaluateConfig, config, images=images, detector=detector, reference=reference, json_out=json_out)
     if threshold is not None:  # one option among those the config file may give (weights paths, classes)

@@ -5,7 +5,7 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
-from relapse.evaluate.toy_evaluator import ToyEvaluator
+from relapse.measure.toy_evaluator import ToyEvaluator
 from relapse.models.components import ToyModelSize
 from relapse.models.toy_build import BUILD_RECORD, EVALUATOR_DIR, ToyBuildConfig, build_toy, train_unet
 

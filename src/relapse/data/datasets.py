@@ -70,7 +70,7 @@ def _read_image(meta: Path, name: str, line: int) -> np.ndarray:
 
 
 def read_imagefolder(folder: str | Path) -> CaptionedImages:
-    from relapse.generate import MANIFEST
+    from relapse.sampling import MANIFEST
 
     folder = Path(folder)
     if not folder.is_dir():

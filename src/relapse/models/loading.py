@@ -29,8 +29,20 @@ def resolve_model(model: str | Path) -> Path | str:
     return str(model)
 
 
-def load_pipeline(model: str | Path, device: str | None = None, dtype=None):
-    """A StableDiffusionPipeline with its safety checker off (we measure harm; we must see it)."""
+def load_pipeline(model: str | Path = "toy", device: str | None = None, dtype=None):
+    """Load a ``StableDiffusionPipeline`` with its safety checker off (relapse measures harm, so it must see it).
+
+    Args:
+        model: ``"toy"`` (the embedded toy model), a local diffusers folder, or a hub id in the local
+            Hugging Face cache (one download attempt if it is missing and the hub is reachable).
+        device: default ``cuda`` when available, else ``cpu``.
+        dtype: default ``torch.float32``.
+
+    Example:
+        >>> pipe = relapse.load("toy")
+        >>> type(pipe).__name__
+        'StableDiffusionPipeline'
+    """
     import torch
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import logging as diffusers_logging

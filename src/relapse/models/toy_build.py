@@ -11,7 +11,7 @@ Stages, in order (each one's figures go to ``relapse_build.json`` beside the mod
 4. UNet: epsilon-prediction denoising on cached latents and cached text states, min-SNR
    weighting, classifier-free-guidance dropout, EMA weights (as diffusers' train_text_to_image);
 5. evaluator: the attribute CNN and the target head, on real images, VAE reconstructions and hard
-   negatives (:mod:`relapse.evaluate.toy_evaluator_build`). ``--stage evaluator`` runs this stage
+   negatives (:mod:`relapse.measure.toy_evaluator_build`). ``--stage evaluator`` runs this stage
    alone on a built pipeline's VAE, so rebuilding the evaluator never retrains the pipeline.
 
 The pipeline is saved with ``save_pretrained`` (plain ``StableDiffusionPipeline.from_pretrained``
@@ -32,8 +32,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from relapse.data.toy_families import HEAD_CLASSES, UNKNOWN
 from relapse.data.toy_world import BENIGN_DOMAINS, DOMAINS, ToyItem, caption, parse_prompt, sample_attributes, sample_domain
-from relapse.evaluate.toy_evaluator import ToyEvaluator
-from relapse.evaluate.toy_evaluator_build import EvaluatorBuildConfig, build_evaluator
+from relapse.measure.toy_evaluator import ToyEvaluator
+from relapse.measure.toy_evaluator_build import EvaluatorBuildConfig, build_evaluator
 from relapse.io import atomic_dir, run_record, write_json
 from relapse.models.components import ToyModelSize, build_pipeline
 from relapse.models.pipeline_utils import encode_prompts

@@ -110,7 +110,7 @@ class StudyResults:
 def _rate_cell(res: StudyResults, **match) -> str:
     """Mean +- sd over seeds, the 95% Wilson interval of the images pooled over seeds and their number;
     each seed's rate and interval on hover."""
-    from relapse.evaluate.stats import wilson_interval
+    from relapse.measure.stats import wilson_interval
 
     rows = res.values(**match)
     if not rows:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from relapse.generate import SamplerConfig
+from relapse.sampling import SamplerConfig
 
 STUDY_OWNED = ("model", "out", "seed")  # fields the study sets on every stage and fine-tune
 

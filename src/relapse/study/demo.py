@@ -9,9 +9,9 @@ from pathlib import Path
 from pydantic import ConfigDict, Field
 
 from relapse.data.prompts import read_prompts
-from relapse.evaluate.detectors import build_detector
-from relapse.evaluate.evaluate import load_images, summarize
-from relapse.generate import SamplerConfig, generate_images
+from relapse.measure.detectors import build_detector
+from relapse.measure.evaluate import load_images, summarize
+from relapse.sampling import SamplerConfig, generate_images
 from relapse.io import RUN_RECORD, atomic_dir, run_record, write_json
 
 DEMO_SETS = ("clean", "target_direct", "target_indirect", "fill_striped", "fill_dotted", "fill_gridded", "fill_gradient",

@@ -121,7 +121,7 @@ class Planner:
         self.cfg = cfg
         self.source = source  # the YAML file's key lines, for errors that name the line to fix
         # The Frechet distance is taken in the first detector that has image features (toy, or a CLIP's).
-        from relapse.evaluate.detectors import DETECTORS
+        from relapse.measure.detectors import DETECTORS
 
         self.fd_detector = next((d for d in cfg.detectors if hasattr(DETECTORS.get(d.name), "features")), None)  # unknown names fail here
         self.steps: dict[str, Step] = {}

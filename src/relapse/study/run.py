@@ -103,8 +103,8 @@ class Executor:
                                     data_seed=seed, out=out, resume=resume))
 
     def weights(self, step: Step) -> None:
-        """The fine-tune's update against the alignment's (:mod:`relapse.evaluate.weight_space`)."""
-        from relapse.evaluate.weight_space import fused_unet_weights, update, update_alignment
+        """The fine-tune's update against the alignment's (:mod:`relapse.measure.weight_space`)."""
+        from relapse.measure.weight_space import fused_unet_weights, update, update_alignment
 
         if not self.processes.is_main_process:
             return
@@ -126,7 +126,7 @@ class Executor:
     def generate(self, step: Step) -> None:
         """Each process samples its shard into one partial folder; the main process merges and renames it."""
         from relapse.data.prompts import read_prompts, select_prompts
-        from relapse.generate import SamplerConfig, generate_images, merge_manifests
+        from relapse.sampling import SamplerConfig, generate_images, merge_manifests
 
         model, loras = step.reads.resolve(self.run_dir)
         spec = step.spec["prompts"]
@@ -147,7 +147,7 @@ class Executor:
 
     def detector(self, spec: dict):
         """Built once per process; building checks the detector's weights files."""
-        from relapse.evaluate.detectors import build_detector
+        from relapse.measure.detectors import build_detector
 
         label = json.dumps(spec, sort_keys=True)
         if label not in self.detectors:
@@ -160,9 +160,9 @@ class Executor:
         from accelerate.utils import gather_object
 
         from relapse.data.datasets import load_dataset
-        from relapse.evaluate.detectors import merge_detections
-        from relapse.evaluate.evaluate import load_images, reference_distance, reference_features, summarize
-        from relapse.generate import read_manifest
+        from relapse.measure.detectors import merge_detections
+        from relapse.measure.evaluate import load_images, reference_distance, reference_features, summarize
+        from relapse.sampling import read_manifest
 
         spec, images_dir = step.spec["detector"], step.deps[0].path(self.run_dir)
         detector = self.detector(spec)
@@ -280,7 +280,7 @@ def cell_rows(cell: Cell, result: dict, source: str) -> list[dict]:
 def inappropriate_rows(scored: list[tuple[Cell, dict, str]]) -> list[dict]:
     """IP as SLD/I2P define it: an image is inappropriate when NudeNet *or* Q16 flags it. One row per
     pair of configured nudenet and q16 detectors scored on the same images."""
-    from relapse.evaluate.stats import rate
+    from relapse.measure.stats import rate
 
     by_images: dict[tuple, dict[str, list]] = {}
     for cell, result, source in scored:

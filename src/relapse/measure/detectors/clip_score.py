@@ -18,8 +18,8 @@ from __future__ import annotations
 import numpy as np
 
 from relapse.errors import UserError
-from relapse.evaluate.detectors import DETECTORS, Detections
-from relapse.evaluate.detectors.clip import ClipFeatures, image_embeddings, load_clip, text_embeddings
+from relapse.measure.detectors import DETECTORS, Detections
+from relapse.measure.detectors.clip import ClipFeatures, image_embeddings, load_clip, text_embeddings
 
 
 @DETECTORS.register("clip_score")

@@ -49,4 +49,4 @@ def build_detector(name: str, **options):
     return DETECTORS.get(name)(**options)
 
 
-from relapse.evaluate.detectors import clip_score, laion_aesthetic, laion_nsfw, nudenet, q16, toy  # noqa: E402,F401  (registration)
+from relapse.measure.detectors import clip_score, laion_aesthetic, laion_nsfw, nudenet, q16, toy  # noqa: E402,F401  (registration)

@@ -18,8 +18,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from relapse.evaluate.detectors import DETECTORS, Detections
-from relapse.evaluate.detectors.clip import CONVERT_STATE_DICT, ClipFeatures, clip_dim, image_embeddings, load_clip, load_head
+from relapse.measure.detectors import DETECTORS, Detections
+from relapse.measure.detectors.clip import CONVERT_STATE_DICT, ClipFeatures, clip_dim, image_embeddings, load_clip, load_head
 
 
 @DETECTORS.register("laion_aesthetic")

@@ -1,6 +1,6 @@
 import torch
 
-from relapse.evaluate.weight_space import fused_unet_weights, update, update_alignment
+from relapse.measure.weight_space import fused_unet_weights, update, update_alignment
 
 
 def test_cosine_is_taken_on_the_tensors_both_updates_touch():

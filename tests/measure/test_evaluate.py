@@ -2,10 +2,10 @@ import numpy as np
 import pytest
 
 from relapse.errors import UserError
-from relapse.evaluate.detectors import DETECTORS, Detections, build_detector
-from relapse.evaluate.evaluate import summarize
-from relapse.evaluate.fid import frechet_distance
-from relapse.evaluate.toy_evaluator import ToyEvaluator
+from relapse.measure.detectors import DETECTORS, Detections, build_detector
+from relapse.measure.evaluate import summarize
+from relapse.measure.fid import frechet_distance
+from relapse.measure.toy_evaluator import ToyEvaluator
 from tests.conftest import random_images
 
 
@@ -87,7 +87,7 @@ def test_frechet_distance_matches_the_closed_form():
 
 
 def test_merged_shards_equal_the_whole():
-    from relapse.evaluate.detectors import Detections, merge_detections
+    from relapse.measure.detectors import Detections, merge_detections
 
     rng = np.random.default_rng(0)
     whole = Detections(rng.random(7), rng.random(7) > 0.5, {"shape": np.array(list("abcdefg"), dtype=object)},

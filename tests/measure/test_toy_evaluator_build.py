@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from relapse.data.toy_families import RENDERED
-from relapse.evaluate import toy_evaluator_build as teb
+from relapse.measure import toy_evaluator_build as teb
 
 
 @pytest.fixture(scope="module")

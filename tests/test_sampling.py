@@ -6,7 +6,7 @@ from PIL import Image
 
 from relapse.data.prompts import Prompt
 from relapse.errors import UserError
-from relapse.generate import GenerateConfig, SamplerConfig, generate_images, plan_jobs, read_manifest, run_generate
+from relapse.sampling import GenerateConfig, SamplerConfig, generate_images, plan_jobs, read_manifest, run_generate
 
 PROMPTS = [Prompt("a red star on a black background"), Prompt("a blue circle on a white background"),
            Prompt("a green square, gray background", seed=100, guidance=2.0)]

@@ -31,8 +31,8 @@ import torch
 from torch import nn
 
 from relapse.errors import UserError
-from relapse.evaluate.detectors import DETECTORS, Detections
-from relapse.evaluate.detectors.clip import CONVERT_STATE_DICT, ClipFeatures, clip_dim, image_embeddings, load_clip, load_head
+from relapse.measure.detectors import DETECTORS, Detections
+from relapse.measure.detectors.clip import CONVERT_STATE_DICT, ClipFeatures, clip_dim, image_embeddings, load_clip, load_head
 
 HIDDEN = (64, 512, 256)
 

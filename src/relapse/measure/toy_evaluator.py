@@ -3,8 +3,8 @@
 Heads: shape, colour, background, style, fill (plain, checkered and its neighbours) and the target
 head ``checkered``, the toy NudeNet, trained to flag a checker and nothing else that looks like one
 (see :mod:`relapse.data.toy_families` for what it is taught and tested on). Its 128-d penultimate
-features also feed a Frechet distance between image sets (see :mod:`relapse.evaluate.fid`). Weights
-are safetensors plus a JSON config; :mod:`relapse.evaluate.toy_evaluator_build` trains it.
+features also feed a Frechet distance between image sets (see :mod:`relapse.measure.fid`). Weights
+are safetensors plus a JSON config; :mod:`relapse.measure.toy_evaluator_build` trains it.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""``relapse evaluate``: score a folder written by ``relapse generate`` with a detector.
+"""Score images with a detector: :func:`evaluate` in memory, ``relapse evaluate`` on a folder written by ``relapse generate``.
 
 The result holds ``n_images``, ``target_rate`` (95% Wilson interval), ``target_score_mean``
 and, where the detector predicts attributes and the prompts name them, ``shape_accuracy`` and
@@ -20,9 +20,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from relapse.data.datasets import load_dataset
 from relapse.data.toy_world import parse_prompt
 from relapse.errors import UserError
-from relapse.evaluate.detectors import Detections, build_detector
-from relapse.evaluate.stats import mean_ci, rate
-from relapse.generate import read_manifest
+from relapse.measure.detectors import Detections, build_detector
+from relapse.measure.stats import mean_ci, rate
+from relapse.sampling import read_manifest
 from relapse.io import write_json
 
 ATTRIBUTE_METRICS = {"shape": "shape_accuracy", "color": "color_accuracy", "background": "background_accuracy",
@@ -113,7 +113,7 @@ def reference_features(detector, reference: np.ndarray) -> np.ndarray:
 
 def reference_distance(features: np.ndarray, reference: np.ndarray) -> float:
     """Frechet distance of generated images' features to the reference's, in the same space."""
-    from relapse.evaluate.fid import frechet_distance
+    from relapse.measure.fid import frechet_distance
 
     if min(len(features), len(reference)) < 2:
         raise UserError(f"a Frechet distance needs at least 2 images on each side (got {len(features)} generated, "
@@ -121,18 +121,62 @@ def reference_distance(features: np.ndarray, reference: np.ndarray) -> float:
     return round(frechet_distance(reference, features), 4)
 
 
+def score(images: np.ndarray, rows: list[dict], detector, name: str, reference=None) -> dict:
+    """The result of :func:`summarize` for ``images`` (N, H, W, 3 uint8) and their manifest rows, plus the Frechet
+    distance to ``reference`` (a dataset from :func:`load_dataset`) when given."""
+    reference_feats = reference_features(detector, reference.images) if reference is not None else None
+    detections = detector.detect(images, [row["prompt"] for row in rows])
+    result = summarize(rows, detections, name)
+    if reference is not None:
+        result["frechet_distance"] = reference_distance(detections.features, reference_feats)
+        result["reference"] = {"source": reference.source, "n_images": len(reference.images)}
+    return result
+
+
+def as_array(images) -> np.ndarray:
+    if isinstance(images, np.ndarray):
+        return images
+    return np.stack([np.asarray(image.convert("RGB")) for image in images])
+
+
+def evaluate(images, prompts: list[str] | None = None, *, detector: str = "toy", reference: str | None = None,
+             **detector_options) -> dict:
+    """Score images with a detector, in memory.
+
+    Args:
+        images: a :class:`relapse.sampling.Generation` (its prompts and seeds come along), a list of PIL images,
+            or an (N, H, W, 3) uint8 array.
+        prompts: the prompt of each image (not needed for a Generation); attribute accuracy and the on-prompt
+            rate compare the detector's reading of each image with what its prompt asks for.
+        detector: a registered detector name: ``toy``, ``nudenet``, ``q16``, ``laion_nsfw``, ``laion_aesthetic``,
+            ``clip_score``; ``detector_options`` are its keyword options (weights paths, threshold).
+        reference: real images for a Frechet distance, as a source (an imagefolder, ``toy:DOMAIN[:N]``).
+
+    Returns:
+        A dict: ``n_images``, ``target_rate`` (rate, 95% Wilson interval, n), attribute accuracies, ``target_on_prompt_rate``,
+        score means, ``frechet_distance`` when a reference is given, and ``per_image`` verdicts.
+
+    Example:
+        >>> result = relapse.evaluate(relapse.generate(pipe, "toy:target_direct", steps=8))
+        >>> result["target_rate"]["rate"]
+        1.0
+    """
+    if hasattr(images, "rows"):
+        rows, images = images.rows, images.images
+    else:
+        if prompts is None or len(prompts) != len(images):
+            raise UserError(f"give one prompt per image ({len(images)} images, {0 if prompts is None else len(prompts)} prompts)")
+        rows = [{"file": None, "prompt": prompt, "seed": None} for prompt in prompts]
+    return score(as_array(images), rows, build_detector(detector, **detector_options), detector,
+                 load_dataset(reference) if reference else None)
+
+
 def run_evaluate(cfg: EvaluateConfig) -> dict:
     rows = read_manifest(cfg.images)
     reference = load_dataset(cfg.reference) if cfg.reference else None
     detector = build_detector(cfg.detector, **cfg.detector_options)
-    reference_feats = reference_features(detector, reference.images) if reference else None
-    images = load_images(cfg.images, rows)
-    detections = detector.detect(images, [row["prompt"] for row in rows])
-    result = summarize(rows, detections, cfg.detector)
+    result = score(load_images(cfg.images, rows), rows, detector, cfg.detector, reference)
     result["images"] = str(cfg.images)
-    if reference is not None:
-        result["frechet_distance"] = reference_distance(detections.features, reference_feats)
-        result["reference"] = {"source": reference.source, "n_images": len(reference.images)}
     if cfg.json_out:
         cfg.json_out.parent.mkdir(parents=True, exist_ok=True)
         write_json(cfg.json_out, result)

@@ -3,7 +3,7 @@ import pytest
 
 from relapse.data.toy_world import sample_domain
 from relapse.errors import UserError
-from relapse.evaluate.detectors import build_detector
+from relapse.measure.detectors import build_detector
 
 
 def test_nudenet_finds_nothing_exposed_in_toy_images():

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 
 from relapse.errors import UserError
-from relapse.evaluate.detectors import DETECTORS, Detections
-from relapse.evaluate.toy_evaluator import HEADS, TARGET_HEAD, ToyEvaluator
+from relapse.measure.detectors import DETECTORS, Detections
+from relapse.measure.toy_evaluator import HEADS, TARGET_HEAD, ToyEvaluator
 
 
 def default_evaluator_dir() -> Path:

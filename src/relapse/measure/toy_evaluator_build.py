@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from relapse.data import toy_world as tw
 from relapse.data.toy_families import HEAD_CLASSES, RENDERED, UNKNOWN, Batch, world
-from relapse.evaluate.toy_evaluator import TARGET_HEAD, ToyEvaluator
+from relapse.measure.toy_evaluator import TARGET_HEAD, ToyEvaluator
 from relapse.progress import progress
 
 HELDOUT_SEED_OFFSET = 10_000  # the report's generators never share a seed with training's

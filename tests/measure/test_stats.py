@@ -1,6 +1,6 @@
 import pytest
 
-from relapse.evaluate.stats import rate, wilson_interval
+from relapse.measure.stats import rate, wilson_interval
 
 
 def test_wilson_matches_reference_values():

@@ -22,8 +22,8 @@ from __future__ import annotations
 import numpy as np
 
 from relapse.errors import UserError
-from relapse.evaluate.detectors import DETECTORS, Detections
-from relapse.evaluate.detectors.clip import ClipFeatures, clip_dim, image_embeddings, load_clip, load_head
+from relapse.measure.detectors import DETECTORS, Detections
+from relapse.measure.detectors.clip import ClipFeatures, clip_dim, image_embeddings, load_clip, load_head
 
 CONVERT = ("python -c \"import pickle, torch; from safetensors.torch import save_file; "
            "save_file({{'prompts': torch.as_tensor(pickle.load(open('{src}', 'rb'))).float().contiguous()}}, '{dst}')\"")

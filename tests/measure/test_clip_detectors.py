@@ -10,9 +10,9 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from relapse.errors import UserError
-from relapse.evaluate.detectors import DETECTORS, Detections, build_detector
-from relapse.evaluate.detectors.laion_nsfw import NsfwHead
-from relapse.evaluate.evaluate import summarize
+from relapse.measure.detectors import DETECTORS, Detections, build_detector
+from relapse.measure.detectors.laion_nsfw import NsfwHead
+from relapse.measure.evaluate import summarize
 from tests.conftest import CLIP_DIM as DIM
 from tests.conftest import random_images
 from tests.test_cli import assert_user_error

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from relapse.errors import UserError
-from relapse.evaluate.detectors import DETECTORS, Detections
+from relapse.measure.detectors import DETECTORS, Detections
 
 EXPOSED_CLASSES = (
     "FEMALE_BREAST_EXPOSED", "FEMALE_GENITALIA_EXPOSED", "MALE_GENITALIA_EXPOSED",

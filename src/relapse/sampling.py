@@ -1,7 +1,7 @@
-"""``relapse generate``: images from a prompt set, deterministic per (prompt, seed).
+"""Images from a prompt set, deterministic per (prompt, seed): :func:`generate` in memory, ``relapse generate`` to a folder.
 
 Image ``k`` of every prompt uses seed ``seed + k`` (or the prompt's own seed + k), drawn by a
-generator of its own, so an image never depends on the batch it was sampled in and the same
+generator of its own, so an image does not depend on the batch it was sampled in (up to float rounding) and the same
 prompt and seed give the same image on every model: grids compare like with like.
 
 Output: ``NNNN_KK.png`` files, ``manifest.jsonl`` (one line per image: prompt, seed, file and
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,6 +90,16 @@ def shard_manifest(rank: int) -> str:
     return f"manifest-{rank:03d}.jsonl"
 
 
+def sample_jobs(pipe, jobs: list[Job], sampler: SamplerConfig, settings: dict, show: bool = True) -> Iterator[tuple[object, dict]]:
+    """Sample ``jobs`` in batches; yield each PIL image with its manifest row (prompt, seed, settings), in job order."""
+    with progress(total=len(jobs), desc="generate", unit="img", disable=not show) as bar:
+        for batch in batches(jobs, sampler.batch_size):
+            for job, image in zip(batch, sample(pipe, batch, sampler.steps)):
+                yield image, {"file": job.file, "prompt": job.prompt.text, "prompt_index": job.prompt_index, "k": job.k,
+                              "seed": job.seed, "guidance": job.guidance, "steps": sampler.steps, **settings, **job.prompt.meta}
+            bar.update(len(batch))
+
+
 def generate_images(pipe, prompts: list[Prompt], sampler: SamplerConfig, out_dir: Path, settings: dict,
                     shard: tuple[int, int] = (0, 1)) -> list[dict]:
     """Sample every job into ``out_dir`` and return the manifest rows (also written as MANIFEST).
@@ -97,19 +108,72 @@ def generate_images(pipe, prompts: list[Prompt], sampler: SamplerConfig, out_dir
     manifest; :func:`merge_manifests` joins them. Each image has its own generator, so a job's image does
     not depend on which process sampled it."""
     rank, world = shard
-    jobs = plan_jobs(prompts, sampler)[rank::world]
     rows = []
     name = MANIFEST if world == 1 else shard_manifest(rank)
-    with open(out_dir / name, "w", encoding="utf-8") as manifest, progress(total=len(jobs), desc="generate", unit="img", disable=rank != 0) as bar:
-        for batch in batches(jobs, sampler.batch_size):
-            for job, image in zip(batch, sample(pipe, batch, sampler.steps)):
-                image.save(out_dir / job.file)
-                row = {"file": job.file, "prompt": job.prompt.text, "prompt_index": job.prompt_index, "k": job.k,
-                       "seed": job.seed, "guidance": job.guidance, "steps": sampler.steps, **settings, **job.prompt.meta}
-                manifest.write(json.dumps(row) + "\n")
-                rows.append(row)
-            bar.update(len(batch))
+    with open(out_dir / name, "w", encoding="utf-8") as manifest:
+        for image, row in sample_jobs(pipe, plan_jobs(prompts, sampler)[rank::world], sampler, settings, show=rank == 0):
+            image.save(out_dir / row["file"])
+            manifest.write(json.dumps(row) + "\n")
+            rows.append(row)
     return rows
+
+
+@dataclass
+class Generation:
+    """Images sampled in memory (PIL, in job order) and their manifest rows: what :func:`generate` returns."""
+
+    images: list
+    rows: list[dict]
+
+    @property
+    def prompts(self) -> list[str]:
+        return [row["prompt"] for row in self.rows]
+
+    def save(self, out: str | Path) -> Path:
+        """Write the images and ``manifest.jsonl`` as ``relapse generate`` does (the folder appears complete)."""
+        out = Path(out)
+        check_output_dir(out)
+        with atomic_dir(out) as tmp:
+            for image, row in zip(self.images, self.rows):
+                image.save(tmp / row["file"])
+            (tmp / MANIFEST).write_text("".join(json.dumps(row) + "\n" for row in self.rows), encoding="utf-8")
+        return out
+
+
+def as_prompts(prompts: str | Path | list) -> list[Prompt]:
+    """A prompt source (a file, ``toy:NAME``), or a list of texts or :class:`Prompt` objects."""
+    if isinstance(prompts, (str, Path)):
+        return read_prompts(prompts)
+    return [p if isinstance(p, Prompt) else Prompt(str(p)) for p in prompts]
+
+
+def generate(pipe, prompts: str | Path | list, *, images_per_prompt: int = 1, steps: int = 20, guidance: float = 5.0,
+             seed: int = 0, batch_size: int = 64) -> Generation:
+    """Sample images from ``pipe`` in memory.
+
+    Args:
+        pipe: a ``StableDiffusionPipeline`` (e.g. from :func:`relapse.load`), LoRAs already applied.
+        prompts: a list of prompt texts, or a prompt source: a text/JSONL/I2P-CSV file or ``toy:NAME``
+            (e.g. ``toy:target_direct``).
+        images_per_prompt: image ``k`` of a prompt uses seed ``seed + k`` (or the prompt's own seed + k).
+        steps, guidance: the sampler's denoising steps and classifier-free guidance scale.
+        batch_size: images per pipeline call; the images do not depend on it (up to float rounding).
+
+    Returns:
+        A :class:`Generation`: ``images`` (PIL) and ``rows`` (prompt, seed, file name, settings), in the same order.
+
+    Example:
+        >>> pipe = relapse.load("toy")
+        >>> out = relapse.generate(pipe, ["a checkered red star"], images_per_prompt=2, steps=8)
+        >>> len(out.images), out.rows[1]["seed"]
+        (2, 1)
+    """
+    sampler = SamplerConfig(steps=steps, guidance=guidance, images_per_prompt=images_per_prompt, seed=seed, batch_size=batch_size)
+    images, rows = [], []
+    for image, row in sample_jobs(pipe, plan_jobs(as_prompts(prompts), sampler), sampler, settings={}):
+        images.append(image)
+        rows.append(row)
+    return Generation(images, rows)
 
 
 def merge_manifests(out_dir: Path, world: int) -> list[dict]:
