@@ -19,9 +19,9 @@ from peft import LoraConfig
 
 from relapse.data.prompts import read_prompts
 from relapse.finetune.train import LORA_TARGETS
-from relapse.sampling import SamplerConfig, generate_images
 from relapse.models.loading import load_pipeline
 from relapse.models.lora import LoraSpec, merge_loras, save_unet_lora
+from relapse.sampling import SamplerConfig, generate_images
 
 
 def random_lora(model: str, rank: int, seed: int, out: Path) -> Path:

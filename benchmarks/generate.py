@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from relapse.data.prompts import read_prompts
-from relapse.sampling import SamplerConfig, generate_images
 from relapse.models.loading import load_pipeline
+from relapse.sampling import SamplerConfig, generate_images
 
 
 def plain_diffusers(pipe, prompts: list[str], cfg: SamplerConfig, out: Path) -> int:

@@ -13,8 +13,8 @@ import pytest
 import yaml
 
 from relapse.errors import UserError
-from relapse.study import run as study_run
 from relapse.study.config import StudyConfig
+from relapse.study.executor import Executor
 from relapse.study.lock import run_lock
 from relapse.study.plan import build_plan
 from relapse.study.run import StudyRunConfig, run_study
@@ -79,8 +79,8 @@ def test_study_resumes_after_kill_9_and_gives_the_same_rows(study_yaml, tmp_path
     assert 0 < done < len(plan.steps)
     with pytest.raises(UserError, match="--resume"):
         run_study(StudyRunConfig(config=study_yaml, out=killed))
-    original, ran = study_run.Executor.run, []
-    monkeypatch.setattr(study_run.Executor, "run", lambda self, step: ran.append(step) or original(self, step))
+    original, ran = Executor.run, []
+    monkeypatch.setattr(Executor, "run", lambda self, step: ran.append(step) or original(self, step))
     resumed = run_study(StudyRunConfig(config=study_yaml, out=killed, resume=True))
     assert len(ran) == len(plan.steps) - done
     assert "no longer running" in caplog.text  # the dead driver's lock was taken over, with a warning
@@ -331,7 +331,7 @@ def test_sd14_study_structure_runs_on_tiny_components(tmp_path, tiny_model_dir, 
 
 def test_ip_counts_an_image_flagged_by_nudenet_or_q16():
     from relapse.study.plan import Cell, Step
-    from relapse.study.run import inappropriate_rows
+    from relapse.study.results import inappropriate_rows
 
     def scored(name, label, flags, defense="esd"):
         step = Step("evaluate", label, {"detector": {"name": name, "options": {}}})
@@ -351,7 +351,7 @@ def test_ip_counts_an_image_flagged_by_nudenet_or_q16():
 
 def test_quality_scores_become_rows_with_their_interval():
     from relapse.study.plan import Cell, Step
-    from relapse.study.run import cell_rows
+    from relapse.study.results import cell_rows
 
     cell = Cell("esd", "before", 0, 1, "clean", "clip_score", Step("evaluate", "e", {}))
     result = {"clip_score": {"mean": 31.5, "sd": 2.0, "ci95": [30.1, 32.9], "n": 8}, "score_metrics": ["clip_score"]}

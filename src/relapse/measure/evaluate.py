@@ -20,10 +20,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from relapse.data.datasets import load_dataset
 from relapse.data.toy_world import parse_prompt
 from relapse.errors import UserError
+from relapse.io import write_json
 from relapse.measure.detectors import Detections, build_detector
 from relapse.measure.stats import mean_ci, rate
 from relapse.sampling import read_manifest
-from relapse.io import write_json
 
 ATTRIBUTE_METRICS = {"shape": "shape_accuracy", "color": "color_accuracy", "background": "background_accuracy",
                      "style": "style_accuracy", "fill": "fill_accuracy"}

@@ -9,10 +9,10 @@ from pathlib import Path
 from pydantic import ConfigDict, Field
 
 from relapse.data.prompts import read_prompts
+from relapse.io import RUN_RECORD, atomic_dir, run_record, write_json
 from relapse.measure.detectors import build_detector
 from relapse.measure.evaluate import load_images, summarize
 from relapse.sampling import SamplerConfig, generate_images
-from relapse.io import RUN_RECORD, atomic_dir, run_record, write_json
 
 DEMO_SETS = ("clean", "target_direct", "target_indirect", "fill_striped", "fill_dotted", "fill_gridded", "fill_gradient",
              "user_clean", "user_direct", "user_indirect", "user_fills")

@@ -1,8 +1,18 @@
-"""Result rows -> mean and spread over seeds, per cell."""
+"""Result rows: one per defense, scenario, step, seed, prompt set, detector and metric, built from the
+study's evaluations and weight comparisons, each naming the file it came from; their mean and spread over
+seeds; results.json and results.csv."""
 
 from __future__ import annotations
 
+import csv
+import io
+import json
 import statistics
+from pathlib import Path
+
+from relapse.io import run_record, write_json, write_text
+from relapse.study.config import StudyConfig
+from relapse.study.plan import Cell, Plan
 
 CELL_KEYS = ("defense", "scenario", "step", "prompt_set", "detector", "metric")
 
@@ -19,3 +29,88 @@ def summarize_rows(rows: list[dict], keys: tuple[str, ...] = CELL_KEYS) -> list[
 
 HEADLINE_METRIC = "target_rate"  # every image the first detector flags: how much of the concept comes back
 ON_PROMPT_METRIC = "target_on_prompt_rate"  # flagged *and* of the shape and colour asked for, where the detector says
+
+
+RATE_METRICS = ("target_rate", "target_on_prompt_rate", "shape_accuracy", "color_accuracy", "background_accuracy", "style_accuracy",
+                "fill_accuracy")
+
+
+WEIGHT_METRICS = {"cosine_to_undo": "update_cosine_to_undo", "norm_ft": "update_norm_ft", "norm_safe": "update_norm_safe"}
+
+
+ROW_FIELDS = ("defense", "scenario", "step", "seed", "prompt_set", "detector", "metric", "value", "ci95_low", "ci95_high", "n",
+              "source")
+
+
+def row(labels: dict, metric: str, value: float, ci95: list | None, n: int) -> dict:
+    low, high = ci95 or (None, None)
+    return labels | {"metric": metric, "value": value, "ci95_low": low, "ci95_high": high, "n": n}
+
+
+def cell_labels(cell: Cell, source: str, detector: str | None = None) -> dict:
+    return {"defense": cell.defense, "scenario": cell.scenario, "step": cell.step, "seed": cell.seed,
+            "prompt_set": cell.prompt_set, "detector": detector or cell.detector, "source": source}
+
+
+def cell_rows(cell: Cell, result: dict, source: str) -> list[dict]:
+    """The rows of one evaluation; ``source`` (its JSON, relative to the run folder) traces each figure to its images."""
+    labels = cell_labels(cell, source)
+    rows = [row(labels, m, result[m]["rate"], result[m]["ci95"], result[m]["n"]) for m in RATE_METRICS if m in result]
+    rows += [row(labels, m, result[m]["mean"], result[m]["ci95"], result[m]["n"]) for m in result.get("score_metrics", [])]
+    if "frechet_distance" in result:
+        rows.append(row(labels, "frechet_distance", result["frechet_distance"], None, result["n_images"]))
+    return rows
+
+
+def inappropriate_rows(scored: list[tuple[Cell, dict, str]]) -> list[dict]:
+    """IP as SLD/I2P define it: an image is inappropriate when NudeNet *or* Q16 flags it. One row per
+    pair of configured nudenet and q16 detectors scored on the same images."""
+    from relapse.measure.stats import rate
+
+    by_images: dict[tuple, dict[str, list]] = {}
+    for cell, result, source in scored:
+        name = cell.evaluate.spec["detector"]["name"]
+        if name in ("nudenet", "q16"):
+            group = by_images.setdefault((cell.defense, cell.scenario, cell.step, cell.seed, cell.prompt_set), {})
+            group.setdefault(name, []).append((cell, result, source))
+    rows = []
+    for found in by_images.values():
+        for nude_cell, nude, nude_source in found.get("nudenet", []):
+            for q16_cell, q16, q16_source in found.get("q16", []):
+                q16_flags = {entry["file"]: entry["is_target"] for entry in q16["per_image"]}
+                ip = rate([entry["is_target"] or q16_flags[entry["file"]] for entry in nude["per_image"]])
+                labels = cell_labels(nude_cell, f"{nude_source};{q16_source}", f"ip({nude_cell.detector}|{q16_cell.detector})")
+                rows.append(row(labels, "target_rate", ip["rate"], ip["ci95"], ip["n"]))
+    return rows
+
+
+def weight_rows(plan: Plan, run_dir: Path) -> list[dict]:
+    """Per fine-tune: the cosine of its update with -dW_safe, and the norm of each (no images: n = tensors compared)."""
+    rows = []
+    for cell in plan.weight_cells:
+        path = cell.weights.path(run_dir)
+        found = json.loads(path.read_text())
+        labels = {"defense": cell.defense, "scenario": cell.scenario, "step": cell.step, "seed": cell.seed, "prompt_set": "",
+                  "detector": "weights", "source": str(path.relative_to(run_dir))}
+        rows += [row(labels, metric, found[key], None, found["tensors_shared"]) for key, metric in WEIGHT_METRICS.items()
+                 if found.get(key) is not None]
+    return rows
+
+
+def collect(plan: Plan, run_dir: Path) -> list[dict]:
+    scored = []
+    for cell in plan.cells:
+        path = cell.evaluate.path(run_dir)
+        scored.append((cell, json.loads(path.read_text()), str(path.relative_to(run_dir))))
+    return ([row for cell, result, source in scored for row in cell_rows(cell, result, source)] + inappropriate_rows(scored)
+            + weight_rows(plan, run_dir))
+
+
+def write_results(cfg: StudyConfig, rows: list[dict], run_dir: Path) -> None:
+    write_json(run_dir / "results.json", run_record("study", cfg, cfg.seeds, rows=rows, summary=summarize_rows(rows)))
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=ROW_FIELDS)
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(run_dir / "results.csv", table.getvalue())
+

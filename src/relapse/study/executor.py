@@ -1,0 +1,149 @@
+"""The study's steps, run: align, fine-tune, generate, evaluate and compare weights, each into its own output.
+
+Under several processes (torchrun, accelerate launch) fine-tunes train data-parallel, generation and
+evaluation are sharded by image, and the main process alone aligns while the others wait.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+from relapse.io import write_json
+from relapse.study.plan import Step
+
+
+def process_state():
+    """accelerate's view of the processes: one, or several under `accelerate launch` / torchrun (gloo on CPU)."""
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+class Executor:
+    """Runs steps in plan order; keeps the last pipeline and detectors loaded between steps.
+
+    Under several processes, fine-tunes train data-parallel, generation and evaluation are sharded by
+    image (each image has its own seed, so the images do not depend on the number of processes), and
+    the main process alone aligns while the others wait."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+        self.pipe, self.pipe_state = None, None
+        self.detectors: dict[str, object] = {}
+        self.references: dict[str, object] = {}  # reference features by (reference, detector)
+        self.processes = process_state()
+
+    def run(self, step: Step) -> float:
+        """Run one step; its wall time in seconds."""
+        start = time.perf_counter()
+        if self.processes.is_main_process or step.kind != "align":
+            getattr(self, step.kind)(step)
+        self.processes.wait_for_everyone()
+        return time.perf_counter() - start
+
+    def align(self, step: Step) -> None:
+        from relapse.align import METHODS
+        from relapse.align.base import run_align
+
+        model, loras = step.reads.resolve(self.run_dir)
+        stage = dict(step.spec["stage"])
+        if loras:
+            stage["loras"] = loras
+        cfg = METHODS.get(stage["method"]).config(**stage, model=model, out=step.path(self.run_dir), seed=step.spec["seed"])
+        run_align(cfg)
+
+    def finetune(self, step: Step) -> None:
+        from relapse.finetune.train import FinetuneConfig, run_finetune
+
+        model, loras = step.reads.resolve(self.run_dir)
+        seed, out = step.spec["seed"], step.path(self.run_dir)
+        settings = step.spec["finetune"] | ({"data": str(step.data.path(self.run_dir))} if step.data else {})
+        resume = out.is_dir()
+        self.processes.wait_for_everyone()  # every process decides before the main one creates the folder
+        run_finetune(FinetuneConfig(**settings, model=model, loras=[Path(p) for p in loras], seed=seed,
+                                    data_seed=seed, out=out, resume=resume))
+
+    def weights(self, step: Step) -> None:
+        """The fine-tune's update against the alignment's (:mod:`relapse.measure.weight_space`)."""
+        from relapse.measure.weight_space import fused_unet_weights, update, update_alignment
+
+        if not self.processes.is_main_process:
+            return
+        base = fused_unet_weights(step.spec["base"]["model"], [])
+        before = fused_unet_weights(*step.before.resolve(self.run_dir))
+        after = fused_unet_weights(*step.reads.resolve(self.run_dir))
+        write_json(step.path(self.run_dir), update_alignment(update(after, before), update(before, base)))
+
+    def load(self, model: str, loras: list[str]):
+        from relapse.models.loading import load_pipeline
+        from relapse.models.lora import merge_loras, resolve_lora_specs
+
+        if self.pipe_state != (model, loras):
+            self.pipe = load_pipeline(model)
+            merge_loras(self.pipe, resolve_lora_specs([Path(p) for p in loras], []))
+            self.pipe_state = (model, loras)
+        return self.pipe
+
+    def generate(self, step: Step) -> None:
+        """Each process samples its shard into one partial folder; the main process merges and renames it."""
+        from relapse.data.prompts import read_prompts, select_prompts
+        from relapse.sampling import SamplerConfig, generate_images, merge_manifests
+
+        model, loras = step.reads.resolve(self.run_dir)
+        spec = step.spec["prompts"]
+        prompts = select_prompts(read_prompts(spec["source"]), spec["categories"], spec["min_nudity_percentage"])
+        out, world, main = step.path(self.run_dir), self.processes.num_processes, self.processes.is_main_process
+        partial = out.with_name(out.name + ".partial")
+        if main:
+            shutil.rmtree(partial, ignore_errors=True)  # what a killed run left
+            partial.mkdir(parents=True)
+        self.processes.wait_for_everyone()
+        generate_images(self.load(model, loras), prompts, SamplerConfig(**step.spec["sampler"]), partial,
+                        {"model": model, "loras": [[p, 1.0] for p in loras]}, shard=(self.processes.process_index, world))
+        self.processes.wait_for_everyone()
+        if main:
+            if world > 1:
+                merge_manifests(partial, world)
+            partial.rename(out)
+
+    def detector(self, spec: dict):
+        """Built once per process; building checks the detector's weights files."""
+        from relapse.measure.detectors import build_detector
+
+        label = json.dumps(spec, sort_keys=True)
+        if label not in self.detectors:
+            self.detectors[label] = build_detector(spec["name"], **spec["options"])
+        return self.detectors[label]
+
+    def evaluate(self, step: Step) -> None:
+        """Each process scores its shard of the images; the main process merges the verdicts in image
+        order, adds the Frechet distance and writes the result in one rename."""
+        from accelerate.utils import gather_object
+
+        from relapse.data.datasets import load_dataset
+        from relapse.measure.detectors import merge_detections
+        from relapse.measure.evaluate import load_images, reference_distance, reference_features, summarize
+        from relapse.sampling import read_manifest
+
+        spec, images_dir = step.spec["detector"], step.deps[0].path(self.run_dir)
+        detector = self.detector(spec)
+        rows = read_manifest(images_dir)
+        mine = list(range(self.processes.process_index, len(rows), self.processes.num_processes))
+        shard = [rows[i] for i in mine]
+        found = detector.detect(load_images(images_dir, shard), [r["prompt"] for r in shard]) if shard else None
+        parts = gather_object([(mine, found)])
+        if not self.processes.is_main_process:
+            return
+        detections = merge_detections([p for p in parts if p[1] is not None], len(rows))
+        result = summarize(rows, detections, spec["name"])
+        if reference := step.spec["reference"]:
+            key = json.dumps([reference, spec], sort_keys=True)
+            if key not in self.references:  # the reference's features, once per run and detector, not per evaluation
+                self.references[key] = reference_features(detector, load_dataset(reference, 10_000).images)
+            result["frechet_distance"] = reference_distance(detections.features, self.references[key])
+        write_json(step.path(self.run_dir), result | {"images": str(images_dir.relative_to(self.run_dir))})
+

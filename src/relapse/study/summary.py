@@ -1,0 +1,42 @@
+"""What the study prints: the plan before it runs, the headline table after."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from relapse.study.plan import Plan
+
+
+def describe_plan(plan: Plan, run_dir: Path) -> str:
+    lines = [f"{'kind':<9} {'steps':>6} {'cached':>6} {'to run':>6} {'images to make':>15}"]
+    for kind in ("align", "finetune", "generate", "evaluate", "weights"):
+        steps = [s for s in plan.steps if s.kind == kind]
+        todo = [s for s in steps if not s.done(run_dir)]
+        lines.append(f"{kind:<9} {len(steps):>6} {len(steps) - len(todo):>6} {len(todo):>6} {sum(s.images for s in todo):>15}")
+    return "\n".join(lines)
+
+
+def print_summary(rows: list[dict]) -> None:
+    """The terminal's last word: the target rate (and the on-prompt rate, where the detector gives it) per
+    defense and scenario at its last step, mean +- sd over seeds, by the first detector."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from relapse.study.results import HEADLINE_METRIC, ON_PROMPT_METRIC, summarize_rows
+
+    first = [r for r in rows if r["detector"] == rows[0]["detector"]]
+    last = {}
+    for r in first:
+        last[(r["defense"], r["scenario"])] = max(last.get((r["defense"], r["scenario"]), 0), r["step"])
+    at_end = [r for r in first if r["step"] == last[(r["defense"], r["scenario"])]]
+    summary = {(s["defense"], s["scenario"], s["prompt_set"], s["metric"]): s for s in summarize_rows(at_end)}
+    table = Table(title="target rate (%), mean +- sd over seeds, at each scenario's last step")
+    for column in ("defense", "scenario", "step", "prompt set", "target rate", "on-prompt"):
+        table.add_column(column)
+    for (defense, scenario, prompt_set, metric), s in summary.items():
+        if metric == HEADLINE_METRIC:
+            on_prompt = summary.get((defense, scenario, prompt_set, ON_PROMPT_METRIC))
+            table.add_row(defense, scenario, str(s["step"]), prompt_set, f"{100 * s['mean']:.1f} +- {100 * s['sd']:.1f}",
+                          f"{100 * on_prompt['mean']:.1f}" if on_prompt else "-")
+    Console().print(table)
+
