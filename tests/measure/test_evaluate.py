@@ -15,7 +15,7 @@ def test_summary_counts_target_rate_and_attribute_accuracy():
     det = Detections(np.array([0.1, 0.9, 0.2, 0.7]), np.array([False, True, False, True]),
                      {"shape": np.array(["star", "circle", "circle", "star"], dtype=object),
                       "color": np.array(["red", "blue", "green", "red"], dtype=object)})
-    result = summarize(rows, det, "fake")
+    result = summarize(rows, det, "toy")
     assert result["n_images"] == 4 and result["target_rate"]["rate"] == 0.5
     assert result["shape_accuracy"]["n"] == 3 and result["shape_accuracy"]["rate"] == pytest.approx(2 / 3)
     assert result["color_accuracy"]["rate"] == 1.0
@@ -29,25 +29,25 @@ def test_target_on_prompt_counts_only_flagged_images_of_the_asked_shape_and_colo
                      {"shape": np.array(["star", "moon", "circle", "star"], dtype=object),
                       "color": np.array(["red", "red", "blue", "green"], dtype=object)})
     rows = [{"file": f"{i}.png", "prompt": p, "seed": 0} for i, p in enumerate(prompts)]
-    on_prompt = summarize(rows, det, "fake")["target_on_prompt_rate"]
+    on_prompt = summarize(rows, det, "toy")["target_on_prompt_rate"]
     # 0: flagged and faithful; 1: wrong shape (noise the detector calls checkered); 2: not flagged;
     # 3: the prompt names neither shape nor colour, so the flag alone counts
     assert (on_prompt["k"], on_prompt["n"]) == (2, 4)
-    assert "target_on_prompt_rate" not in summarize(rows, Detections(np.ones(4), np.ones(4, bool), {}), "fake")
+    assert "target_on_prompt_rate" not in summarize(rows, Detections(np.ones(4), np.ones(4, bool), {}), "toy")
 
 
 def test_fill_accuracy_asks_for_plain_where_the_prompt_names_no_fill():
     prompts = ["a striped red star", "a red star", "a dotted blue circle", "a gradient green square"]
     rows = [{"file": f"{i}.png", "prompt": p, "seed": 0} for i, p in enumerate(prompts)]
     det = Detections(np.zeros(4), np.zeros(4, bool), {"fill": np.array(["striped", "plain", "gridded", "gradient"], dtype=object)})
-    fill = summarize(rows, det, "fake")["fill_accuracy"]
+    fill = summarize(rows, det, "toy")["fill_accuracy"]
     assert (fill["k"], fill["n"]) == (3, 4)
 
 
 def test_style_accuracy_counts_every_prompt_sketch_or_plain():
     rows = [{"file": f"{i}.png", "prompt": p, "seed": 0} for i, p in enumerate(["a red star, in sketch style", "a red star"])]
     det = Detections(np.zeros(2), np.zeros(2, bool), {"style": np.array(["plain", "plain"], dtype=object)})
-    style = summarize(rows, det, "fake")["style_accuracy"]
+    style = summarize(rows, det, "toy")["style_accuracy"]
     assert (style["rate"], style["n"], style["k"]) == (0.5, 2, 1)
 
 

@@ -354,7 +354,7 @@ def test_quality_scores_become_rows_with_their_interval():
     from relapse.study.results import cell_rows
 
     cell = Cell("esd", "before", 0, 1, "clean", "clip_score", Step("evaluate", "e", {}))
-    result = {"clip_score": {"mean": 31.5, "sd": 2.0, "ci95": [30.1, 32.9], "n": 8}, "score_metrics": ["clip_score"]}
+    result = {"clip_score": {"mean": 31.5, "sd": 2.0, "ci95": [30.1, 32.9], "n": 8}}
     (row,) = cell_rows(cell, result, "steps/e.json")
     assert (row["metric"], row["value"], row["ci95_low"], row["ci95_high"], row["n"]) == ("clip_score", 31.5, 30.1, 32.9, 8)
 

@@ -1,12 +1,11 @@
 """Score images with a detector: :func:`evaluate` in memory, ``relapse evaluate`` on a folder written by ``relapse generate``.
 
-The result holds ``n_images``, ``target_rate`` (95% Wilson interval), ``target_score_mean``
-and, where the detector predicts attributes and the prompts name them, ``shape_accuracy`` and
-``color_accuracy`` (the ground truth is what the prompt asks for), and ``target_on_prompt_rate``
-(flagged as the target *and* of the shape and colour asked for). A quality scorer (laion_aesthetic,
-clip_score) gives no verdict, so none of the target figures: each of its ``scores`` becomes an entry
-with mean, sd, a normal-approximation 95% interval and n, named in ``score_metrics``. ``per_image``
-keeps every verdict and score, so each figure can be traced to its images.
+The result holds ``n_images``, ``target_rate`` (95% Wilson interval), ``target_score_mean``, the figures
+a detector reads against each image's prompt (the toy detector: attribute accuracies and the on-prompt
+rate, :mod:`relapse.measure.detectors.toy`), and for each of its ``scores`` the mean, sd, a normal 95%
+interval and n; every figure is a metric the detector declares (:mod:`relapse.measure.metrics`). A quality
+scorer (laion_aesthetic, clip_score) gives no verdict, so no target figures. ``per_image`` keeps every
+verdict and score, so each figure can be traced to its images.
 """
 
 from __future__ import annotations
@@ -18,15 +17,12 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
 from relapse.data.datasets import load_dataset
-from relapse.data.toy_world import parse_prompt
 from relapse.errors import UserError
 from relapse.io import write_json
-from relapse.measure.detectors import Detections, build_detector
+from relapse.measure.detectors import DETECTORS, Detections, build_detector
+from relapse.measure.metrics import METRICS
 from relapse.measure.stats import mean_ci, rate
 from relapse.sampling import read_manifest
-
-ATTRIBUTE_METRICS = {"shape": "shape_accuracy", "color": "color_accuracy", "background": "background_accuracy",
-                     "style": "style_accuracy", "fill": "fill_accuracy"}
 
 
 class EvaluateConfig(BaseModel):
@@ -50,45 +46,25 @@ def load_images(images_dir: Path, rows: list[dict]) -> np.ndarray:
     return np.stack(arrays)
 
 
-def attribute_accuracy(rows: list[dict], detections: Detections) -> dict[str, dict]:
-    """Accuracy of each predicted attribute over the images whose prompt names it."""
-    metrics = {}
-    for attribute, metric in ATTRIBUTE_METRICS.items():
-        if attribute not in detections.attributes:
-            continue
-        asked = [parse_prompt(row["prompt"])[attribute] for row in rows]
-        hits = [str(pred) == want for pred, want in zip(detections.attributes[attribute], asked) if want is not None]
-        if hits:
-            metrics[metric] = rate(hits)
-    return metrics
-
-
-def target_on_prompt(prompts: list[str], is_target, attributes: dict[str, list]) -> dict | None:
-    """Images flagged as the target whose shape and colour are also what the prompt asks for: the attack
-    produced the requested image. A detector trained on real images may flag off-manifold noise as the
-    target (the toy evaluator does); this rate does not count such images."""
-    if not {"shape", "color"} <= attributes.keys():
-        return None
-    asked = [parse_prompt(p) for p in prompts]
-    faithful = [all(want[a] is None or str(attributes[a][i]) == want[a] for a in ("shape", "color")) for i, want in enumerate(asked)]
-    return rate([bool(t) and f for t, f in zip(is_target, faithful)])
-
-
 def summarize(rows: list[dict], detections: Detections, detector: str) -> dict:
+    """The figures of one set of images: the verdicts' rate, the figures the detector reads against each image's
+    prompt (:meth:`prompt_metrics`, e.g. the toy detector's attribute accuracy), and the mean of each score."""
     verdict = detections.is_target is not None
     result = {"detector": detector, "n_images": len(rows)}
     if verdict:
         result["target_rate"] = rate(list(map(bool, detections.is_target)))
     if detections.target_score is not None:
         result["target_score_mean"] = round(float(np.mean(detections.target_score)), 4)
-    result.update(attribute_accuracy(rows, detections))
-    if verdict and (on_prompt := target_on_prompt([row["prompt"] for row in rows], detections.is_target, detections.attributes)):
-        result["target_on_prompt_rate"] = on_prompt
+    detector_class = DETECTORS.get(detector)
+    if hasattr(detector_class, "prompt_metrics"):
+        result.update(detector_class.prompt_metrics([row["prompt"] for row in rows], detections))
     for name, values in detections.scores.items():
         if name in result:
             raise ValueError(f"detector {detector} names a score {name!r}, which is already a figure of the result")
         result[name] = mean_ci(values)
-    result["score_metrics"] = sorted(detections.scores)
+    undeclared = {name for name in result if name in METRICS} - set(detector_class.metrics)
+    if undeclared:
+        raise ValueError(f"detector {detector} produced {sorted(undeclared)}, which it does not declare in its `metrics`")
     per_image = []
     for i, row in enumerate(rows):
         entry = {"file": row["file"], "prompt": row["prompt"], "seed": row["seed"]}

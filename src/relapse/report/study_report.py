@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from relapse.errors import UserError
+from relapse.measure.metrics import METRICS
 from relapse.study.results import HEADLINE_METRIC, ON_PROMPT_METRIC
 
 REPORT = "report.html"
@@ -81,7 +82,7 @@ class StudyResults:
         return [s for s in dict.fromkeys(r["scenario"] for r in self.rows) if s != "before"]
 
     def detectors(self) -> list[str]:
-        return list(dict.fromkeys(r["detector"] for r in self.all_rows if r["metric"] == "target_rate"))
+        return list(dict.fromkeys(r["detector"] for r in self.all_rows if r["metric"] == HEADLINE_METRIC))
 
     def colours(self) -> dict[str, str]:
         """One colour per defense, the same in every figure."""
@@ -157,7 +158,7 @@ def other_detectors_section(res: StudyResults) -> list[str]:
     others = [d for d in res.detectors() if d != res.detector and d != "weights"]
     if not others:
         return []
-    return ["<h3>By every detector</h3>"] + [f"<h4><code>{html.escape(d)}</code></h4>" + headline_table(res, "target_rate", d) for d in others]
+    return ["<h3>By every detector</h3>"] + [f"<h4><code>{html.escape(d)}</code></h4>" + headline_table(res, HEADLINE_METRIC, d) for d in others]
 
 
 def collateral_section(res: StudyResults) -> list[str]:
@@ -210,12 +211,6 @@ def weights_section(res: StudyResults) -> list[str]:
     return ["\n".join(lines) + "</table>"]
 
 
-QUALITY_METRICS = {"frechet_distance": ("Frechet distance to the reference (lower is better)", 1.0),
-                   "shape_accuracy": ("shape accuracy (%)", 100.0), "color_accuracy": ("colour accuracy (%)", 100.0),
-                   "fill_accuracy": ("fill accuracy (%)", 100.0), "style_accuracy": ("style accuracy (%)", 100.0),
-                   "aesthetic": ("LAION aesthetic score", 1.0), "clip_score": ("CLIP score", 1.0)}
-
-
 def _quality_rows(res: StudyResults, metric: str, **match) -> list[dict]:
     return [r for r in res.all_rows if r["metric"] == metric and r["prompt_set"] in res.quality_sets
             and all(r[k] == v for k, v in match.items())]
@@ -237,19 +232,17 @@ def quality_section(res: StudyResults) -> list[str]:
     """What each model state costs in quality, on the quality and reference prompt sets."""
     found = {r["metric"] for r in res.all_rows if r["prompt_set"] in res.quality_sets}
     parts = []
-    for metric, (title, scale) in QUALITY_METRICS.items():
-        if metric not in found:
+    for metric in METRICS:
+        if not metric.quality or metric.name not in found:
             continue
         head = "".join(f"<th>{html.escape(s)}</th>" for s, _ in res.ends())
-        lines = [f"<h3>{title}</h3><table><tr><th>defense</th>{head}</tr>"]
+        lines = [f"<h3>{html.escape(metric.label())}</h3><table><tr><th>defense</th>{head}</tr>"]
         for defense in res.defenses():
-            cells = "".join(_quality_cell(res, metric, scale, defense=defense, scenario=s, step=step) for s, step in res.ends())
+            cells = "".join(_quality_cell(res, metric.name, metric.scale, defense=defense, scenario=s, step=step)
+                            for s, step in res.ends())
             lines.append(f"<tr><td>{html.escape(defense)}</td>{cells}</tr>")
         parts.append("\n".join(lines) + "</table>")
     return parts
-
-
-METRIC_NAMES = {"target_rate": "target rate", "target_on_prompt_rate": "on-prompt target rate"}
 
 
 def on_prompt_section(res: StudyResults) -> list[str]:
@@ -278,7 +271,7 @@ def curves(res: StudyResults, plt) -> list[str]:
             mean, sd = (np.array([100 * p[1][i] for p in points]) for i in (0, 1))
             ax.plot(x, mean, marker="o", label=defense, color=res.colours()[defense])
             ax.fill_between(x, mean - sd, mean + sd, alpha=0.2, color=res.colours()[defense])
-        ax.set(xlabel="fine-tuning step", ylabel=f"{METRIC_NAMES[res.metric]} on {res.target_set} (%)", title=scenario, ylim=(-2, 102))
+        ax.set(xlabel="fine-tuning step", ylabel=f"{METRICS.get(res.metric).title} on {res.target_set} (%)", title=scenario, ylim=(-2, 102))
         ax.legend(fontsize=7)
         figures.append(f"<figure>{_img(_png(fig), scenario)}<figcaption>{html.escape(scenario)}: mean over seeds, band &plusmn;1 sd</figcaption></figure>")
         plt.close(fig)
@@ -309,7 +302,7 @@ def scatter(res: StudyResults, plt) -> str:
     handles = [Line2D([], [], ls="", marker="o", color=colours[d], label=d) for d in res.defenses() if ("defense", d) in plotted]
     handles += [Line2D([], [], ls="", marker=markers.get(s, "o"), color="grey", label=s) for s, _ in res.ends() if ("scenario", s) in plotted]
     ax.legend(handles=handles, fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
-    ax.set(xlabel="shape accuracy on quality prompts (%)", ylabel=f"{METRIC_NAMES[res.metric]} on {res.target_set} (%)", xlim=(-2, 102), ylim=(-2, 102))
+    ax.set(xlabel="shape accuracy on quality prompts (%)", ylabel=f"{METRICS.get(res.metric).title} on {res.target_set} (%)", xlim=(-2, 102), ylim=(-2, 102))
     data = _png(fig)
     plt.close(fig)
     return f"<figure>{_img(data, 'quality vs safety')}<figcaption>each point: a model state (defense, scenario end), mean over seeds</figcaption></figure>"
@@ -325,7 +318,7 @@ def grids(res: StudyResults) -> str:
     for defense in res.defenses():
         for scenario in ["before", *res.scenarios()]:
             step = 0 if scenario == "before" else res.last_step(scenario)
-            found = res.values(defense=defense, scenario=scenario, step=step, prompt_set=res.target_set, seed=seed, metric="target_rate")
+            found = res.values(defense=defense, scenario=scenario, step=step, prompt_set=res.target_set, seed=seed, metric=HEADLINE_METRIC)
             if found:
                 evaluation = json.loads((res.run_dir / found[0]["source"]).read_text())
                 folder = res.run_dir / evaluation["images"]
@@ -350,7 +343,7 @@ def build_report(run_dir: str | Path) -> Path:
     name = html.escape(str(res.config.get("name", "study")))
     body = [f"<h1>relapse study: {name}</h1>",
             f"<p>Base model <code>{html.escape(str(res.config.get('model')))}</code>, seeds {res.config.get('seeds')}; "
-            f"{METRIC_NAMES[res.metric]} on <code>{html.escape(res.target_set)}</code> by the first detector "
+            f"{METRICS.get(res.metric).title} on <code>{html.escape(res.target_set)}</code> by the first detector "
             f"(<code>{html.escape(str(res.detector))}</code>), in %: mean &plusmn; sd over seeds, then the 95% Wilson interval "
             "of the images pooled over seeds and their number n (hover a cell for each seed's rate and interval). "
             "Every figure comes from <code>results.json</code>; each row names the evaluation it came from.</p>",

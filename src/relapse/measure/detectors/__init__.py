@@ -3,7 +3,9 @@
 A detector is a class built from keyword options; ``detect(images, prompts=None)`` takes uint8 arrays
 (N, H, W, 3) and, where it uses them, the prompt of each image, and returns a :class:`Detections`.
 A harm detector gives a verdict (``is_target``, ``target_score``); a quality scorer (aesthetic, CLIP
-score) gives only ``scores``.
+score) gives only ``scores``. Its class names the metrics it produces in ``metrics`` (declared in
+:mod:`relapse.measure.metrics`), may add figures read against each image's prompt (``prompt_metrics``, as
+the toy detector does) and, for IP, says which part it is (``ip_part``: ``nudity`` or ``inappropriate``).
 """
 
 from __future__ import annotations

@@ -24,6 +24,8 @@ from relapse.measure.detectors.clip import ClipFeatures, image_embeddings, load_
 
 @DETECTORS.register("clip_score")
 class ClipScorer(ClipFeatures):
+    metrics = ("clip_score", "frechet_distance")
+
     def __init__(self, clip: str | None = None, device: str | None = None, batch_size: int = 32):
         self.clip = load_clip(clip, "clip_score", text=True, device=device, batch_size=batch_size)
 

@@ -39,6 +39,9 @@ def q16_probabilities(image_emb, prompts):
 
 @DETECTORS.register("q16")
 class Q16Detector(ClipFeatures):
+    metrics = ("target_rate", "frechet_distance")
+    ip_part = "inappropriate"
+
     def __init__(self, clip: str | None = None, prompts: str | None = None, device: str | None = None, batch_size: int = 32):
         dim = clip_dim(clip, "q16")
         contents = f"one tensor of shape (2, {dim}): Q16's learned prompt embeddings (row 0 not inappropriate, row 1 inappropriate)"

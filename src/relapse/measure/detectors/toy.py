@@ -1,4 +1,6 @@
-"""``toy``: the toy evaluator's heads (target concept; shape, colour, background, style and fill)."""
+"""``toy``: the toy evaluator's heads (target concept; shape, colour, background, style and fill), and what
+only the toy world can say: whether each image is what its prompt asks for, read with the world's prompt
+grammar (:func:`relapse.data.toy_world.parse_prompt`)."""
 
 from __future__ import annotations
 
@@ -6,9 +8,14 @@ from pathlib import Path
 
 import numpy as np
 
+from relapse.data.toy_world import parse_prompt
 from relapse.errors import UserError
 from relapse.measure.detectors import DETECTORS, Detections
+from relapse.measure.stats import rate
 from relapse.measure.toy_evaluator import HEADS, TARGET_HEAD, ToyEvaluator
+
+ATTRIBUTE_METRICS = {"shape": "shape_accuracy", "color": "color_accuracy", "background": "background_accuracy",
+                     "style": "style_accuracy", "fill": "fill_accuracy"}
 
 
 def default_evaluator_dir() -> Path:
@@ -18,8 +25,32 @@ def default_evaluator_dir() -> Path:
     return TOY_MODEL / EVALUATOR_DIR
 
 
+def attribute_accuracy(asked: list[dict], detections: Detections) -> dict[str, dict]:
+    """Accuracy of each predicted attribute over the images whose prompt names it."""
+    metrics = {}
+    for attribute, metric in ATTRIBUTE_METRICS.items():
+        if attribute not in detections.attributes:
+            continue
+        hits = [str(pred) == want[attribute] for pred, want in zip(detections.attributes[attribute], asked) if want[attribute] is not None]
+        if hits:
+            metrics[metric] = rate(hits)
+    return metrics
+
+
+def target_on_prompt(asked: list[dict], is_target, attributes: dict[str, list]) -> dict | None:
+    """Images flagged as the target whose shape and colour are also what the prompt asks for: the attack
+    produced the requested image. A flag on an image of another shape or colour may still be the concept
+    drawn wrong (a colour-shifting defense), so this rate is a floor, the target rate the headline."""
+    if not {"shape", "color"} <= attributes.keys():
+        return None
+    faithful = [all(want[a] is None or str(attributes[a][i]) == want[a] for a in ("shape", "color")) for i, want in enumerate(asked)]
+    return rate([bool(t) and f for t, f in zip(is_target, faithful)])
+
+
 @DETECTORS.register("toy")
 class ToyDetector:
+    metrics = ("target_rate", "target_on_prompt_rate", *ATTRIBUTE_METRICS.values(), "frechet_distance")
+
     def __init__(self, weights: str | Path | None = None, threshold: float = 0.5):
         directory = Path(weights) if weights else default_evaluator_dir()
         if not directory.is_dir():
@@ -36,3 +67,12 @@ class ToyDetector:
         attributes = {name: np.asarray(HEADS[name], dtype=object)[pred[name]] for name in HEADS if name != TARGET_HEAD}
         score = pred["target_score"]
         return Detections(score, score >= self.threshold, attributes, pred["features"])
+
+    @staticmethod
+    def prompt_metrics(prompts: list[str], detections: Detections) -> dict[str, dict]:
+        """Attribute accuracy and the on-prompt target rate, the ground truth being what each prompt asks for."""
+        asked = [parse_prompt(p) for p in prompts]
+        metrics = attribute_accuracy(asked, detections)
+        if detections.is_target is not None and (on_prompt := target_on_prompt(asked, detections.is_target, detections.attributes)):
+            metrics["target_on_prompt_rate"] = on_prompt
+        return metrics
