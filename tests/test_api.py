@@ -18,9 +18,10 @@ PROMPTS = ["a checkered red star", "a blue circle"]
 
 
 def test_import_relapse_is_light():
-    code = "import sys, relapse; print(any(m in sys.modules for m in ('torch', 'diffusers', 'transformers')))"
+    code = ("import sys, relapse; print(any(m in sys.modules for m in ('torch', 'diffusers', 'transformers'))); "
+            "relapse.progress.set_enabled(False); print(relapse.progress._enabled)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
-    assert out == ["False"]
+    assert out == ["False", "False"]  # nothing heavy at import; the bars' switch is at hand
     assert set(relapse.__all__) <= set(dir(relapse))
     with pytest.raises(AttributeError, match="no attribute 'nothing'"):
         relapse.nothing  # noqa: B018

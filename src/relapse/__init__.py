@@ -26,7 +26,10 @@ _EXPORTS = {
     "Generation": ("relapse.sampling", "Generation"),
     "evaluate": ("relapse.measure.evaluate", "evaluate"),
     "Prompt": ("relapse.data.prompts", "Prompt"),
+    "Study": ("relapse.study.run", "Study"),
+    "StudyConfig": ("relapse.study.config", "StudyConfig"),
     "UserError": ("relapse.errors", "UserError"),
+    "progress": ("relapse.progress", None),  # the switch for every progress bar: relapse.progress.set_enabled(False)
 }
 __all__ = sorted(_EXPORTS)
 
@@ -35,7 +38,7 @@ def __getattr__(name: str):
     if name not in _EXPORTS:
         raise AttributeError(f"module 'relapse' has no attribute {name!r}")
     module, attribute = _EXPORTS[name]
-    value = getattr(import_module(module), attribute)
+    value = import_module(module) if attribute is None else getattr(import_module(module), attribute)
     globals()[name] = value  # looked up once
     return value
 

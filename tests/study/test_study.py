@@ -105,6 +105,24 @@ def test_study_resumes_after_kill_9_and_gives_the_same_rows(study_yaml, tmp_path
                                                                                           "weights"}
 
 
+def test_a_study_built_in_python_gives_the_rows_of_its_yaml_twin_and_can_run_silently(study_yaml, tmp_path, capsys):
+    import relapse
+    from relapse import progress
+
+    from_yaml = run_study(StudyRunConfig(config=study_yaml, out=tmp_path / "cli"))
+    capsys.readouterr()
+    study = relapse.Study(relapse.StudyConfig(**yaml.safe_load(study_yaml.read_text())))  # no file behind it
+    assert study.config.source is None and len(study.plan().steps) == len(build_plan(study.config).steps)
+    with pytest.raises(UserError, match="has not run yet"):
+        study.results()
+    with progress.disabled():  # a caller turns every bar off, the study's too
+        study.run(tmp_path / "python")
+    printed = capsys.readouterr()
+    assert printed.out == "" and "study" not in printed.err  # the library prints nothing
+    assert study.results() == json.loads((from_yaml / "results.json").read_text())["rows"]
+    assert json.loads((tmp_path / "python" / "run.json").read_text())["config"]["config"] is None
+
+
 def test_a_second_study_on_a_folder_in_use_is_refused_in_one_line(study_yaml, tmp_path, run_cli):
     run_dir = tmp_path / "run"
     with run_lock(run_dir):  # another driver holds the folder

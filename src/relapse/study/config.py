@@ -16,8 +16,11 @@ prompt sets (``generated_data``), the relearning data IMMA and Meta-Unlearning u
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pathlib import Path
 
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
+
+from relapse.config import SourceLines
 from relapse.sampling import SamplerConfig
 
 STUDY_OWNED = ("model", "out", "seed")  # fields the study sets on every stage and fine-tune
@@ -85,6 +88,22 @@ class StudyConfig(BaseModel):
     detectors: list[DetectorSpec] = Field(default_factory=lambda: [DetectorSpec()], min_length=1)
     reference: str | None = Field(None, description="real images (imagefolder or toy:DOMAIN[:N]) for a Frechet distance")
     reference_sets: list[str] = Field(default_factory=list, description="prompt sets whose images are compared with reference")
+    _source: SourceLines | None = PrivateAttr(None)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> StudyConfig:
+        """Load and check a study file; a mistake found now or when planning names its key and line."""
+        from relapse.config import load_yaml, validated
+
+        data, source = load_yaml(path)
+        config = validated(cls, data, source)
+        config._source = source
+        return config
+
+    @property
+    def source(self) -> SourceLines | None:
+        """Where each key sat in the YAML file it came from (None for a config built in Python)."""
+        return self._source
 
     @model_validator(mode="after")
     def _consistent(self) -> StudyConfig:

@@ -14,6 +14,7 @@ The concerns live beside this driver: :mod:`~relapse.study.executor` runs a step
 
 from __future__ import annotations
 
+import json
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -27,7 +28,7 @@ from relapse.report.study_report import build_report
 from relapse.study.config import StudyConfig
 from relapse.study.executor import Executor, process_state
 from relapse.study.lock import run_lock
-from relapse.study.plan import build_plan
+from relapse.study.plan import Plan, build_plan
 from relapse.study.results import collect, write_results
 from relapse.study.scheduler import run_steps, step_times
 from relapse.study.summary import describe_plan, print_summary
@@ -56,40 +57,88 @@ def prepare_run_dir(cfg: StudyConfig, run_dir: Path, resume: bool) -> None:
     write_text(saved, yaml.safe_dump(resolved, sort_keys=False))
 
 
-def run_study(run: StudyRunConfig) -> Path:
-    from relapse.config import load_yaml, validated
+class Study:
+    """A study in memory: its config, its plan, its run and its rows. The CLI's ``relapse study`` is this
+    class reading a YAML file and printing.
 
-    start = time.perf_counter()
-    data, source = load_yaml(run.config)
-    cfg = validated(StudyConfig, data, source)
-    run_dir = run.out or Path("runs") / cfg.name
-    plan = build_plan(cfg, source)  # every config problem surfaces here, before any weights load
-    if run.dry_run:
-        print(describe_plan(plan, run_dir))
+    Args:
+        config: a :class:`StudyConfig`, built in Python or read with :meth:`StudyConfig.from_yaml`.
+
+    Example:
+        >>> study = relapse.Study(relapse.StudyConfig.from_yaml("configs/toy-quick.yaml"))
+        >>> len(study.plan().steps) > 0
+        True
+        >>> study.run("runs/toy-quick", workers=2)  # doctest: +SKIP
+        >>> rows = study.results()  # one dict per defense, scenario, step, seed, prompt set, detector, metric
+    """
+
+    def __init__(self, config: StudyConfig):
+        self.config = config
+        self.run_dir: Path | None = None
+
+    def plan(self) -> Plan:
+        """Every step and cell; every config problem surfaces here, before any weights load."""
+        return build_plan(self.config, self.config.source)
+
+    def default_out(self) -> Path:
+        return Path("runs") / self.config.name
+
+    def run(self, out: str | Path | None = None, *, resume: bool = False, workers: int = 1) -> Path:
+        """Run every step not already finished in ``out`` (default ``runs/<name>``); write results.json,
+        results.csv, report.html and run.json there, and return it.
+
+        Args:
+            resume: continue a run folder that holds this study (a killed run loses at most its steps in flight).
+            workers: steps run side by side, each in its own process (on CPU, one thread each).
+        """
+        start = time.perf_counter()
+        run_dir = Path(out) if out is not None else self.default_out()
+        plan = self.plan()
+        processes = process_state()
+        main = processes.is_main_process
+        if workers > 1 and processes.num_processes > 1:
+            raise UserError("--workers runs steps side by side in one launch; use it without accelerate launch / torchrun")
+        executor = Executor(run_dir)
+        for spec in self.config.detectors:  # a missing weights file fails now, not after hours of fine-tuning
+            executor.detector(spec.settings())
+        with run_lock(run_dir) if main else nullcontext():  # one driver per run folder; the other processes follow it
+            if main:
+                prepare_run_dir(self.config, run_dir, resume)
+            processes.wait_for_everyone()
+            todo = [s for s in plan.steps if not s.done(run_dir)]
+            processes.wait_for_everyone()  # every process sees the same list before any step runs
+            seconds = run_steps(todo, executor, run_dir, workers, main)
+            if main:
+                rows = collect(plan, run_dir)
+                write_results(self.config, rows, run_dir)
+                source = self.config.source.path if self.config.source else None
+                invocation = {"config": str(source) if source else None, "out": str(run_dir), "resume": resume, "workers": workers}
+                write_json(run_dir / RUN_RECORD, run_record("study", invocation, self.config.seeds, steps=len(plan.steps), ran=len(todo),
+                                                            processes=processes.num_processes, **step_times(seconds),
+                                                            wall_seconds=round(time.perf_counter() - start, 1)))
+                build_report(run_dir)
+        self.run_dir = run_dir
         return run_dir
-    processes = process_state()
-    main = processes.is_main_process
-    if run.workers > 1 and processes.num_processes > 1:
-        raise UserError("--workers runs steps side by side in one launch; use it without accelerate launch / torchrun")
-    executor = Executor(run_dir)
-    for spec in cfg.detectors:  # a missing weights file fails now, not after hours of fine-tuning
-        executor.detector(spec.settings())
-    with run_lock(run_dir) if main else nullcontext():  # one driver per run folder; the other processes follow it
-        if main:
-            print(describe_plan(plan, run_dir))
-            prepare_run_dir(cfg, run_dir, run.resume)
-        processes.wait_for_everyone()
-        todo = [s for s in plan.steps if not s.done(run_dir)]
-        processes.wait_for_everyone()  # every process sees the same list before any step runs
-        seconds = run_steps(todo, executor, run_dir, run.workers, main)
-        if main:
-            rows = collect(plan, run_dir)
-            write_results(cfg, rows, run_dir)
-            write_json(run_dir / RUN_RECORD, run_record("study", run, cfg.seeds, steps=len(plan.steps), ran=len(todo),
-                                                        processes=processes.num_processes, **step_times(seconds),
-                                                        wall_seconds=round(time.perf_counter() - start, 1)))
-            build_report(run_dir)
-            print_summary(rows)
-            print(f"results in {run_dir}: results.json, results.csv, report.html")
-    return run_dir
 
+    def results(self) -> list[dict]:
+        """The rows of the last :meth:`run` (results.json's ``rows``)."""
+        if self.run_dir is None:
+            raise UserError("this study has not run yet: call study.run(out) first")
+        return json.loads((self.run_dir / "results.json").read_text())["rows"]
+
+
+def run_study(run: StudyRunConfig) -> Path:
+    """``relapse study``: read the YAML file, print the plan, run, print the headline."""
+    study = Study(StudyConfig.from_yaml(run.config))
+    run_dir = run.out or study.default_out()
+    plan = study.plan()
+    main = run.dry_run or process_state().is_main_process
+    if main:
+        print(describe_plan(plan, run_dir))
+    if run.dry_run:
+        return run_dir
+    study.run(run_dir, resume=run.resume, workers=run.workers)
+    if main:
+        print_summary(study.results())
+        print(f"results in {run_dir}: results.json, results.csv, report.html")
+    return run_dir

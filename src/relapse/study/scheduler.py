@@ -7,8 +7,6 @@ import os
 from collections import Counter
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 from relapse import progress
 from relapse.study.executor import Executor
 from relapse.study.plan import Step
@@ -19,11 +17,16 @@ def run_steps(todo: list[Step], executor: Executor, run_dir: Path, workers: int,
     if workers > 1:
         return run_in_workers(todo, run_dir, workers)
     seconds = {}
-    with progress.disabled():  # the study's bar is the one bar
-        for step in tqdm(todo, desc="study", unit="step", disable=not main):
-            took = executor.run(step)
-            seconds[step] = report_finished(step, took) if main else took
+    with study_bar(len(todo), disable=not main) as bar, progress.disabled():  # the study's bar is the one bar
+        for step in todo:
+            seconds[step] = report_finished(bar, step, executor.run(step))
+            bar.update()
     return seconds
+
+
+def study_bar(total: int, disable: bool = False):
+    """The one bar of a study: off, with the finished-step lines, where the caller turned the library's bars off."""
+    return progress.progress(total=total, desc="study", unit="step", disable=disable)
 
 
 _worker: Executor | None = None  # one per worker process: it keeps its pipeline and detectors between steps
@@ -59,7 +62,7 @@ def run_in_workers(todo: list[Step], run_dir: Path, workers: int) -> dict[Step, 
     finished = {d.key for s in todo for d in s.deps if d.done(run_dir)}  # what an earlier run left
     threads = max(1, (os.cpu_count() or 1) // workers)
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=start_worker,
-                             initargs=(run_dir, threads)) as pool, tqdm(total=len(todo), desc="study", unit="step") as bar:
+                             initargs=(run_dir, threads)) as pool, study_bar(len(todo)) as bar:
         running = {}
         try:
             while waiting or running:
@@ -73,7 +76,7 @@ def run_in_workers(todo: list[Step], run_dir: Path, workers: int) -> dict[Step, 
                 done, _ = wait(running, return_when=FIRST_COMPLETED)
                 for future in done:
                     step = running.pop(future)
-                    seconds[step] = report_finished(step, future.result())
+                    seconds[step] = report_finished(bar, step, future.result())
                     finished.add(step.key)
                     bar.update()
         except BaseException:
@@ -92,8 +95,9 @@ def step_times(seconds: dict[Step, float]) -> dict[str, dict[str, float]]:
             "seconds_by_step": {k: round(v, 2) for k, v in by_step.items()}}
 
 
-def report_finished(step: Step, seconds: float) -> float:
-    """One line above the study bar per finished step; returns its seconds."""
-    tqdm.write(f"{step.label}: {seconds:.1f} s")
+def report_finished(bar, step: Step, seconds: float) -> float:
+    """One line above the study bar per finished step (none where the bar is off); returns its seconds."""
+    if not bar.disable:
+        bar.write(f"{step.label}: {seconds:.1f} s")
     return seconds
 
