@@ -3,6 +3,7 @@ then flags, which win) and calls the package. User errors print one line and exi
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -238,7 +239,18 @@ def demo(
                             steps=steps, guidance=guidance, seed=seed))
 
 
+def show_warnings() -> None:
+    """The library logs its warnings (``logging``); the CLI shows relapse's own, one line each, and no one else's."""
+    logger = logging.getLogger("relapse")
+    if not any(getattr(h, "relapse_cli", False) for h in logger.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("warning: %(message)s"))
+        handler.relapse_cli = True
+        logger.addHandler(handler)
+
+
 def main() -> None:
+    show_warnings()
     try:
         app()
     except UserError as exc:

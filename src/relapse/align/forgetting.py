@@ -27,7 +27,7 @@ LoRA fused via ``--lora``); ``alignment`` starts from the unaligned base.
 
 from __future__ import annotations
 
-import sys
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -41,6 +41,7 @@ from relapse.errors import UserError
 from relapse.io import check_output_dir
 from relapse.progress import progress
 
+logger = logging.getLogger(__name__)
 PUBLISHED_CLEAN_NOISE_SHIFT = 1.0  # the released NG script adds +1 to the clean noise
 
 
@@ -179,9 +180,8 @@ def check_inputs(cfg: ForgettingConfig):
     if specs and cfg.mode == "alignment":
         raise UserError("--lora fuses a safety LoRA first, which hardens an aligned model: pass --mode reinforcement")
     if cfg.mode == "reinforcement" and not specs and not _is_aligned_folder(cfg.model):
-        print(f"warning: --mode reinforcement hardens an aligned model, but {cfg.model} has no {ALIGN_RECORD} and no "
-              "--lora was given, so this hardens the unaligned base; pass an aligned folder or the base with --lora SAFETY",
-              file=sys.stderr)
+        logger.warning("--mode reinforcement hardens an aligned model, but %s has no %s and no --lora was given, so this "
+                       "hardens the unaligned base; pass an aligned folder or the base with --lora SAFETY", cfg.model, ALIGN_RECORD)
     return clean, harmful, specs
 
 
