@@ -17,6 +17,7 @@ from pathlib import Path
 from relapse.errors import UserError
 
 RUN_RECORD = "run.json"
+MANIFEST = "manifest.jsonl"  # what `relapse generate` writes beside its images: one JSON line per image
 _PACKAGES = ("relapse", "torch", "diffusers", "transformers", "peft", "accelerate", "safetensors", "torchmetrics")
 
 

@@ -20,10 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from relapse.data.prompts import Prompt, read_prompts
 from relapse.errors import UserError
-from relapse.io import RUN_RECORD, atomic_dir, check_output_dir, run_record, write_json
+from relapse.io import MANIFEST, RUN_RECORD, atomic_dir, check_output_dir, run_record, write_json
 from relapse.progress import progress
-
-MANIFEST = "manifest.jsonl"
 
 
 class SamplerConfig(BaseModel):

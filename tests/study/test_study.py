@@ -123,6 +123,23 @@ def test_a_study_built_in_python_gives_the_rows_of_its_yaml_twin_and_can_run_sil
     assert json.loads((tmp_path / "python" / "run.json").read_text())["config"]["config"] is None
 
 
+def test_workers_end_with_a_driver_stopped_by_a_signal(study_yaml, tmp_path):
+    import psutil
+
+    command = [sys.executable, "-m", "relapse.cli", "study", str(study_yaml), "--out", str(tmp_path / "run"), "--workers", "2"]
+    driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline, workers = time.monotonic() + 120, []
+    while driver.poll() is None and time.monotonic() < deadline and len(workers) < 2:
+        workers = psutil.Process(driver.pid).children(recursive=True)
+        workers = [w for w in workers if "spawn_main" in " ".join(w.cmdline())]
+        time.sleep(0.1)
+    assert len(workers) == 2, "the study did not start its workers"
+    driver.terminate()  # SIGTERM: the driver ends without running any cleanup
+    driver.wait()
+    gone, alive = psutil.wait_procs(workers, timeout=20)
+    assert not alive  # no orphan goes on training into the run folder
+
+
 def test_a_second_study_on_a_folder_in_use_is_refused_in_one_line(study_yaml, tmp_path, run_cli):
     run_dir = tmp_path / "run"
     with run_lock(run_dir):  # another driver holds the folder

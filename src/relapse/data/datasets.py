@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from relapse.errors import UserError
-from relapse.io import atomic_dir
+from relapse.io import MANIFEST, atomic_dir
 from relapse.progress import progress
 
 METADATA = "metadata.jsonl"
@@ -70,7 +70,6 @@ def _read_image(meta: Path, name: str, line: int) -> np.ndarray:
 
 
 def read_imagefolder(folder: str | Path) -> CaptionedImages:
-    from relapse.sampling import MANIFEST
 
     folder = Path(folder)
     if not folder.is_dir():

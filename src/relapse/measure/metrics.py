@@ -49,6 +49,8 @@ class Metric:
 
 
 METRICS: Registry[Metric] = Registry("metric")
+HEADLINE_METRIC = "target_rate"  # what every headline table shows: how much of the concept comes back (all flags)
+ON_PROMPT_METRIC = "target_on_prompt_rate"  # flagged *and* of the shape and colour asked for, where the detector says
 
 
 def declare(*metrics: Metric) -> None:

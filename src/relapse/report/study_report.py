@@ -21,8 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from relapse.errors import UserError
-from relapse.measure.metrics import METRICS
-from relapse.study.results import HEADLINE_METRIC, ON_PROMPT_METRIC
+from relapse.measure.metrics import HEADLINE_METRIC, METRICS, ON_PROMPT_METRIC
 
 REPORT = "report.html"
 GRID_IMAGES = 8

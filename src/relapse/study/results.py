@@ -30,10 +30,6 @@ def summarize_rows(rows: list[dict], keys: tuple[str, ...] = CELL_KEYS) -> list[
             for k, v in sorted(groups.items(), key=lambda item: tuple("" if x is None else x for x in item[0]))]
 
 
-HEADLINE_METRIC = "target_rate"  # every image the first detector flags: how much of the concept comes back
-ON_PROMPT_METRIC = "target_on_prompt_rate"  # flagged *and* of the shape and colour asked for, where the detector says
-
-
 WEIGHT_METRICS = {"cosine_to_undo": "update_cosine_to_undo", "norm_ft": "update_norm_ft", "norm_safe": "update_norm_safe"}
 
 

@@ -32,10 +32,26 @@ def study_bar(total: int, disable: bool = False):
 _worker: Executor | None = None  # one per worker process: it keeps its pipeline and detectors between steps
 
 
-def start_worker(run_dir: Path, threads: int) -> None:
+def die_with_parent(driver: int) -> None:
+    """Ask Linux to end this worker when the study's driver ends, however it ends: a driver stopped by a
+    signal runs no cleanup, and its orphaned workers would go on training into a run folder that a
+    resumed driver then writes too. (Elsewhere the workers end when they next read from the driver.)"""
+    import ctypes
+    import signal
+    import sys
+
+    if sys.platform.startswith("linux"):
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() != driver:  # the driver ended before the request was in place
+        os._exit(1)
+
+
+def start_worker(run_dir: Path, threads: int, driver: int) -> None:
     global _worker
     import torch
 
+    die_with_parent(driver)
     progress.set_enabled(False)  # the parent draws the one bar
     torch.set_num_threads(threads)
     _worker = Executor(run_dir)
@@ -62,7 +78,7 @@ def run_in_workers(todo: list[Step], run_dir: Path, workers: int) -> dict[Step, 
     finished = {d.key for s in todo for d in s.deps if d.done(run_dir)}  # what an earlier run left
     threads = max(1, (os.cpu_count() or 1) // workers)
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=start_worker,
-                             initargs=(run_dir, threads)) as pool, study_bar(len(todo)) as bar:
+                             initargs=(run_dir, threads, os.getpid())) as pool, study_bar(len(todo)) as bar:
         running = {}
         try:
             while waiting or running:

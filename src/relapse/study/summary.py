@@ -22,7 +22,8 @@ def print_summary(rows: list[dict]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from relapse.study.results import HEADLINE_METRIC, ON_PROMPT_METRIC, summarize_rows
+    from relapse.measure.metrics import HEADLINE_METRIC, ON_PROMPT_METRIC
+    from relapse.study.results import summarize_rows
 
     first = [r for r in rows if r["detector"] == rows[0]["detector"]]
     last = {}
