@@ -134,7 +134,7 @@ class Generation:
         with atomic_dir(out) as tmp:
             for image, row in zip(self.images, self.rows):
                 image.save(tmp / row["file"])
-            (tmp / MANIFEST).write_text("".join(json.dumps(row) + "\n" for row in self.rows), encoding="utf-8")
+            write_manifest(tmp, self.rows)
         return out
 
 
@@ -174,6 +174,10 @@ def generate(pipe, prompts: str | Path | list, *, images_per_prompt: int = 1, st
     return Generation(images, rows)
 
 
+def write_manifest(out_dir: Path, rows: list[dict]) -> None:
+    (out_dir / MANIFEST).write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+
+
 def merge_manifests(out_dir: Path, world: int) -> list[dict]:
     """Join the shard manifests of ``world`` processes into MANIFEST, in job order."""
     rows = []
@@ -182,7 +186,7 @@ def merge_manifests(out_dir: Path, world: int) -> list[dict]:
         rows += [json.loads(line) for line in shard.read_text(encoding="utf-8").splitlines() if line.strip()]
         shard.unlink()
     rows.sort(key=lambda row: (row["prompt_index"], row["k"]))
-    (out_dir / MANIFEST).write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    write_manifest(out_dir, rows)
     return rows
 
 

@@ -45,7 +45,6 @@ def write_imagefolder(items, out: str | Path, extra: dict | None = None) -> Path
     """Write toy items as ``NNNNNN.png`` + metadata.jsonl (their attributes ride along as extra columns)."""
     from dataclasses import asdict
 
-    
     with atomic_dir(out) as tmp:
         with open(tmp / METADATA, "w", encoding="utf-8") as meta:
             for i, item in enumerate(progress(items, desc="write", unit="img")):
@@ -70,7 +69,6 @@ def _read_image(meta: Path, name: str, line: int) -> np.ndarray:
 
 
 def read_imagefolder(folder: str | Path) -> CaptionedImages:
-
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"dataset folder {folder} does not exist")

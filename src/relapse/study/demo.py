@@ -11,7 +11,7 @@ from pydantic import ConfigDict, Field
 from relapse.data.prompts import read_prompts
 from relapse.io import RUN_RECORD, atomic_dir, run_record, write_json
 from relapse.measure.detectors import build_detector
-from relapse.measure.evaluate import load_images, summarize
+from relapse.measure.evaluate import load_images, score
 from relapse.sampling import SamplerConfig, generate_images
 
 DEMO_SETS = ("clean", "target_direct", "target_indirect", "fill_striped", "fill_dotted", "fill_gridded", "fill_gradient",
@@ -72,7 +72,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, dict]:
             images_dir.mkdir()
             rows = generate_images(pipe, read_prompts(f"toy:{name}"), cfg, images_dir, {"model": cfg.model})
             images = load_images(images_dir, rows)
-            results[name] = summarize(rows, detector.detect(images, [row["prompt"] for row in rows]), "toy")
+            results[name] = score(images, rows, detector, "toy")
             write_json(images_dir / "evaluation.json", results[name])
             grid[name] = list(images[:: cfg.images_per_prompt][: cfg.grid_columns])
         save_grid(grid, tmp / "grid.png")
