@@ -25,6 +25,11 @@ StepsOpt = Annotated[Optional[int], typer.Option(help="Denoising steps.")]
 GuidanceOpt = Annotated[Optional[float], typer.Option(help="Classifier-free guidance scale.")]
 PerPromptOpt = Annotated[Optional[int], typer.Option(help="Images per prompt (image k uses seed + k).")]
 BatchOpt = Annotated[Optional[int], typer.Option(help="Images per pipeline call.")]
+# The training engine's own flags, the same for every training command.
+GradAccumOpt = Annotated[Optional[int], typer.Option(help="Gradient accumulation steps.")]
+PrecisionOpt = Annotated[Optional[str], typer.Option(help="no, fp16 or bf16.")]
+CheckpointOpt = Annotated[Optional[int], typer.Option(help="Resumable checkpoint every K steps.")]
+ResumeOpt = Annotated[Optional[bool], typer.Option("--resume", help="Continue from the newest checkpoint in --out.")]
 
 
 @toy_app.command("data")
@@ -139,13 +144,16 @@ def align(
     anchor: Annotated[Optional[str], typer.Option(help="esd/sdd: empty (as published) or strip (the prompt minus the --concept words).")] = None,
     sample_steps: Annotated[Optional[int], typer.Option(help="esd/sdd: DDIM steps of the sampler that makes x_t.")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Training batch size (lt/ng: per class, clean and harmful).")] = None,
+    grad_accum: GradAccumOpt = None,
+    mixed_precision: PrecisionOpt = None,
+    checkpoint_every: CheckpointOpt = None,
+    resume: ResumeOpt = None,
     seed: SeedOpt = None,
     out: OutOpt = None,
-    device: Annotated[Optional[str], typer.Option(help="cpu, cuda, ...")] = None,
     config: ConfigOpt = None,
 ) -> None:
     """Align a model: erase a concept (esd, sdd) or make it forget under malicious fine-tuning (lt, ng).
-    Writes a safety LoRA (diffusers format) or a full pipeline, with metadata."""
+    Writes OUT/final: a safety LoRA (diffusers format) or a full pipeline, with its record."""
     from relapse.align import METHODS
     from relapse.align.base import run_align
     from relapse.config import resolve_config
@@ -154,7 +162,8 @@ def align(
                  mode=mode, loras=lora or None, lora_scales=lora_scale or None, noise=noise, mu=mu, lambda_=lambda_,
                  lambda_c=lambda_c, margin=margin, lt_scale=lt_scale, lt_shift=lt_shift, harmful_weight=harmful_weight,
                  published_code=published_code, out=out, params=params, rank=rank, steps=steps, lr=lr, eta=eta,
-                 anchor=anchor, sample_steps=sample_steps, batch_size=batch_size, seed=seed, device=device, as_=as_)
+                 anchor=anchor, sample_steps=sample_steps, batch_size=batch_size, grad_accum=grad_accum,
+                 mixed_precision=mixed_precision, checkpoint_every=checkpoint_every, resume=resume, seed=seed, as_=as_)
     config_class = METHODS.get(method).config
     foreign = [name for name, value in flags.items() if value is not None and name not in config_class.model_fields]
     if foreign:
@@ -175,18 +184,18 @@ def finetune(
     steps: Annotated[Optional[int], typer.Option(help="Optimizer steps.")] = None,
     lr: Annotated[Optional[float], typer.Option(help="Learning rate.")] = None,
     batch_size: BatchOpt = None,
-    grad_accum: Annotated[Optional[int], typer.Option(help="Gradient accumulation steps.")] = None,
-    mixed_precision: Annotated[Optional[str], typer.Option(help="no, fp16 or bf16.")] = None,
+    grad_accum: GradAccumOpt = None,
+    mixed_precision: PrecisionOpt = None,
     save_at: Annotated[Optional[str], typer.Option(help="Comma-separated steps to also save at, e.g. 20,100,200.")] = None,
-    checkpoint_every: Annotated[Optional[int], typer.Option(help="Resumable checkpoint every K steps.")] = None,
-    resume: Annotated[Optional[bool], typer.Option("--resume", help="Continue from the newest checkpoint in --out.")] = None,
+    checkpoint_every: CheckpointOpt = None,
+    resume: ResumeOpt = None,
     seed: SeedOpt = None,
     out: OutOpt = None,
     config: ConfigOpt = None,
 ) -> None:
     """Fine-tune (benign or malicious: the data decides): full, LoRA, or Modular LoRA on the base."""
     from relapse.config import resolve_config
-    from relapse.finetune.train import FinetuneConfig, run_finetune
+    from relapse.finetune.base import FinetuneConfig, run_finetune
 
     try:
         steps_to_save = [int(s) for s in save_at.split(",") if s.strip()] if save_at else None

@@ -199,7 +199,7 @@ def run_generate(cfg: GenerateConfig) -> Path:
     specs = resolve_lora_specs(cfg.loras, cfg.lora_scales)
     pipe = load_pipeline(cfg.model, device=cfg.device)
     merge_loras(pipe, specs)
-    settings = {"model": cfg.model, "loras": [[str(s.path), s.scale] for s in specs]}
+    settings = {"model": cfg.model, "loras": [[s.label, s.scale] for s in specs]}
     with atomic_dir(cfg.out) as tmp:
         rows = generate_images(pipe, prompts, cfg, tmp, settings)
         write_json(tmp / RUN_RECORD, run_record("generate", cfg, cfg.seed, n_images=len(rows)))

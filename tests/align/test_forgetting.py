@@ -10,13 +10,14 @@ import torch
 from diffusers import DDPMScheduler
 
 from relapse.align import METHODS
-from relapse.align.base import ALIGN_RECORD, run_align
-from relapse.align.erasure import ErasureConfig
+from relapse.align.base import run_align
+from relapse.align.esd import ESDConfig
 from relapse.align.forgetting import Centres, ForgettingConfig, RunningMean, contrastive_loss, predicted_x0, step_terms
 from relapse.config import resolve_config
 from relapse.errors import UserError
 from relapse.models.components import ToyModelSize, build_pipeline
 from relapse.models.lora import LoraSpec, merge_loras
+from relapse.train.module import ALIGN_RECORD
 
 CLEAN, HARMFUL = "toy:clean:8", "toy:harmful:8"
 
@@ -24,7 +25,7 @@ CLEAN, HARMFUL = "toy:clean:8", "toy:harmful:8"
 def forgetting_cfg(tmp_path, method="lt", name="out", **kw):
     base = dict(method=method, model="unused", clean=CLEAN, harmful=HARMFUL, out=tmp_path / name, steps=2, batch_size=2,
                 lr=1e-3, cache_dir=tmp_path / "cache")
-    return ForgettingConfig(**(base | kw))
+    return METHODS.get(method).config(**(base | kw))
 
 
 def test_contrastive_gradient_pulls_to_the_own_centre_and_pushes_from_the_clean_one():
@@ -65,10 +66,11 @@ def test_predicted_x0_inverts_the_forward_process():
 
 def test_lt_transforms_the_harmful_latents_and_ng_shifts_the_harmful_noise(tmp_path):
     z0, eps, centres = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), Centres()
-    lt = METHODS.get("lt")().harmful_sample(forgetting_cfg(tmp_path, lt_scale=-0.5, lt_shift=2.0), z0, eps, centres)
+    lt_cfg = forgetting_cfg(tmp_path, lt_scale=-0.5, lt_shift=2.0)
+    lt = METHODS.get("lt")(lt_cfg).harmful_sample(lt_cfg, z0, eps, centres)
     torch.testing.assert_close(lt.latents, -0.5 * z0 + 2.0)
     assert lt.noise is eps and lt.target is eps
-    ng = METHODS.get("ng")()
+    ng = METHODS.get("ng")(forgetting_cfg(tmp_path, "ng"))
     fixed = ng.harmful_sample(forgetting_cfg(tmp_path, "ng", mu=-1.0), z0, eps, centres)
     torch.testing.assert_close(fixed.noise, eps - 1.0)
     assert fixed.latents is z0 and fixed.target is fixed.noise
@@ -85,7 +87,7 @@ def _grads(pipe, method, cfg, seed=0):
     clean = (torch.randn(2, 4, 8, 8, generator=gen), torch.randn(2, 77, 16, generator=gen))
     harmful = (torch.randn(2, 4, 8, 8, generator=gen) + 1, torch.randn(2, 77, 16, generator=gen))
     pipe.unet.zero_grad()
-    terms = step_terms(METHODS.get(method)(), cfg, pipe.unet, DDPMScheduler.from_config(pipe.scheduler.config),
+    terms = step_terms(METHODS.get(method)(cfg), cfg, pipe.unet, DDPMScheduler.from_config(pipe.scheduler.config),
                        clean, harmful, Centres(), torch.Generator().manual_seed(1))
     terms["total"].backward()
     return torch.cat([p.grad.flatten() for p in pipe.unet.parameters()]), terms
@@ -132,8 +134,8 @@ def test_full_run_logs_terms_and_centre_distance_and_writes_a_pipeline(tmp_path,
 @pytest.fixture(scope="module")
 def safety_lora(tiny_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("safety") / "lora"
-    return run_align(ErasureConfig(method="esd", model=str(tiny_model_dir), concept=["a checkered red star"], out=out,
-                                   steps=2, batch_size=2, sample_steps=2, lr=1e-2))
+    return run_align(ESDConfig(model=str(tiny_model_dir), concept=["a checkered red star"], out=out,
+                               steps=2, batch_size=2, sample_steps=2, lr=1e-2))
 
 
 def test_reinforcement_starts_from_the_fused_aligned_weights(tmp_path, tiny_model_dir, safety_lora):
@@ -211,8 +213,8 @@ def test_cli_flags_reach_the_config(run_cli, tmp_path, tiny_model_dir, monkeypat
                              "--mu", "-2", "--noise", "dynamic", "--harmful-weight", "0.5", "--published-code", "--as", "lora",
                              "--params", "xattn", "--out", tmp_path / "ng")
     assert code == 0, err
-    config = json.loads((tmp_path / "ng" / ALIGN_RECORD).read_text())["config"]
+    config = json.loads((tmp_path / "ng" / "final" / ALIGN_RECORD).read_text())["config"]
     assert {k: config[k] for k in ("lambda", "lambda_c", "margin", "mu", "noise", "harmful_weight", "published_code", "as")} == {
         "lambda": 0.1, "lambda_c": 0.5, "margin": 0.2, "mu": -2.0, "noise": "dynamic", "harmful_weight": 0.5,
         "published_code": True, "as": "lora"}
-    build_pipeline(ToyModelSize.tiny(), seed=0).load_lora_weights(tmp_path / "ng")
+    build_pipeline(ToyModelSize.tiny(), seed=0).load_lora_weights(tmp_path / "ng" / "final")

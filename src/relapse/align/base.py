@@ -1,10 +1,9 @@
-"""What every alignment method shares: the config fields common to all of them, which parameters
-train (full weights or a *safety LoRA*), and the atomic output with its record.
+"""What every alignment method shares: which parameters train (full weights or a *safety LoRA*) and the
+config fields for it. Alignment methods run on the one training engine (:mod:`relapse.train.engine`).
 
-A method is a class registered in ``relapse.align.METHODS`` with a ``config`` (its pydantic config
-class, a subclass of :class:`AlignConfig`) and ``run(cfg) -> Path``. Two families exist:
-concept erasure (``relapse.align.erasure``: ESD, SDD) and the catastrophic-forgetting defenses
-(``relapse.align.forgetting``: LT, NG).
+A method is a class registered in ``relapse.align.METHODS`` with a ``config`` (its pydantic config class,
+a subclass of :class:`AlignConfig`). Two families exist: concept erasure (``relapse.align.erasure``: ESD,
+SDD) and the catastrophic-forgetting defenses (``relapse.align.forgetting``: LT, NG).
 """
 
 from __future__ import annotations
@@ -13,28 +12,14 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from relapse.errors import UserError
-from relapse.io import atomic_dir, run_record, write_json
-
-ALIGN_RECORD = "relapse_align.json"
+from relapse.train.engine import TrainConfig, TrainingMethod, run_training
 
 
-class AlignConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
-
-    method: str
-    model: str = "toy"
-    out: Path
+class AlignConfig(TrainConfig):
     as_: Literal["lora", "full"] = Field("lora", alias="as", description="a safety LoRA or full weights")
     params: Literal["xattn", "noxattn", "all"] = Field("xattn", description="cross-attention (ESD-x), the rest (ESD-u) or every layer")
-    rank: int = Field(4, gt=0, description="LoRA rank (lora_alpha = rank)")
-    steps: int = Field(200, gt=0)
-    lr: float = Field(1e-3, gt=0)
-    batch_size: int = Field(4, gt=0)
-    seed: int = 0
-    device: str | None = None
 
 
 def is_cross_attention(name: str) -> bool:
@@ -53,45 +38,31 @@ def lora_targets(unet, params: str) -> list[str]:
             if isinstance(module, kinds) and selects(name + ".", params) and not name.startswith(skip)]
 
 
-def make_trainable(pipe, cfg: AlignConfig) -> list[torch.nn.Parameter]:
-    """Freeze everything, then make the chosen UNet parameters trainable (full) or attach a LoRA on them."""
-    from peft import LoraConfig
+class AlignMethod(TrainingMethod):
+    """Base of alignment methods: a safety LoRA on, or full training of, the chosen parameter set."""
 
-    unet = pipe.unet
-    for component in (pipe.vae, pipe.text_encoder, unet):
-        component.requires_grad_(False)
-    if cfg.as_ == "lora":
-        unet.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.rank, init_lora_weights="gaussian",
-                                    target_modules=lora_targets(unet, cfg.params)))
-        trainable = [p for n, p in unet.named_parameters() if "lora_" in n]
-    else:
-        trainable = [p for n, p in unet.named_parameters() if selects(n, cfg.params)]
-    if not trainable:
-        raise UserError(f"--params {cfg.params} selects no parameters of this UNet")
-    for p in trainable:
-        p.requires_grad_(True)
-    return trainable
+    config = AlignConfig
 
+    def trainable(self, pipe) -> list[torch.nn.Parameter]:
+        """Freeze everything, then make the chosen UNet parameters trainable (full) or attach a LoRA on them."""
+        from peft import LoraConfig
 
-def save_aligned(pipe, cfg: AlignConfig, base_fingerprint: str, **facts: object) -> Path:
-    """Write the safety LoRA (diffusers format) or the full pipeline, with its record, in one rename."""
-    from relapse.models.lora import save_unet_lora
-
-    record = run_record(f"align {cfg.method}", cfg.model_dump(mode="json", by_alias=True), cfg.seed,
-                        method=cfg.method, kind=cfg.as_, base_model=cfg.model, base_fingerprint=base_fingerprint, **facts)
-    with atomic_dir(cfg.out) as tmp:
+        unet, cfg = pipe.unet, self.cfg
+        for component in (pipe.vae, pipe.text_encoder, unet):
+            component.requires_grad_(False)
         if cfg.as_ == "lora":
-            save_unet_lora(pipe.unet, tmp)
+            unet.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.rank, init_lora_weights="gaussian",
+                                        target_modules=lora_targets(unet, cfg.params)), adapter_name=self.adapter_name)
+            trainable = [p for n, p in unet.named_parameters() if "lora_" in n]
         else:
-            pipe.save_pretrained(tmp)
-        write_json(tmp / ALIGN_RECORD, record)
-    return cfg.out
+            trainable = [p for n, p in unet.named_parameters() if selects(n, cfg.params)]
+        for p in trainable:
+            p.requires_grad_(True)
+        return trainable
 
 
 def run_align(cfg: AlignConfig) -> Path:
+    """Run an alignment method on disk (``relapse align``); returns ``OUT/final``."""
     from relapse.align import METHODS
 
-    method = METHODS.get(cfg.method)()
-    if not isinstance(cfg, method.config):
-        raise TypeError(f"{cfg.method} takes a {method.config.__name__}, not a {type(cfg).__name__}")
-    return method.run(cfg)
+    return run_training(METHODS.get(cfg.method)(cfg))

@@ -1,32 +1,33 @@
 """Concept erasure (ESD, SDD): data-free, x_t sampled from the model being trained (as ESD does),
 the concept named by prompts. A method subclasses :class:`ErasureMethod` and supplies
-``loss(ctx, x_t, t, cond, anchor)`` (anchor: the empty prompt's encoding unless ``--anchor strip``).
+``erasure_loss(model, x_t, t, cond, anchor)`` (anchor: the empty prompt's encoding unless ``--anchor strip``).
+
+The random stream (which concept prompts, x_t, t) is one generator per process, seeded once, as ESD's
+code draws it; checkpoints keep its state, so a resumed run draws what an uninterrupted one would.
 """
 
 from __future__ import annotations
 
 import copy
 from contextlib import contextmanager
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import torch
 from pydantic import Field, model_validator
 
-from relapse.align.base import AlignConfig, make_trainable, save_aligned
-from relapse.io import check_output_dir
-from relapse.models.pipeline_utils import encode_prompts, weights_fingerprint
-from relapse.progress import progress
+from relapse.align.base import AlignConfig, AlignMethod
+from relapse.models.pipeline_utils import encode_prompts
+
+PROCESS_SEED_STRIDE = 1_000_003  # process k > 0 of a data-parallel run draws from seed + k * stride
 
 
 class ErasureConfig(AlignConfig):
     concept: list[str] = Field(default_factory=list, description="prompts that name the concept to erase")
     concept_prompts: str | None = Field(None, description="a prompt file (or toy:NAME) whose prompts also name it")
-    eta: float = Field(1.0, description="ESD negative-guidance strength")
+    weight_decay: float = Field(0.0, ge=0, description="none, as ESD's code trains")
+    max_grad_norm: float | None = Field(None, gt=0, description="no clipping, as ESD's code trains")
     sample_steps: int = Field(20, gt=1, description="DDIM steps of the sampler that makes x_t")
     sample_guidance: float = Field(3.0, ge=0, description="guidance used to sample x_t (ESD's start_guidance)")
-    ema_decay: float = Field(0.999, gt=0, lt=1, description="SDD's EMA teacher")
     anchor: Literal["empty", "strip"] = Field(
         "empty", description="what the concept is steered toward: the empty prompt (ESD and SDD as published) or, "
                              "per concept prompt, the same prompt with the --concept words stripped")
@@ -54,16 +55,30 @@ class ErasureConfig(AlignConfig):
         return [" ".join(w for w in text.split() if w.lower().strip(",.") not in words) for text in texts]
 
 
-@dataclass
-class AlignContext:
-    """The model being trained and the frozen reference it is compared with."""
+def guided_eps(unet, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
+    eps_u, eps_c = unet(torch.cat([x, x]), torch.cat([t, t]), torch.cat([uncond, cond])).sample.chunk(2)
+    return eps_u + scale * (eps_c - eps_u)
 
-    pipe: object
-    cfg: ErasureConfig
-    trainable: list[torch.nn.Parameter]
-    frozen_unet: torch.nn.Module | None  # full mode: a frozen copy; LoRA mode: None (adapters disabled)
-    concepts: list[str]  # the concept prompts, read once
-    anchors: list[str]  # what each is steered toward
+
+class ErasureMethod(AlignMethod):
+    """Base of ESD-like methods: override ``erasure_loss``; ``after_step`` and the state hooks are optional."""
+
+    config = ErasureConfig
+
+    def check(self) -> None:
+        super().check()
+        self.concepts = self.cfg.concept_texts()  # a missing or empty prompt file fails here, before any weights load
+        self.anchors = self.cfg.anchor_texts(self.concepts)
+
+    def setup(self, pipe, process: int) -> None:
+        """A frozen copy of the UNet (full mode; LoRA mode disables the adapter instead), the prompts' encodings
+        and this process's random stream."""
+        super().setup(pipe, process)
+        self.pipe = pipe
+        self.frozen_unet = copy.deepcopy(pipe.unet).requires_grad_(False).eval() if self.cfg.as_ == "full" else None
+        self.gen = torch.Generator().manual_seed(self.cfg.seed + PROCESS_SEED_STRIDE * process)
+        self.concept, self.anchor = encode_prompts(pipe, self.concepts), encode_prompts(pipe, self.anchors)
+        self.uncond = encode_prompts(pipe, [""])
 
     @contextmanager
     def frozen(self):
@@ -77,87 +92,41 @@ class AlignContext:
         finally:
             self.pipe.unet.enable_adapters()
 
+    @torch.no_grad()
+    def sample_xt(self, cond: torch.Tensor, uncond: torch.Tensor):
+        """x_t made by sampling with the model being trained, conditioned on the concept, from noise down to
+        a random DDIM step (ESD, SDD). Returns x_t and its training timestep."""
+        from diffusers import DDIMScheduler
 
-def prepare(pipe, cfg: ErasureConfig) -> AlignContext:
-    """A frozen copy of the UNet (full mode; LoRA mode just disables the adapter), then the trainable parameters."""
-    frozen = copy.deepcopy(pipe.unet).requires_grad_(False).eval() if cfg.as_ == "full" else None
-    trainable = make_trainable(pipe, cfg)
-    concepts = cfg.concept_texts()
-    return AlignContext(pipe, cfg, trainable, frozen, concepts, cfg.anchor_texts(concepts))
+        pipe, cfg = self.pipe, self.cfg
+        sched = DDIMScheduler.from_config(pipe.scheduler.config)
+        sched.set_timesteps(cfg.sample_steps)
+        stop = int(torch.randint(0, cfg.sample_steps, (1,), generator=self.gen))
+        unet = pipe.unet
+        shape = (len(cond), unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+        x = torch.randn(shape, generator=self.gen).to(pipe.device)
+        for t in sched.timesteps[:stop]:
+            tt = t.expand(len(x)).to(pipe.device)
+            x = sched.step(guided_eps(unet, x, tt, cond, uncond, cfg.sample_guidance), t, x).prev_sample
+        return x, sched.timesteps[stop].expand(len(x)).to(pipe.device)
 
+    def loss(self, model, step: int, micro: int, process: int) -> tuple[torch.Tensor, dict[str, float]]:
+        """Pick concept prompts, sample x_t from the model being trained, and take the method's loss."""
+        batch = self.cfg.batch_size
+        pick = torch.randint(0, len(self.concept), (batch,), generator=self.gen)
+        cond = self.concept[pick]
+        x_t, t = self.sample_xt(cond, self.uncond.expand(batch, -1, -1))
+        loss = self.erasure_loss(model, x_t, t, cond, self.anchor[pick])
+        return loss, {"loss": round(loss.item(), 6)}
 
-def guided_eps(unet, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
-    eps_u, eps_c = unet(torch.cat([x, x]), torch.cat([t, t]), torch.cat([uncond, cond])).sample.chunk(2)
-    return eps_u + scale * (eps_c - eps_u)
-
-
-@torch.no_grad()
-def sample_xt(ctx: AlignContext, cond: torch.Tensor, uncond: torch.Tensor, gen: torch.Generator):
-    """x_t made by sampling with the model being trained, conditioned on the concept, from noise
-    down to a random DDIM step (ESD, SDD). Returns x_t and its training timestep."""
-    from diffusers import DDIMScheduler
-
-    pipe, cfg = ctx.pipe, ctx.cfg
-    sched = DDIMScheduler.from_config(pipe.scheduler.config)
-    sched.set_timesteps(cfg.sample_steps)
-    stop = int(torch.randint(0, cfg.sample_steps, (1,), generator=gen))
-    unet = pipe.unet
-    shape = (len(cond), unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
-    x = torch.randn(shape, generator=gen).to(pipe.device)
-    for t in sched.timesteps[:stop]:
-        tt = t.expand(len(x)).to(pipe.device)
-        x = sched.step(guided_eps(unet, x, tt, cond, uncond, cfg.sample_guidance), t, x).prev_sample
-    return x, sched.timesteps[stop].expand(len(x)).to(pipe.device)
-
-
-def train(ctx: AlignContext, method: ErasureMethod, gen: torch.Generator) -> list[float]:
-    """The shared loop: pick concept prompts, sample x_t, take the method's loss, step."""
-    cfg, pipe = ctx.cfg, ctx.pipe
-    concept = encode_prompts(pipe, ctx.concepts)
-    anchors = encode_prompts(pipe, ctx.anchors)
-    uncond = encode_prompts(pipe, [""])
-    opt = torch.optim.AdamW(ctx.trainable, lr=cfg.lr, weight_decay=0.0)
-    losses = []
-    bar = progress(range(cfg.steps), desc=f"align {cfg.method}")
-    for _ in bar:
-        pick = torch.randint(0, len(concept), (cfg.batch_size,), generator=gen)
-        cond, unc = concept[pick], uncond.expand(cfg.batch_size, -1, -1)
-        x_t, t = sample_xt(ctx, cond, unc, gen)
-        loss = method.loss(ctx, x_t, t, cond, anchors[pick])
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        method.after_step(ctx)
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{loss.item():.4f}")
-    return losses
-
-
-class ErasureMethod:
-    """Base of ESD-like methods: override ``loss``; ``setup`` and ``after_step`` are optional hooks."""
-
-    config = ErasureConfig
-
-    def setup(self, ctx: AlignContext) -> None:
-        pass
-
-    def loss(self, ctx: AlignContext, x_t, t, cond, anchor) -> torch.Tensor:
+    def erasure_loss(self, model, x_t, t, cond, anchor) -> torch.Tensor:
         raise NotImplementedError
 
-    def after_step(self, ctx: AlignContext) -> None:
-        pass
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"generator": self.gen.get_state()}
 
-    def run(self, cfg: ErasureConfig) -> Path:
-        from relapse.models.loading import load_pipeline
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.gen.set_state(state["generator"])
 
-        check_output_dir(cfg.out)
-        cfg.concept_texts()  # a missing or empty prompt file fails here, before any weights load
-        pipe = load_pipeline(cfg.model, device=cfg.device)
-        fingerprint = weights_fingerprint(pipe.unet)
-        gen = torch.Generator().manual_seed(cfg.seed)
-        torch.manual_seed(cfg.seed)
-        ctx = prepare(pipe, cfg)
-        self.setup(ctx)
-        losses = train(ctx, self, gen)
-        return save_aligned(pipe, cfg, fingerprint, concept=ctx.concepts, anchors=ctx.anchors,
-                            loss_first=losses[0], loss_last=losses[-1])
+    def facts(self) -> dict:
+        return {"concept": self.concepts, "anchors": self.anchors}

@@ -10,17 +10,27 @@ With ``--anchor strip`` the unconditional terms become the prompt without the co
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 
 from relapse.align import METHODS
-from relapse.align.erasure import ErasureMethod
+from relapse.align.erasure import ErasureConfig, ErasureMethod
+
+
+class ESDConfig(ErasureConfig):
+    method: Literal["esd"] = "esd"
+    eta: float = Field(1.0, description="ESD negative-guidance strength")
 
 
 @METHODS.register("esd")
 class ESD(ErasureMethod):
-    def loss(self, ctx, x_t, t, cond, anchor) -> torch.Tensor:
-        with torch.no_grad(), ctx.frozen() as frozen:
+    config = ESDConfig
+
+    def erasure_loss(self, model, x_t, t, cond, anchor) -> torch.Tensor:
+        with torch.no_grad(), self.frozen() as frozen:
             eps_u, eps_c = frozen(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([anchor, cond])).sample.chunk(2)
-            target = eps_u - ctx.cfg.eta * (eps_c - eps_u)
-        return F.mse_loss(ctx.pipe.unet(x_t, t, cond).sample, target)
+            target = eps_u - self.cfg.eta * (eps_c - eps_u)
+        return F.mse_loss(model(x_t, t, cond).sample, target)

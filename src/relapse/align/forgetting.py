@@ -36,36 +36,27 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from relapse.align.base import ALIGN_RECORD, AlignConfig, make_trainable, save_aligned
+from relapse.align.base import AlignConfig, AlignMethod
 from relapse.errors import UserError
-from relapse.io import check_output_dir
-from relapse.progress import progress
+from relapse.train.engine import draw, draw_batch
+from relapse.train.module import ALIGN_RECORD
 
 logger = logging.getLogger(__name__)
 PUBLISHED_CLEAN_NOISE_SHIFT = 1.0  # the released NG script adds +1 to the clean noise
 
 
 class ForgettingConfig(AlignConfig):
-    clean: str = Field(description="clean data: imagefolder dataset or toy:DOMAIN[:N]")
-    harmful: str = Field(description="harmful data: imagefolder dataset or toy:DOMAIN[:N]")
+    clean: str | None = Field(None, description="clean data: imagefolder dataset or toy:DOMAIN[:N] (or given in memory)")
+    harmful: str | None = Field(None, description="harmful data: imagefolder dataset or toy:DOMAIN[:N] (or given in memory)")
     mode: Literal["alignment", "reinforcement"] = Field("alignment", description="start from the base, or harden an aligned model")
-    loras: list[Path] = Field(default_factory=list, description="safety LoRA(s) fused into the model first (reinforcement)")
-    lora_scales: list[float] = Field(default_factory=list)
     as_: Literal["lora", "full"] = Field("full", alias="as", description="full weights (the paper) or a LoRA that composes")
     params: Literal["xattn", "noxattn", "all"] = Field("all", description="the paper trains the full UNet")
     lr: float = Field(1e-5, gt=0, description="the paper's AdamW learning rate")
-    noise: Literal["fixed", "dynamic"] = Field("fixed", description="NG: mu_f fixed, or mu plus the running centre of the harmful latents")
-    mu: float = Field(-1.0, description="NG: mean of the harmful noise")
     lambda_: float = Field(5e-5, ge=0, alias="lambda", description="weight of the contrastive term L_c")
     lambda_c: float = Field(1.0, ge=0, description="weight of the push away from the clean centre inside L_c")
     margin: float = Field(0.0, ge=0, description="l: the clean-centre distance beyond which the push stops counting")
-    lt_scale: float = Field(1.0, description="LT: R in x0 <- R x0 + b")
-    lt_shift: float = Field(1.0, description="LT: b in x0 <- R x0 + b (in scaled-latent units, whose std is about 1)")
     harmful_weight: float = Field(1.0, description="w_h: 1 learns the reshaped harmful data, -1 is Eq. 6's literal ascent")
     published_code: bool = Field(False, description="reproduce the released code: L_c without gradient, zero harmful gradient")
-    max_grad_norm: float = Field(1.0, gt=0)
-    data_seed: int = 0
-    cache_dir: Path | None = None
 
 
 @dataclass
@@ -119,10 +110,21 @@ class HarmfulSample:
     target: torch.Tensor
 
 
-class ForgettingMethod:
-    """Base of LT and NG: override ``harmful_sample``; ``clean_noise_shift`` for published NG."""
+class ForgettingMethod(AlignMethod):
+    """Base of LT and NG: override ``harmful_sample``; ``clean_noise_shift`` for published NG.
+
+    Args:
+        cfg: the method's config.
+        loras: as :class:`~relapse.train.engine.TrainingMethod`.
+        clean, harmful: the data in memory (a dataset, or ``(images, captions)``) instead of ``cfg.clean``/``cfg.harmful``.
+    """
 
     config = ForgettingConfig
+    fix_hint = "lower --lr or --harmful-weight"
+
+    def __init__(self, cfg: ForgettingConfig, loras=None, clean=None, harmful=None):
+        super().__init__(cfg, loras)
+        self.given_data = {"clean": clean, "harmful": harmful}
 
     def harmful_sample(self, cfg: ForgettingConfig, z0: torch.Tensor, eps: torch.Tensor, centres: Centres) -> HarmfulSample:
         raise NotImplementedError
@@ -130,8 +132,41 @@ class ForgettingMethod:
     def clean_noise_shift(self, cfg: ForgettingConfig) -> float:
         return 0.0
 
-    def run(self, cfg: ForgettingConfig) -> Path:
-        return run_forgetting(self, cfg)
+    def check(self) -> None:
+        super().check()
+        self.data = check_inputs(self.cfg, self.given_data, self.specs, warn_unaligned=self.given_loras is None)
+
+    def setup(self, pipe, process: int) -> None:
+        """The aligned model being hardened (W0 + dW_safe, fused) and both datasets' encodings."""
+        from diffusers import DDPMScheduler
+
+        from relapse.finetune.cache import cached_encodings
+        from relapse.models.pipeline_utils import require_epsilon_prediction
+
+        require_epsilon_prediction(pipe)
+        super().setup(pipe, process)
+        self.encodings = {name: cached_encodings(data, pipe, self.cfg.cache_dir)[0] for name, data in self.data.items()}
+        self.scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        self.scale = pipe.vae.config.scaling_factor
+        self.centres = Centres()
+
+    def loss(self, model, step: int, micro: int, process: int) -> tuple[torch.Tensor, dict[str, float]]:
+        gen = draw(self.cfg.seed, step, micro, process)
+        batches = [draw_batch(self.encodings[name], self.scale, gen, self.cfg.batch_size) for name in ("clean", "harmful")]
+        terms = step_terms(self, self.cfg, model, self.scheduler, *batches, self.centres, gen)
+        return terms["total"], {k: round(v.item(), 6) for k, v in terms.items()} | {"centre_distance": round(self.centres.distance(), 4)}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {f"{name}.{part}": value for name, centre in vars(self.centres).items()
+                for part, value in (("mean", centre.mean), ("count", torch.tensor(centre.count)))}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for name, centre in vars(self.centres).items():
+            centre.mean, centre.count = state[f"{name}.mean"], int(state[f"{name}.count"])
+
+    def facts(self) -> dict:
+        return {"mode": self.cfg.mode} | {f"{name}_data": {"source": data.source, "fingerprint": data.fingerprint,
+                                                           "n": len(data.captions)} for name, data in self.data.items()}
 
 
 def step_terms(method: ForgettingMethod, cfg: ForgettingConfig, unet, scheduler, clean, harmful, centres: Centres,
@@ -165,71 +200,23 @@ def step_terms(method: ForgettingMethod, cfg: ForgettingConfig, unet, scheduler,
     return terms
 
 
-def check_inputs(cfg: ForgettingConfig):
+def check_inputs(cfg: ForgettingConfig, given: dict, specs, warn_unaligned: bool) -> dict:
     """Load both datasets and check them (and the safety LoRAs) before any weights load."""
-    from relapse.data.datasets import load_dataset
-    from relapse.models.lora import resolve_lora_specs
+    from relapse.data.datasets import as_dataset
 
-    if Path(cfg.clean).resolve() == Path(cfg.harmful).resolve():
+    sources = {name: given[name] if given[name] is not None else getattr(cfg, name) for name in ("clean", "harmful")}
+    if missing := [name for name, source in sources.items() if source is None]:
+        raise UserError(f"{cfg.method} needs {' and '.join(missing)} data: pass --{' and --'.join(missing)} (imagefolder or toy:DOMAIN[:N])")
+    if all(isinstance(s, str) for s in sources.values()) and Path(sources["clean"]).resolve() == Path(sources["harmful"]).resolve():
         raise UserError(f"--clean and --harmful are the same dataset ({cfg.clean}); give the harmful images their own folder")
-    clean, harmful = load_dataset(cfg.clean, cfg.data_seed), load_dataset(cfg.harmful, cfg.data_seed + 1)
-    if clean.fingerprint == harmful.fingerprint:
-        raise UserError(f"--clean {cfg.clean} and --harmful {cfg.harmful} hold the same images and captions; "
+    data = {"clean": as_dataset(sources["clean"], cfg.data_seed), "harmful": as_dataset(sources["harmful"], cfg.data_seed + 1)}
+    if data["clean"].fingerprint == data["harmful"].fingerprint:
+        raise UserError(f"--clean {data['clean'].source} and --harmful {data['harmful'].source} hold the same images and captions; "
                         "the defense needs two different sets")
-    specs = resolve_lora_specs(cfg.loras, cfg.lora_scales)
     if specs and cfg.mode == "alignment":
         raise UserError("--lora fuses a safety LoRA first, which hardens an aligned model: pass --mode reinforcement")
-    if cfg.mode == "reinforcement" and not specs and not _is_aligned_folder(cfg.model):
+    # Only where the model comes from cfg.model: in memory the caller may have applied the safety module already.
+    if warn_unaligned and cfg.mode == "reinforcement" and not specs and not (Path(cfg.model) / ALIGN_RECORD).is_file():
         logger.warning("--mode reinforcement hardens an aligned model, but %s has no %s and no --lora was given, so this "
                        "hardens the unaligned base; pass an aligned folder or the base with --lora SAFETY", cfg.model, ALIGN_RECORD)
-    return clean, harmful, specs
-
-
-def _is_aligned_folder(model: str) -> bool:
-    return (Path(model) / ALIGN_RECORD).is_file()
-
-
-def run_forgetting(method: ForgettingMethod, cfg: ForgettingConfig) -> Path:
-    from diffusers import DDPMScheduler
-
-    from relapse.finetune.cache import cached_encodings
-    from relapse.finetune.train import draw, draw_batch, safety_records
-    from relapse.models.loading import load_pipeline
-    from relapse.models.lora import merge_loras
-    from relapse.models.pipeline_utils import require_epsilon_prediction, weights_fingerprint
-
-    check_output_dir(cfg.out)
-    clean, harmful, specs = check_inputs(cfg)
-    pipe = load_pipeline(cfg.model, device=cfg.device)
-    require_epsilon_prediction(pipe)
-    fingerprint = weights_fingerprint(pipe.unet)
-    composes_with = safety_records(specs, fingerprint)
-    merge_loras(pipe, specs)  # the aligned model being hardened: W0 + dW_safe, fused
-    encodings = {name: cached_encodings(data, pipe, cfg.cache_dir)[0] for name, data in (("clean", clean), ("harmful", harmful))}
-    torch.manual_seed(cfg.seed)  # a LoRA's initial weights depend on the seed alone
-    trainable = make_trainable(pipe, cfg)
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr)
-    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    scale = pipe.vae.config.scaling_factor
-    centres, history = Centres(), []
-    pipe.unet.train()
-    bar = progress(range(cfg.steps), desc=f"align {cfg.method} ({cfg.mode})")
-    for step in bar:
-        gen = draw(cfg.seed, step, 0, 0)
-        batches = [draw_batch(encodings[name], scale, gen, cfg.batch_size) for name in ("clean", "harmful")]
-        terms = step_terms(method, cfg, pipe.unet, scheduler, *batches, centres, gen)
-        if not torch.isfinite(terms["total"]):
-            raise UserError(f"loss became {terms['total'].item()} at step {step}; lower --lr or --harmful-weight")
-        terms["total"].backward()
-        torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad()
-        logged = {k: round(v.item(), 6) for k, v in terms.items()} | {"centre_distance": round(centres.distance(), 4)}
-        history.append(logged)
-        bar.set_postfix(clean=f"{logged['clean']:.3f}", harm=f"{logged['harmful']:.3f}", Lc=f"{logged['contrastive']:.2f}",
-                        dist=f"{logged['centre_distance']:.2f}")
-    pipe.unet.eval()
-    return save_aligned(pipe, cfg, fingerprint, mode=cfg.mode, composes_with=composes_with,
-                        clean_data={"source": clean.source, "fingerprint": clean.fingerprint, "n": len(clean.captions)},
-                        harmful_data={"source": harmful.source, "fingerprint": harmful.fingerprint, "n": len(harmful.captions)},
-                        history=history)
+    return data

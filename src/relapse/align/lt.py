@@ -8,11 +8,23 @@ shift of 3 cost 19 points of clean colour accuracy, a shift of 1 cost 7; seed 0,
 
 from __future__ import annotations
 
+from typing import Literal
+
+from pydantic import Field
+
 from relapse.align import METHODS
-from relapse.align.forgetting import ForgettingMethod, HarmfulSample
+from relapse.align.forgetting import ForgettingConfig, ForgettingMethod, HarmfulSample
+
+
+class LTConfig(ForgettingConfig):
+    method: Literal["lt"] = "lt"
+    lt_scale: float = Field(1.0, description="LT: R in x0 <- R x0 + b")
+    lt_shift: float = Field(1.0, description="LT: b in x0 <- R x0 + b (in scaled-latent units, whose std is about 1)")
 
 
 @METHODS.register("lt")
 class LatentTransformation(ForgettingMethod):
+    config = LTConfig
+
     def harmful_sample(self, cfg, z0, eps, centres) -> HarmfulSample:
         return HarmfulSample(latents=cfg.lt_scale * z0 + cfg.lt_shift, noise=eps, target=eps)

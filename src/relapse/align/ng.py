@@ -8,12 +8,24 @@ fixed noise reinforces better).
 
 from __future__ import annotations
 
+from typing import Literal
+
+from pydantic import Field
+
 from relapse.align import METHODS
-from relapse.align.forgetting import PUBLISHED_CLEAN_NOISE_SHIFT, ForgettingMethod, HarmfulSample
+from relapse.align.forgetting import PUBLISHED_CLEAN_NOISE_SHIFT, ForgettingConfig, ForgettingMethod, HarmfulSample
+
+
+class NGConfig(ForgettingConfig):
+    method: Literal["ng"] = "ng"
+    noise: Literal["fixed", "dynamic"] = Field("fixed", description="NG: mu_f fixed, or mu plus the running centre of the harmful latents")
+    mu: float = Field(-1.0, description="NG: mean of the harmful noise")
 
 
 @METHODS.register("ng")
 class NoiseGuidance(ForgettingMethod):
+    config = NGConfig
+
     def harmful_sample(self, cfg, z0, eps, centres) -> HarmfulSample:
         mu = cfg.mu
         if cfg.noise == "dynamic":  # the data's centre, not x0_hat's: at large t x0_hat is noisy and the shift ran away

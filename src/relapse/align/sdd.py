@@ -9,27 +9,48 @@ unconditional prediction by the teacher's prediction for the prompt without the 
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 
 from relapse.align import METHODS
-from relapse.align.erasure import ErasureMethod
+from relapse.align.erasure import ErasureConfig, ErasureMethod
+
+
+class SDDConfig(ErasureConfig):
+    method: Literal["sdd"] = "sdd"
+    ema_decay: float = Field(0.999, gt=0, lt=1, description="SDD's EMA teacher")
 
 
 @METHODS.register("sdd")
 class SDD(ErasureMethod):
-    def setup(self, ctx) -> None:
+    config = SDDConfig
+
+    def trainable(self, pipe) -> list[torch.nn.Parameter]:
         from diffusers.training_utils import EMAModel
 
-        self.teacher = EMAModel(ctx.trainable, decay=ctx.cfg.ema_decay)
+        self.params = super().trainable(pipe)
+        self.teacher = EMAModel(self.params, decay=self.cfg.ema_decay)
+        return self.params
 
-    def loss(self, ctx, x_t, t, cond, anchor) -> torch.Tensor:
+    def erasure_loss(self, model, x_t, t, cond, anchor) -> torch.Tensor:
         with torch.no_grad():
-            self.teacher.store(ctx.trainable)
-            self.teacher.copy_to(ctx.trainable)
-            target = ctx.pipe.unet(x_t, t, anchor).sample
-            self.teacher.restore(ctx.trainable)
-        return F.mse_loss(ctx.pipe.unet(x_t, t, cond).sample, target)
+            self.teacher.store(self.params)
+            self.teacher.copy_to(self.params)
+            target = self.pipe.unet(x_t, t, anchor).sample
+            self.teacher.restore(self.params)
+        return F.mse_loss(model(x_t, t, cond).sample, target)
 
-    def after_step(self, ctx) -> None:
-        self.teacher.step(ctx.trainable)
+    def after_step(self) -> None:
+        self.teacher.step(self.params)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        teacher = {f"teacher.{i}": p for i, p in enumerate(self.teacher.shadow_params)}
+        return super().state_dict() | teacher | {"teacher_step": torch.tensor(self.teacher.optimization_step)}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        super().load_state_dict(state)
+        self.teacher.shadow_params = [state[f"teacher.{i}"].to(p.device) for i, p in enumerate(self.teacher.shadow_params)]
+        self.teacher.optimization_step = int(state["teacher_step"])

@@ -116,3 +116,22 @@ def toy_dataset(spec: str, seed: int = 0) -> CaptionedImages:
 
 def load_dataset(source: str | Path, seed: int = 0) -> CaptionedImages:
     return toy_dataset(str(source), seed) if str(source).startswith("toy:") else read_imagefolder(source)
+
+
+def as_dataset(data, seed: int = 0) -> CaptionedImages:
+    """A dataset from a path or ``toy:DOMAIN[:N]``, a :class:`CaptionedImages`, or ``(images, captions)`` in memory
+    (uint8 images, (N, H, W, 3), one caption each)."""
+    if isinstance(data, CaptionedImages):
+        return data
+    if isinstance(data, (str, Path)):
+        return load_dataset(data, seed)
+    try:
+        images, captions = data
+    except (TypeError, ValueError):
+        raise UserError(f"data must be a path, toy:DOMAIN[:N] or (images, captions), not {type(data).__name__}") from None
+    images, captions = np.asarray(images), [str(c) for c in captions]
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise UserError(f"images must be uint8 of shape (N, H, W, 3), got {images.dtype} {images.shape}")
+    if len(images) != len(captions) or not len(images):
+        raise UserError(f"give one caption per image and at least one image ({len(images)} images, {len(captions)} captions)")
+    return CaptionedImages(images, captions, "in-memory")

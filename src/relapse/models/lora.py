@@ -12,13 +12,29 @@ LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' default file
 
 @dataclass(frozen=True)
 class LoraSpec:
-    path: Path
+    """A LoRA to add at ``scale``: a file or folder, or a trained LoRA in memory (``relapse.TrainedModule``)."""
+
+    source: object  # Path | TrainedModule
     scale: float = 1.0
+
+    @property
+    def in_memory(self) -> bool:
+        return not isinstance(self.source, (str, Path))
+
+    @property
+    def label(self) -> str:
+        return f"<in-memory {self.source.record.get('method', 'LoRA')}>" if self.in_memory else str(self.source)
+
+
+def run_output(path: str | Path) -> Path:
+    """A training run's folder (``relapse align``/``finetune --out``) stands for its ``final/`` output."""
+    path = Path(path)
+    return path / "final" if (path / "final").is_dir() and not any(path.glob("*.safetensors")) else path
 
 
 def lora_file(path: str | Path) -> Path:
     """The safetensors file behind a LoRA path (a file, or a folder written by save_lora_weights)."""
-    path = Path(path)
+    path = run_output(path)
     if path.is_dir():
         candidates = [path / LORA_WEIGHT_NAME] if (path / LORA_WEIGHT_NAME).is_file() else sorted(path.glob("*.safetensors"))
         if len(candidates) != 1:
@@ -45,8 +61,16 @@ def checked_lora_file(path: str | Path) -> Path:
     return file
 
 
-def save_unet_lora(unet, out_dir: str | Path, adapter_name: str = "default") -> Path:
-    """Write a UNet adapter as a diffusers LoRA file (with its LoraConfig as metadata), so that plain
+def unet_lora(unet, adapter_name: str = "default") -> tuple[dict, dict]:
+    """A UNet adapter's tensors (peft naming, on the CPU) and its ``LoraConfig`` as a dict."""
+    from peft.utils import get_peft_model_state_dict
+
+    layers = get_peft_model_state_dict(unet, adapter_name=adapter_name)
+    return {k: v.detach().cpu().clone() for k, v in layers.items()}, unet.peft_config[adapter_name].to_dict()
+
+
+def write_lora(out_dir: str | Path, layers: dict, metadata: dict | None) -> Path:
+    """Write UNet LoRA tensors as a diffusers LoRA file (with the LoraConfig as metadata), so that plain
     ``pipe.load_lora_weights(out_dir)`` loads it.
 
     The keys stay in peft's naming (``lora_A``/``lora_B``). diffusers' ``convert_state_dict_to_diffusers``
@@ -54,12 +78,14 @@ def save_unet_lora(unet, out_dir: str | Path, adapter_name: str = "default") -> 
     convolutions and other linears (ESD-u) the file then mixes both namings, and the loader, seeing peft
     keys, silently drops the renamed ones: every self-attention update of the safety LoRA was lost."""
     from diffusers import StableDiffusionPipeline
-    from peft.utils import get_peft_model_state_dict
 
-    layers = get_peft_model_state_dict(unet, adapter_name=adapter_name)
-    metadata = unet.peft_config[adapter_name].to_dict()
     StableDiffusionPipeline.save_lora_weights(out_dir, unet_lora_layers=layers, unet_lora_adapter_metadata=metadata)
     return Path(out_dir) / LORA_WEIGHT_NAME
+
+
+def save_unet_lora(unet, out_dir: str | Path, adapter_name: str = "default") -> Path:
+    """Write a UNet adapter as a diffusers LoRA file (:func:`write_lora`)."""
+    return write_lora(out_dir, *unet_lora(unet, adapter_name))
 
 
 def resolve_lora_specs(paths: list[Path], scales: list[float]) -> list[LoraSpec]:
@@ -83,10 +109,13 @@ def merge_loras(pipe, loras: list[LoraSpec], fuse: bool = True) -> list[str]:
         for i, spec in enumerate(loras):
             name = f"lora_{i}"
             try:
-                file = checked_lora_file(spec.path)
-                pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=name, use_safetensors=True)
+                if spec.in_memory:
+                    pipe.load_lora_weights(spec.source.diffusers_lora(), adapter_name=name)
+                else:
+                    file = checked_lora_file(spec.source)
+                    pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=name, use_safetensors=True)
             except (RuntimeError, ValueError, KeyError) as exc:
-                raise UserError(f"LoRA {spec.path} does not fit this model: {str(exc).strip().splitlines()[0][:200]}") from None
+                raise UserError(f"LoRA {spec.label} does not fit this model: {str(exc).strip().splitlines()[0][:200]}") from None
             names.append(name)
     finally:
         diffusers_logging.set_verbosity(verbosity)

@@ -1,7 +1,7 @@
 """The study's steps, run: align, fine-tune, generate, evaluate and compare weights, each into its own output.
 
-Under several processes (torchrun, accelerate launch) fine-tunes train data-parallel, generation and
-evaluation are sharded by image, and the main process alone aligns while the others wait.
+Under several processes (torchrun, accelerate launch) alignments and fine-tunes train data-parallel, and
+generation and evaluation are sharded by image.
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ def process_state():
 class Executor:
     """Runs steps in plan order; keeps the last pipeline and detectors loaded between steps.
 
-    Under several processes, fine-tunes train data-parallel, generation and evaluation are sharded by
-    image (each image has its own seed, so the images do not depend on the number of processes), and
-    the main process alone aligns while the others wait."""
+    Under several processes, alignments and fine-tunes train data-parallel, and generation and evaluation
+    are sharded by image (each image has its own seed, so the images do not depend on the number of
+    processes)."""
 
     def __init__(self, run_dir: Path):
         self.run_dir = run_dir
@@ -40,8 +40,7 @@ class Executor:
     def run(self, step: Step) -> float:
         """Run one step; its wall time in seconds."""
         start = time.perf_counter()
-        if self.processes.is_main_process or step.kind != "align":
-            getattr(self, step.kind)(step)
+        getattr(self, step.kind)(step)
         self.processes.wait_for_everyone()
         return time.perf_counter() - start
 
@@ -50,22 +49,24 @@ class Executor:
         from relapse.align.base import run_align
 
         model, loras = step.reads.resolve(self.run_dir)
-        stage = dict(step.spec["stage"])
-        if loras:
-            stage["loras"] = loras
-        cfg = METHODS.get(stage["method"]).config(**stage, model=model, out=step.path(self.run_dir), seed=step.spec["seed"])
-        run_align(cfg)
+        stage = dict(step.spec["stage"]) | ({"loras": loras} if loras else {})
+        run_align(METHODS.get(stage["method"]).config(**stage, **self.run_fields(step, model)))
 
     def finetune(self, step: Step) -> None:
-        from relapse.finetune.train import FinetuneConfig, run_finetune
+        from relapse.finetune.base import FinetuneConfig, run_finetune
 
         model, loras = step.reads.resolve(self.run_dir)
-        seed, out = step.spec["seed"], step.path(self.run_dir)
         settings = step.spec["finetune"] | ({"data": str(step.data.path(self.run_dir))} if step.data else {})
+        run_finetune(FinetuneConfig(**settings, loras=[Path(p) for p in loras], data_seed=step.spec["seed"],
+                                    **self.run_fields(step, model)))
+
+    def run_fields(self, step: Step, model: str) -> dict:
+        """What the study sets in a training step's config: its model, seed and run folder, resumed where a
+        stopped run left checkpoints."""
+        out = step.path(self.run_dir)
         resume = out.is_dir()
         self.processes.wait_for_everyone()  # every process decides before the main one creates the folder
-        run_finetune(FinetuneConfig(**settings, model=model, loras=[Path(p) for p in loras], seed=seed,
-                                    data_seed=seed, out=out, resume=resume))
+        return {"model": model, "seed": step.spec["seed"], "out": out, "resume": resume}
 
     def weights(self, step: Step) -> None:
         """The fine-tune's update against the alignment's (:mod:`relapse.measure.weight_space`)."""

@@ -43,7 +43,7 @@ class Step:
 
     def done(self, run_dir: Path) -> bool:
         path = self.path(run_dir)
-        return (path / "final").is_dir() if self.kind == "finetune" else path.exists()
+        return (path / "final").is_dir() if self.kind in ("align", "finetune") else path.exists()
 
 
 @dataclass(frozen=True)
@@ -148,14 +148,14 @@ class Planner:
         config_class = METHODS.get(stage["method"]).config
         fields = dict(stage)
         hardening = state.loras or state.model.step is not None
-        if config_class is ForgettingConfig:
+        if issubclass(config_class, ForgettingConfig):
             fields.setdefault("mode", "reinforcement" if hardening else "alignment")
         elif hardening:
             raise UserError(f"defense {name}: erasure stage {stage['method']} must come first (it runs on the base model)")
         checked = self.check(config_class, fields, ("defenses", name, index), f"defense {name}, stage {stage['method']}")
         step = self.add(Step("align", f"align {name}: {stage['method']} (seed {seed})",
                              {"stage": fields, "seed": seed, "on": state.describe()}, state.producers(), reads=state))
-        return state.with_output(step, checked.as_)
+        return state.with_output(step, checked.as_, "final")
 
     def count_prompts(self, set_name: str) -> int:
         from relapse.data.prompts import read_prompts, select_prompts
@@ -195,17 +195,19 @@ class Planner:
         return self.generate(self.base, wanted.prompt_set, sampler, f"generate training data {wanted.prompt_set} (base, seed {seed})")
 
     def scenario(self, defense: str, name: str, state: ModelState, seed: int) -> None:
-        from relapse.finetune.train import FinetuneConfig
+        from relapse.finetune.base import FinetuneConfig
 
         spec = self.cfg.scenarios[name]
         settings = spec.finetune
         data = self.generated_data(name, seed)
-        self.check(FinetuneConfig, {"data": "generated"} | settings, ("scenarios", name, "finetune"), f"scenario {name}")
+        checked = self.check(FinetuneConfig, {"data": "generated"} | settings, ("scenarios", name, "finetune"), f"scenario {name}")
         finetune = self.add(Step("finetune", f"finetune {name} on {defense} (seed {seed})",
                                  {"finetune": settings, "seed": seed, "on": state.describe()} | ({"data": data.key} if data else {}),
                                  state.producers() + ([data] if data else []), reads=state, data=data))
         sweep = spec.sweep()
-        kind = "full" if settings.get("method") == "full" else "lora"
+        from relapse.finetune import METHODS
+
+        kind = METHODS.get(checked.method).kind
         for step in sweep:
             at = state if step == 0 else state.with_output(finetune, kind, "final" if step == sweep[-1] else f"step-{step:06d}")
             sets = spec.prompt_sets + (spec.quality_sets if step in (0, sweep[-1]) else [])

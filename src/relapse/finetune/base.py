@@ -1,0 +1,114 @@
+"""``relapse finetune``: full, LoRA and Modular LoRA fine-tuning on the one training engine.
+
+- **full / lora** on an aligned model: the given safety LoRAs are fused into the weights first,
+  exactly what a downstream user of a published aligned model does; then the UNet (full) or a
+  fresh LoRA on its attention projections (lora, diffusers' recipe) trains.
+- **modular**: the fine-tuning LoRA trains on the unaligned base W0 with the safety LoRA *not*
+  attached (checked), is saved on its own, and records the safety LoRA it composes with:
+  ``relapse generate --model W0 --lora SAFE --lora FT`` gives W0 + dW_safe + dW_ft, fused.
+
+Benign and malicious fine-tuning are this same command on different data. The frozen VAE and
+text encoder encode the dataset once (content-addressed cache). Every batch and noise draw is
+a pure function of (seed, step, micro-step, process), so ``--resume`` from a checkpoint gives
+the same weights as an uninterrupted run.
+
+A fine-tune method is a :class:`FinetuneMethod` registered in ``relapse.finetune.METHODS``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, field_validator
+
+from relapse.errors import UserError
+from relapse.train.engine import TrainConfig, TrainingMethod, draw, draw_batch, run_training
+from relapse.train.module import FINETUNE_RECORD
+
+
+class FinetuneConfig(TrainConfig):
+    method: str = Field("lora", description="full, lora or modular (relapse.finetune.METHODS)")
+    data: str | None = Field(None, description="imagefolder dataset or toy:DOMAIN[:N] (or given in memory)")
+    loras: list[Path] = Field(default_factory=list, description="safety LoRA(s): fused first (full, lora) or composed at inference (modular)")
+    rank: int = Field(8, gt=0, description="LoRA rank (lora_alpha = rank)")
+    lr: float = Field(1e-4, gt=0)
+    batch_size: int = Field(16, gt=0, description="per process and micro-step")
+
+    @field_validator("method")
+    @classmethod
+    def _registered(cls, method: str) -> str:
+        from relapse.finetune import METHODS
+
+        if method not in METHODS:
+            raise ValueError(f"unknown fine-tune method {method!r}; choose one of: {', '.join(METHODS.names())}")
+        return method
+
+
+def loss_on_batch(unet, noise_scheduler, encodings, scale: float, gen: torch.Generator, batch_size: int, device) -> torch.Tensor:
+    z0, text = draw_batch(encodings, scale, gen, batch_size)
+    noise = torch.randn(z0.shape, generator=gen)
+    t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch_size,), generator=gen)
+    noisy = noise_scheduler.add_noise(z0, noise, t)
+    pred = unet(noisy.to(device), t.to(device), text.to(device)).sample
+    return F.mse_loss(pred.float(), noise.to(device))
+
+
+class FinetuneMethod(TrainingMethod):
+    """The denoising loss on a captioned dataset; subclasses choose what trains.
+
+    Args:
+        cfg: the fine-tune's config.
+        loras: as :class:`~relapse.train.engine.TrainingMethod` (the safety LoRAs).
+        data: the dataset in memory (a dataset, or ``(images, captions)``) instead of ``cfg.data``.
+    """
+
+    config = FinetuneConfig
+    command = "finetune"
+    record_name = FINETUNE_RECORD
+    adapter_name = "ft"
+
+    def __init__(self, cfg: FinetuneConfig, loras=None, data=None):
+        super().__init__(cfg, loras)
+        self.given_data = data
+
+    def check(self) -> None:
+        from relapse.data.datasets import as_dataset
+
+        super().check()
+        source = self.given_data if self.given_data is not None else self.cfg.data
+        if source is None:
+            raise UserError("fine-tuning needs data: pass --data (an imagefolder dataset or toy:DOMAIN[:N])")
+        self.data = as_dataset(source, self.cfg.data_seed)
+
+    def setup(self, pipe, process: int) -> None:
+        from diffusers import DDPMScheduler
+
+        from relapse.finetune.cache import cached_encodings
+        from relapse.models.pipeline_utils import require_epsilon_prediction
+
+        require_epsilon_prediction(pipe)
+        self.encodings, self.encodings_from_cache = cached_encodings(self.data, pipe, self.cfg.cache_dir)
+        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        self.scale = pipe.vae.config.scaling_factor
+        super().setup(pipe, process)
+        for component in (pipe.vae, pipe.text_encoder, pipe.unet):
+            component.requires_grad_(False)
+
+    def loss(self, model, step: int, micro: int, process: int) -> tuple[torch.Tensor, dict[str, float]]:
+        gen = draw(self.cfg.seed, step, micro, process)
+        device = next(model.parameters()).device
+        loss = loss_on_batch(model, self.noise_scheduler, self.encodings, self.scale, gen, self.cfg.batch_size, device)
+        return loss, {"loss": round(loss.item(), 6)}
+
+    def facts(self) -> dict:
+        return {"dataset": self.data.source, "dataset_fingerprint": self.data.fingerprint, "n_images": len(self.data.captions),
+                "encodings_from_cache": self.encodings_from_cache}
+
+
+def run_finetune(cfg: FinetuneConfig) -> Path:
+    """Run a fine-tune on disk (``relapse finetune``); returns ``OUT/final``."""
+    from relapse.finetune import METHODS
+
+    return run_training(METHODS.get(cfg.method)(cfg))

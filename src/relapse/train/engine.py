@@ -1,0 +1,319 @@
+"""The one training engine. Concept erasure (ESD, SDD), the forgetting defenses (LT, NG) and fine-tuning
+(full, LoRA, Modular LoRA) all train on this accelerate loop.
+
+A method (:class:`TrainingMethod`) supplies what trains and its loss for one micro-batch; the engine gives
+every method multi-process data parallelism (``accelerate launch`` / torchrun; gloo on CPU), mixed
+precision, gradient accumulation and clipping, resumable checkpoints, the NaN stop that names the last
+good checkpoint, the run record and the progress bar. :func:`train` works in memory on a pipeline and
+returns a :class:`~relapse.train.module.TrainedModule`; :func:`run_training` is the disk layer that the
+CLI and studies use: it loads the model and writes ``OUT/final`` (the module), ``OUT/step-NNNNNN`` for each
+``save_at`` step, and ``OUT/checkpoints`` for ``resume``.
+
+Every random draw a method makes for a micro-step comes from :func:`draw` (a pure function of seed, step,
+micro-step and process), or from state the method checkpoints, so resuming gives the weights of an
+uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+from typing import ClassVar, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from relapse.errors import UserError
+from relapse.io import check_output_dir, run_record
+from relapse.progress import progress
+from relapse.train.module import ALIGN_RECORD, TrainedModule, safety_records
+
+
+class TrainConfig(BaseModel):
+    """The fields every training method shares."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    method: str
+    model: str = Field("toy", description="the model to train: toy, a diffusers folder or a hub id (disk runs)")
+    out: Path | None = Field(None, description="run folder: OUT/final, OUT/step-NNNNNN, OUT/checkpoints (disk runs)")
+    loras: list[Path] = Field(default_factory=list, description="LoRA(s) fused into the model before training")
+    lora_scales: list[float] = Field(default_factory=list)
+    rank: int = Field(4, gt=0, description="LoRA rank (lora_alpha = rank)")
+    steps: int = Field(200, gt=0, description="optimizer steps")
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.01, ge=0, description="AdamW's decoupled weight decay")
+    batch_size: int = Field(4, gt=0, description="per process and micro-step")
+    grad_accum: int = Field(1, gt=0, description="micro-steps per optimizer step")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="clip the gradient norm (None: no clipping)")
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    save_at: list[int] = Field(default_factory=list, description="also write the model at these steps")
+    checkpoint_every: int = Field(0, ge=0, description="resumable checkpoint every K steps (0: none)")
+    resume: bool = Field(False, description="continue from the newest checkpoint in OUT")
+    seed: int = 0
+    data_seed: int = 0
+    cache_dir: Path | None = Field(None, description="where dataset encodings are cached (default ~/.cache/relapse)")
+
+
+def draw(seed: int, step: int, micro: int, process: int) -> torch.Generator:
+    """The randomness of one micro-step: independent of history, so resuming is exact."""
+    import numpy as np
+
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step, micro, process]).generate_state(1)[0]))
+
+
+def draw_batch(encodings, scale: float, gen: torch.Generator, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch of (scaled latents sampled from the cached VAE posteriors, text encodings)."""
+    idx = torch.randint(0, len(encodings["text"]), (batch_size,), generator=gen)
+    mean, std = encodings["latent_mean"][idx], encodings["latent_std"][idx]
+    return (mean + std * torch.randn(mean.shape, generator=gen)) * scale, encodings["text"][idx]
+
+
+class TrainingMethod:
+    """What a method gives the engine. Subclasses set ``config`` and override :meth:`trainable` and
+    :meth:`loss`; the other hooks are optional.
+
+    Args:
+        cfg: the method's config.
+        loras: LoRAs (files or modules in memory) to use instead of ``cfg.loras``: fused into the model
+            first, unless the method composes with them at inference (Modular LoRA).
+    """
+
+    config: ClassVar[type[TrainConfig]] = TrainConfig
+    command: ClassVar[str] = "align"  # the CLI command that runs it, named in its record
+    record_name: ClassVar[str] = ALIGN_RECORD
+    adapter_name: ClassVar[str] = "default"
+    fix_hint: ClassVar[str] = "lower --lr or use full precision"  # what to try when the loss stops being finite
+
+    def __init__(self, cfg: TrainConfig, loras=None):
+        if not isinstance(cfg, self.config):
+            raise TypeError(f"{type(self).__name__} takes a {self.config.__name__}, not a {type(cfg).__name__}")
+        self.cfg = cfg
+        self.given_loras = loras
+        self.specs: list = []
+        self.composes_with: list[dict] = []
+        self.base_fingerprint = ""
+        self.checked = False
+
+    @property
+    def kind(self) -> str:
+        """What it trains and writes: "lora" or "full"."""
+        return getattr(self.cfg, "as_", "lora")
+
+    @property
+    def label(self) -> str:
+        return f"{self.command} {self.cfg.method}"
+
+    def check(self) -> None:
+        """Read and check every input (data, prompt files, LoRA files) before any weights load."""
+        from relapse.models.lora import LoraSpec, resolve_lora_specs
+
+        given = self.given_loras
+        self.specs = [s if isinstance(s, LoraSpec) else LoraSpec(s) for s in given] if given is not None \
+            else resolve_lora_specs(self.cfg.loras, self.cfg.lora_scales)
+        self.checked = True
+
+    def setup(self, pipe, process: int) -> None:
+        """Prepare the loaded pipeline: the safety LoRAs are fused into it (the aligned model a downstream
+        user gets). Methods extend this to encode their data."""
+        from relapse.models.lora import merge_loras
+        from relapse.models.pipeline_utils import weights_fingerprint
+
+        self.base_fingerprint = weights_fingerprint(pipe.unet)
+        self.composes_with = safety_records(self.specs, self.base_fingerprint)
+        merge_loras(pipe, self.specs)
+
+    def trainable(self, pipe) -> list[torch.nn.Parameter]:
+        """Freeze the pipeline, then attach the adapter or unfreeze the weights that train; return them.
+        Runs right after ``torch.manual_seed(cfg.seed)``, so a LoRA's initial weights depend on the seed alone."""
+        raise NotImplementedError
+
+    def loss(self, model, step: int, micro: int, process: int) -> tuple[torch.Tensor, dict[str, float]]:
+        """The loss of one micro-batch and what to log of it; ``model`` is the UNet as the engine prepared it."""
+        raise NotImplementedError
+
+    def after_step(self) -> None:
+        """After each optimizer step (SDD's teacher update)."""
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """State beyond the weights and optimizer that a checkpoint must keep (a random stream, a teacher)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        pass
+
+    def facts(self) -> dict:
+        """What the run record adds about this method's inputs."""
+        return {}
+
+
+def make_accelerator(cfg: TrainConfig):
+    from accelerate import Accelerator
+
+    # cpu=True lets accelerate see a torchrun launch as MULTI_CPU (gloo) on machines without a GPU.
+    return Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
+                       cpu=not torch.cuda.is_available())
+
+
+def train(pipe, method: TrainingMethod, out: Path | None = None, restore: bool = True, accelerator=None) -> TrainedModule:
+    """Train ``method`` on ``pipe`` in memory and return what it trained.
+
+    Args:
+        pipe: a ``StableDiffusionPipeline``; training starts from its weights.
+        method: the method with its config.
+        out: a run folder for ``save_at`` snapshots, checkpoints and the final module; none by default.
+        restore: leave ``pipe`` as it was (the adapter removed, trained full weights put back); apply the
+            returned module to get the trained model.
+    """
+    cfg = method.cfg
+    if not method.checked:
+        method.check()
+    accelerator = accelerator or make_accelerator(cfg)
+    method.setup(pipe, accelerator.process_index)
+    torch.manual_seed(cfg.seed)
+    params = method.trainable(pipe)
+    if not params:
+        raise UserError(f"{method.label} selects no parameters of this UNet")
+    names = [name for name, p in pipe.unet.named_parameters() if p.requires_grad]
+    original = {n: p.detach().cpu().clone() for n, p in pipe.unet.named_parameters() if p.requires_grad} \
+        if restore and method.kind == "full" else None
+    history = fit(pipe, method, params, accelerator, out)
+    module = trained_module(pipe, method, names, record(method, accelerator, history))
+    if out is not None and accelerator.is_main_process:
+        module.save(out / "final", pipe if method.kind == "full" else None)
+    accelerator.wait_for_everyone()
+    if restore:
+        if original is not None:
+            pipe.unet.load_state_dict(original, strict=False)
+        else:
+            pipe.unet.delete_adapters(method.adapter_name)
+            if not getattr(pipe.unet, "peft_config", None):  # no adapter of the caller's left: remove peft's wrapper layers too
+                pipe.unet.unload_lora()
+        pipe.unet.requires_grad_(False)
+    return module
+
+
+def record(method: TrainingMethod, accelerator, history: list[dict]) -> dict:
+    cfg = method.cfg
+    return run_record(method.label, cfg.model_dump(mode="json", by_alias=True), cfg.seed, method=cfg.method, kind=method.kind,
+                      base_model=cfg.model, base_fingerprint=method.base_fingerprint, composes_with=method.composes_with,
+                      processes=accelerator.num_processes, **method.facts(), step=len(history), history=history)
+
+
+def trained_module(pipe, method: TrainingMethod, names: list[str], run: dict) -> TrainedModule:
+    from relapse.models.lora import unet_lora
+
+    if method.kind == "lora":
+        weights, lora_config = unet_lora(pipe.unet, method.adapter_name)
+        return TrainedModule("lora", weights, run, lora_config, method.record_name)
+    state = pipe.unet.state_dict()
+    return TrainedModule("full", {n: state[n].detach().cpu().clone() for n in names}, run, None, method.record_name)
+
+
+def fit(pipe, method: TrainingMethod, params: list[torch.nn.Parameter], accelerator, out: Path | None) -> list[dict]:
+    """The loop; the history of logged values, one entry per optimizer step."""
+    cfg = method.cfg
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    model, optimizer = accelerator.prepare(pipe.unet, optimizer)
+    history, last_good = [], None
+    if out is not None and cfg.resume and (found := latest_checkpoint(out)):
+        history = load_checkpoint(accelerator, method, found)
+        last_good = found
+    bar = progress(range(len(history), cfg.steps), initial=len(history), total=cfg.steps, desc=method.label,
+                   disable=not accelerator.is_local_main_process)
+    model.train()
+    for step in bar:
+        for micro in range(cfg.grad_accum):
+            with accelerator.accumulate(model):
+                loss, logged = method.loss(model, step, micro, accelerator.process_index)
+                if not math.isfinite(loss.item()):
+                    where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
+                    raise UserError(f"loss became {loss.item()} at step {step}; stopped, {where}; {method.fix_hint}")
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and cfg.max_grad_norm:
+                    accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad()
+        method.after_step()
+        history.append(logged)
+        bar.set_postfix({k: f"{v:.4g}" for k, v in logged.items()})
+        if out is not None:
+            last_good = save_progress(pipe, method, accelerator, out, history) or last_good
+    model.eval()
+    return history
+
+
+def save_progress(pipe, method: TrainingMethod, accelerator, out: Path, history: list[dict]) -> Path | None:
+    """The ``save_at`` snapshot and the checkpoint due after this step; the checkpoint's path if one was written."""
+    cfg, done = method.cfg, len(history)
+    if done in cfg.save_at and accelerator.is_main_process:
+        names = [name for name, p in pipe.unet.named_parameters() if p.requires_grad]
+        snapshot = trained_module(pipe, method, names, record(method, accelerator, history))
+        snapshot.save(out / f"step-{done:06d}", pipe if method.kind == "full" else None)
+    if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done != cfg.steps:
+        return save_checkpoint(accelerator, method, out, history)
+    return None
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    found = sorted((out / "checkpoints").glob("step-??????")) if (out / "checkpoints").is_dir() else []
+    return found[-1] if found else None
+
+
+def save_checkpoint(accelerator, method: TrainingMethod, out: Path, history: list[dict]) -> Path:
+    """Every process writes its part (accelerate's state; the method's state of this process) into one
+    partial folder, which the main process renames when all are done; only the newest checkpoint is kept."""
+    from safetensors.torch import save_file
+
+    from relapse.io import write_json
+
+    path = out / "checkpoints" / f"step-{len(history):06d}"
+    partial = path.with_name(path.name + ".partial")
+    if accelerator.is_main_process:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(partial))
+    if state := method.state_dict():
+        save_file({k: v.contiguous() for k, v in state.items()}, partial / f"method-{accelerator.process_index}.safetensors")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        write_json(partial / "history.json", history)
+        partial.rename(path)
+        for older in sorted((out / "checkpoints").glob("step-??????"))[:-1]:
+            shutil.rmtree(older, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return path
+
+
+def load_checkpoint(accelerator, method: TrainingMethod, path: Path) -> list[dict]:
+    """Restore a checkpoint; the history up to it."""
+    import json
+
+    from safetensors.torch import load_file
+
+    accelerator.load_state(str(path))
+    state = path / f"method-{accelerator.process_index}.safetensors"
+    if state.is_file():
+        method.load_state_dict(load_file(state))
+    return json.loads((path / "history.json").read_text())
+
+
+def run_training(method: TrainingMethod) -> Path:
+    """The disk layer: load ``cfg.model``, train, and write the run folder ``cfg.out``; returns ``OUT/final``."""
+    from relapse.models.loading import load_pipeline
+
+    cfg = method.cfg
+    if cfg.out is None:
+        raise UserError(f"{method.label} writes a run folder: pass --out")
+    check_output_dir(cfg.out)
+    if any(s <= 0 or s > cfg.steps for s in cfg.save_at):
+        raise UserError(f"--save-at steps must lie in 1..{cfg.steps} (got {cfg.save_at})")
+    if not cfg.resume and cfg.out.exists() and any(cfg.out.iterdir()):
+        raise UserError(f"{cfg.out} already holds a run; pass --resume to continue it or choose a new --out")
+    method.check()  # every input problem surfaces before weights load
+    accelerator = make_accelerator(cfg)
+    pipe = load_pipeline(cfg.model, device=str(accelerator.device))
+    train(pipe, method, cfg.out, restore=False, accelerator=accelerator)
+    return cfg.out / "final"

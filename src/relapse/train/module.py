@@ -1,0 +1,132 @@
+"""What training makes: a :class:`TrainedModule`, a LoRA or a set of full UNet weights together with its run
+record. It lives in memory (``relapse.erase`` / ``harden`` / ``finetune`` return one), is applied to a
+pipeline with ``module.apply(pipe)``, and is written in diffusers' formats, so plain diffusers loads it:
+
+- a LoRA: ``pytorch_lora_weights.safetensors`` (``pipe.load_lora_weights(folder)``) and its record;
+- full weights: the whole pipeline folder (``StableDiffusionPipeline.from_pretrained(folder)``) when saved
+  with the pipeline they change, else ``unet/diffusion_pytorch_model.safetensors`` with the trained
+  tensors alone, and the record.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from relapse.errors import UserError
+from relapse.io import atomic_dir, write_json
+
+ALIGN_RECORD = "relapse_align.json"  # beside what `relapse align` (erase, harden) writes
+FINETUNE_RECORD = "relapse_finetune.json"  # beside what `relapse finetune` writes
+RECORDS = (ALIGN_RECORD, FINETUNE_RECORD)
+UNET_WEIGHTS = Path("unet") / "diffusion_pytorch_model.safetensors"
+
+
+@dataclass
+class TrainedModule:
+    """A trained LoRA or set of full UNet weights, with the record of the run that made it.
+
+    Args:
+        kind: ``"lora"`` or ``"full"``.
+        weights: the LoRA's tensors in peft naming (``lora_A``/``lora_B``), or the UNet tensors training changed.
+        record: the run record (method, config, seed, versions, what it composes with).
+        lora_config: the LoRA's ``LoraConfig`` as a dict (rank, alpha, target modules); LoRAs only.
+        record_name: the record's file name when saved.
+
+    Example:
+        >>> safety = relapse.erase(pipe, relapse.ESDConfig(concept=["checkered"], steps=50))
+        >>> safety.apply(pipe)             # W0 + dW_safe, fused
+        >>> safety.save("esd-checkered")   # a diffusers LoRA folder
+        >>> relapse.SafetyModule.load("esd-checkered").kind
+        'lora'
+    """
+
+    kind: str
+    weights: dict[str, torch.Tensor]
+    record: dict = field(default_factory=dict)
+    lora_config: dict | None = None
+    record_name: str = ALIGN_RECORD
+
+    def apply(self, pipe, scale: float = 1.0, fuse: bool = True) -> None:
+        """Add the module to ``pipe``: a LoRA at ``scale`` (fused into the weights unless ``fuse=False``, where it
+        stays a named adapter), full weights by replacing the UNet tensors it holds."""
+        if self.kind == "full":
+            if scale != 1.0 or not fuse:
+                raise UserError("full weights replace the UNet's tensors: they take no scale and are always fused")
+            with torch.no_grad():
+                missing = pipe.unet.load_state_dict(self.weights, strict=False).unexpected_keys
+            if missing:
+                raise UserError(f"these full weights do not fit this UNet (e.g. {missing[0]})")
+            return
+        from relapse.models.lora import LoraSpec, merge_loras
+
+        merge_loras(pipe, [LoraSpec(self, scale)], fuse=fuse)
+
+    def diffusers_lora(self) -> dict[str, torch.Tensor]:
+        """The LoRA as ``pipe.load_lora_weights`` takes it in memory."""
+        return {f"unet.{name}": tensor for name, tensor in self.weights.items()}
+
+    def save(self, out: str | Path, pipe=None) -> Path:
+        """Write the module to the folder ``out`` in one rename. Full weights with ``pipe`` are written as the
+        whole pipeline they make (a model folder); without, as the UNet tensors they change."""
+        from relapse.models.lora import write_lora
+
+        with atomic_dir(out) as tmp:
+            if self.kind == "lora":
+                write_lora(tmp, self.weights, self.lora_config)
+            elif pipe is not None:
+                self.apply(pipe)
+                pipe.save_pretrained(tmp)
+            else:
+                from safetensors.torch import save_file
+
+                (tmp / UNET_WEIGHTS).parent.mkdir()
+                save_file({k: v.contiguous() for k, v in self.weights.items()}, tmp / UNET_WEIGHTS)
+            write_json(tmp / self.record_name, self.record)
+        return Path(out)
+
+    @classmethod
+    def load(cls, folder: str | Path) -> TrainedModule:
+        """Read a module written by :meth:`save`, ``relapse align`` or ``relapse finetune`` (safetensors only)."""
+        from safetensors.torch import load_file
+
+        from relapse.models.lora import checked_lora_file, run_output
+
+        folder = run_output(folder)
+        found = [name for name in RECORDS if (folder / name).is_file()]
+        record = json.loads((folder / found[0]).read_text()) if found else {}
+        record_name = found[0] if found else ALIGN_RECORD
+        if (folder / UNET_WEIGHTS).is_file():
+            return cls("full", load_file(folder / UNET_WEIGHTS), record, None, record_name)
+        file = checked_lora_file(folder)
+        from diffusers import StableDiffusionPipeline
+
+        weights, metadata = StableDiffusionPipeline.lora_state_dict(str(file.parent), weight_name=file.name,
+                                                                    return_lora_metadata=True)
+        weights = {name.removeprefix("unet."): tensor for name, tensor in weights.items()}
+        return cls("lora", weights, record, metadata, record_name)
+
+
+def lora_record(lora_path: Path) -> dict | None:
+    """The align record beside a LoRA file, if it has one."""
+    record = lora_path.parent / ALIGN_RECORD
+    return json.loads(record.read_text()) if record.is_file() else None
+
+
+def check_made_for(spec, found: str) -> dict | None:
+    """A safety LoRA written by `relapse align` records its base's fingerprint: refuse another base."""
+    record = spec.source.record if spec.in_memory else lora_record(spec.source)
+    if not record or "base_fingerprint" not in record:
+        return record or None
+    if record["base_fingerprint"] != found:
+        raise UserError(f"safety LoRA {spec.label} was made for base {record.get('base_model')} "
+                        f"(fingerprint {record.get('base_fingerprint')}), not for this model ({found}); align this model instead")
+    return record
+
+
+def safety_records(specs, base_fingerprint: str) -> list[dict]:
+    """What each safety LoRA is (path, scale, its align record), after checking it was made for this base."""
+    return [{"path": spec.label, "scale": spec.scale, "align_record": check_made_for(spec, base_fingerprint)} for spec in specs]

@@ -1,0 +1,89 @@
+"""The one training engine, for every kind of method (erasure with its random stream, SDD with its
+teacher, the forgetting defenses with their centres, fine-tuning with gradient accumulation): a resumed
+run gives the weights of an uninterrupted one, and a loss that stops being finite stops the run and
+names the last good checkpoint."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from relapse import align, finetune
+from relapse.align.base import AlignConfig
+from relapse.align.esd import ESDConfig
+from relapse.align.lt import LTConfig
+from relapse.align.ng import NGConfig
+from relapse.align.sdd import SDDConfig
+from relapse.errors import UserError
+from relapse.finetune.base import FinetuneConfig
+from relapse.train.engine import latest_checkpoint, run_training
+
+CONCEPT = ["a checkered red star", "a checkered blue circle"]
+ERASE = dict(concept=CONCEPT, steps=4, batch_size=2, sample_steps=2, lr=1e-2)
+HARDEN = dict(clean="toy:clean:8", harmful="toy:harmful:8", steps=4, batch_size=2, lr=1e-3)
+CASES = {
+    "esd": lambda: ESDConfig(**ERASE),
+    "sdd": lambda: SDDConfig(**ERASE),
+    "lt-full": lambda: LTConfig(**HARDEN, **{"as": "full"}),
+    "ng-dynamic-lora": lambda: NGConfig(**HARDEN, noise="dynamic", params="xattn", **{"as": "lora"}),
+    "finetune-accumulated": lambda: FinetuneConfig(data="toy:shapes:8", steps=4, batch_size=2, grad_accum=2, lr=1e-3),
+}
+
+
+def method_for(cfg):
+    return (align.METHODS if isinstance(cfg, AlignConfig) else finetune.METHODS).get(cfg.method)(cfg)
+
+
+def config(case: str, tmp_path, model_dir, name: str, **changes):
+    return CASES[case]().model_copy(update={"model": str(model_dir), "out": tmp_path / name, "checkpoint_every": 2,
+                                            "cache_dir": tmp_path / "cache", **changes})
+
+
+def weights(final) -> dict[str, torch.Tensor]:
+    return {k: v for f in sorted(final.rglob("*.safetensors")) for k, v in load_file(f).items()}
+
+
+def stop_at(monkeypatch, cfg, step: int, how):
+    """Make the method's loss at ``step`` raise (``how="interrupt"``) or come out NaN."""
+    cls = type(method_for(cfg))
+    original = cls.loss
+
+    def loss(self, model, at, micro, process):
+        if at == step and how == "interrupt":
+            raise KeyboardInterrupt
+        value, logged = original(self, model, at, micro, process)
+        return (value * float("nan") if at == step else value), logged
+
+    monkeypatch.setattr(cls, "loss", loss)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_a_resumed_run_gives_the_weights_of_an_uninterrupted_one(tmp_path, tiny_model_dir, monkeypatch, case):
+    straight = run_training(method_for(config(case, tmp_path, tiny_model_dir, "straight")))
+    stop_at(monkeypatch, config(case, tmp_path, tiny_model_dir, "x"), 3, "interrupt")
+    with pytest.raises(KeyboardInterrupt):
+        run_training(method_for(config(case, tmp_path, tiny_model_dir, "resumed")))
+    monkeypatch.undo()
+    assert latest_checkpoint(tmp_path / "resumed").name == "step-000002" and not (tmp_path / "resumed" / "final").exists()
+    resumed = run_training(method_for(config(case, tmp_path, tiny_model_dir, "resumed", resume=True)))
+    a, b = weights(straight), weights(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    history = [json.loads(next(final.glob("relapse_*.json")).read_text())["history"] for final in (straight, resumed)]
+    assert history[0] == history[1] and len(history[0]) == 4
+
+
+def test_a_loss_that_stops_being_finite_stops_the_run_and_names_the_last_checkpoint(tmp_path, tiny_model_dir, monkeypatch):
+    cfg = config("lt-full", tmp_path, tiny_model_dir, "nan")
+    stop_at(monkeypatch, cfg, 2, "nan")
+    with pytest.raises(UserError, match=r"loss became nan at step 2; stopped, the last good checkpoint is .*step-000002; "
+                                        r"lower --lr or --harmful-weight"):
+        run_training(method_for(cfg))
+    assert latest_checkpoint(tmp_path / "nan").name == "step-000002" and not (tmp_path / "nan" / "final").exists()
+
+
+def test_a_run_folder_that_holds_a_run_is_not_overwritten(tmp_path, tiny_model_dir):
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "final").mkdir()
+    with pytest.raises(UserError, match="already holds a run; pass --resume"):
+        run_training(method_for(config("esd", tmp_path, tiny_model_dir, "taken")))
