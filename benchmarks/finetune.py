@@ -20,10 +20,10 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
 from relapse.data.datasets import load_dataset
-from relapse.finetune import train as ft
-from relapse.finetune.cache import cached_encodings
+from relapse.finetuning import train as ft
 from relapse.models.loading import load_pipeline
 from relapse.models.pipeline_utils import encode_prompts, images_to_tensor
+from relapse.train.cache import cached_encodings
 
 
 def encode_every_batch_loss(pipe, data, noise_scheduler, gen, batch_size):

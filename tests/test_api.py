@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import relapse
@@ -65,3 +66,51 @@ def test_the_readme_python_example_runs_on_the_toy_model(tmp_path, monkeypatch, 
     printed = capsys.readouterr().out
     assert "'rate': 1.0" in printed  # the unaligned toy model draws the concept on every direct prompt
     assert len(read_manifest(tmp_path / "runs" / "direct")) == 30
+
+
+def test_the_readme_erase_finetune_evaluate_script_runs_on_the_toy_model(tmp_path, monkeypatch, capsys):
+    block = re.search(r"```python\n(import relapse\n\npipe = relapse.load\(\"toy\"\)  # W0.*?)```", README.read_text(), re.S).group(1)
+    assert len(block.strip().splitlines()) <= 15
+    monkeypatch.chdir(tmp_path)
+    scope = {}
+    exec(compile(block, "README.md", "exec"), scope)
+    rates = dict(line.split(": ", 1) for line in capsys.readouterr().out.strip().splitlines())
+    assert rates["base"].startswith("100%") and rates["aligned"].startswith("0%")  # ESD-u erased the fill
+    reread = relapse.SafetyModule.load(tmp_path / "runs" / "esd-u")
+    assert reread.kind == "lora" and all(torch.equal(reread.weights[k], scope["safety"].weights[k]) for k in reread.weights)
+    assert scope["benign"].record["composes_with"][0]["align_record"]["method"] == "esd"
+
+
+def test_in_memory_training_gives_the_weights_of_the_cli_runs(tiny_model_dir, tmp_path):
+    from relapse.align.base import run_align
+    from relapse.finetuning.base import run_finetune
+
+    esd = relapse.ESDConfig(concept=PROMPTS[:1], steps=2, batch_size=2, sample_steps=2, lr=1e-2, params="noxattn")
+    pipe = relapse.load(tiny_model_dir)
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    safety = relapse.erase(pipe, esd)
+    on_disk = relapse.SafetyModule.load(run_align(esd.model_copy(update={"model": str(tiny_model_dir), "out": tmp_path / "esd"})))
+    assert safety.weights.keys() == on_disk.weights.keys()
+    assert all(torch.equal(safety.weights[k], on_disk.weights[k]) for k in safety.weights)
+    ft = relapse.FinetuneConfig(method="modular", steps=2, batch_size=2, lr=1e-3, cache_dir=tmp_path / "cache")
+    benign = relapse.finetune(pipe, ft, "toy:shapes:8", safety=[safety])
+    cli = relapse.TrainedModule.load(run_finetune(ft.model_copy(update={
+        "model": str(tiny_model_dir), "data": "toy:shapes:8", "loras": [tmp_path / "esd"], "out": tmp_path / "ft"})))
+    assert all(torch.equal(benign.weights[k], cli.weights[k]) for k in benign.weights)
+    assert all(torch.equal(v, before[k]) for k, v in pipe.unet.state_dict().items())  # the pipeline was left as it was
+
+
+def test_harden_takes_arrays_in_memory_and_returns_full_weights(tiny_model_dir, tmp_path):
+    from relapse.data.datasets import load_dataset
+
+    clean, harmful = load_dataset("toy:clean:6"), load_dataset("toy:harmful:6", 1)
+    pipe = relapse.load(tiny_model_dir)
+    lt = relapse.harden(pipe, relapse.LTConfig(steps=2, batch_size=2, lr=1e-3, cache_dir=tmp_path),
+                        clean=(clean.images, clean.captions), harmful=(harmful.images, harmful.captions))
+    assert lt.kind == "full" and lt.record["clean_data"]["source"] == "in-memory" and len(lt.record["history"]) == 2
+    lt.save(tmp_path / "lt")
+    reread = relapse.TrainedModule.load(tmp_path / "lt")
+    reread.apply(pipe)
+    assert all(torch.equal(pipe.unet.state_dict()[k], v) for k, v in lt.weights.items())
+    with pytest.raises(TypeError, match="relapse.harden takes one of LTConfig, NGConfig"):
+        relapse.harden(pipe, relapse.ESDConfig(concept=["x"]), clean="toy:clean:4", harmful="toy:harmful:4")

@@ -195,7 +195,7 @@ def finetune(
 ) -> None:
     """Fine-tune (benign or malicious: the data decides): full, LoRA, or Modular LoRA on the base."""
     from relapse.config import resolve_config
-    from relapse.finetune.base import FinetuneConfig, run_finetune
+    from relapse.finetuning.base import FinetuneConfig, run_finetune
 
     try:
         steps_to_save = [int(s) for s in save_at.split(",") if s.strip()] if save_at else None

@@ -9,14 +9,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from relapse import align, finetune
+from relapse import align, finetuning
 from relapse.align.base import AlignConfig
 from relapse.align.esd import ESDConfig
 from relapse.align.lt import LTConfig
 from relapse.align.ng import NGConfig
 from relapse.align.sdd import SDDConfig
 from relapse.errors import UserError
-from relapse.finetune.base import FinetuneConfig
+from relapse.finetuning.base import FinetuneConfig
 from relapse.train.engine import latest_checkpoint, run_training
 
 CONCEPT = ["a checkered red star", "a checkered blue circle"]
@@ -32,7 +32,7 @@ CASES = {
 
 
 def method_for(cfg):
-    return (align.METHODS if isinstance(cfg, AlignConfig) else finetune.METHODS).get(cfg.method)(cfg)
+    return (align.METHODS if isinstance(cfg, AlignConfig) else finetuning.METHODS).get(cfg.method)(cfg)
 
 
 def config(case: str, tmp_path, model_dir, name: str, **changes):

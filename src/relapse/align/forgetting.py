@@ -140,8 +140,8 @@ class ForgettingMethod(AlignMethod):
         """The aligned model being hardened (W0 + dW_safe, fused) and both datasets' encodings."""
         from diffusers import DDPMScheduler
 
-        from relapse.finetune.cache import cached_encodings
         from relapse.models.pipeline_utils import require_epsilon_prediction
+        from relapse.train.cache import cached_encodings
 
         require_epsilon_prediction(pipe)
         super().setup(pipe, process)

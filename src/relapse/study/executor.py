@@ -53,7 +53,7 @@ class Executor:
         run_align(METHODS.get(stage["method"]).config(**stage, **self.run_fields(step, model)))
 
     def finetune(self, step: Step) -> None:
-        from relapse.finetune.base import FinetuneConfig, run_finetune
+        from relapse.finetuning.base import FinetuneConfig, run_finetune
 
         model, loras = step.reads.resolve(self.run_dir)
         settings = step.spec["finetune"] | ({"data": str(step.data.path(self.run_dir))} if step.data else {})

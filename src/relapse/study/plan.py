@@ -195,7 +195,7 @@ class Planner:
         return self.generate(self.base, wanted.prompt_set, sampler, f"generate training data {wanted.prompt_set} (base, seed {seed})")
 
     def scenario(self, defense: str, name: str, state: ModelState, seed: int) -> None:
-        from relapse.finetune.base import FinetuneConfig
+        from relapse.finetuning.base import FinetuneConfig
 
         spec = self.cfg.scenarios[name]
         settings = spec.finetune
@@ -205,7 +205,7 @@ class Planner:
                                  {"finetune": settings, "seed": seed, "on": state.describe()} | ({"data": data.key} if data else {}),
                                  state.producers() + ([data] if data else []), reads=state, data=data))
         sweep = spec.sweep()
-        from relapse.finetune import METHODS
+        from relapse.finetuning import METHODS
 
         kind = METHODS.get(checked.method).kind
         for step in sweep:

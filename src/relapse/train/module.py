@@ -104,8 +104,8 @@ class TrainedModule:
         file = checked_lora_file(folder)
         from diffusers import StableDiffusionPipeline
 
-        weights, metadata = StableDiffusionPipeline.lora_state_dict(str(file.parent), weight_name=file.name,
-                                                                    return_lora_metadata=True)
+        weights, _, metadata = StableDiffusionPipeline.lora_state_dict(str(file.parent), weight_name=file.name,
+                                                                       return_lora_metadata=True)
         weights = {name.removeprefix("unet."): tensor for name, tensor in weights.items()}
         return cls("lora", weights, record, metadata, record_name)
 

@@ -12,7 +12,7 @@ text encoder encode the dataset once (content-addressed cache). Every batch and 
 a pure function of (seed, step, micro-step, process), so ``--resume`` from a checkpoint gives
 the same weights as an uninterrupted run.
 
-A fine-tune method is a :class:`FinetuneMethod` registered in ``relapse.finetune.METHODS``.
+A fine-tune method is a :class:`FinetuneMethod` registered in ``relapse.finetuning.METHODS``.
 """
 
 from __future__ import annotations
@@ -25,11 +25,11 @@ from pydantic import Field, field_validator
 
 from relapse.errors import UserError
 from relapse.train.engine import TrainConfig, TrainingMethod, draw, draw_batch, run_training
-from relapse.train.module import FINETUNE_RECORD
+from relapse.train.module import FINETUNE_RECORD, TrainedModule
 
 
 class FinetuneConfig(TrainConfig):
-    method: str = Field("lora", description="full, lora or modular (relapse.finetune.METHODS)")
+    method: str = Field("lora", description="full, lora or modular (relapse.finetuning.METHODS)")
     data: str | None = Field(None, description="imagefolder dataset or toy:DOMAIN[:N] (or given in memory)")
     loras: list[Path] = Field(default_factory=list, description="safety LoRA(s): fused first (full, lora) or composed at inference (modular)")
     rank: int = Field(8, gt=0, description="LoRA rank (lora_alpha = rank)")
@@ -39,7 +39,7 @@ class FinetuneConfig(TrainConfig):
     @field_validator("method")
     @classmethod
     def _registered(cls, method: str) -> str:
-        from relapse.finetune import METHODS
+        from relapse.finetuning import METHODS
 
         if method not in METHODS:
             raise ValueError(f"unknown fine-tune method {method!r}; choose one of: {', '.join(METHODS.names())}")
@@ -85,8 +85,8 @@ class FinetuneMethod(TrainingMethod):
     def setup(self, pipe, process: int) -> None:
         from diffusers import DDPMScheduler
 
-        from relapse.finetune.cache import cached_encodings
         from relapse.models.pipeline_utils import require_epsilon_prediction
+        from relapse.train.cache import cached_encodings
 
         require_epsilon_prediction(pipe)
         self.encodings, self.encodings_from_cache = cached_encodings(self.data, pipe, self.cfg.cache_dir)
@@ -109,6 +109,27 @@ class FinetuneMethod(TrainingMethod):
 
 def run_finetune(cfg: FinetuneConfig) -> Path:
     """Run a fine-tune on disk (``relapse finetune``); returns ``OUT/final``."""
-    from relapse.finetune import METHODS
+    from relapse.finetuning import METHODS
 
     return run_training(METHODS.get(cfg.method)(cfg))
+
+
+def finetune(pipe, config: FinetuneConfig, data, safety=()) -> TrainedModule:
+    """Fine-tune ``pipe`` in memory (full, LoRA or Modular LoRA) and return what trained; ``pipe`` is left as it was
+    (but for ``safety`` fused into it by full and LoRA fine-tunes).
+
+    Args:
+        pipe: the model a downstream user fine-tunes: the aligned one for ``full``/``lora``, the base W0 for ``modular``.
+        config: a :class:`FinetuneConfig`; ``config.method`` picks the method.
+        data: a path, ``toy:DOMAIN[:N]``, or ``(images, captions)`` with uint8 (N, H, W, 3) images.
+        safety: safety modules: fused into ``pipe`` first (``full``, ``lora``), or, for ``modular``, the ones the
+            fine-tune composes with at inference (shape-checked against ``pipe`` and recorded, never trained on).
+
+    Example:
+        >>> benign = relapse.finetune(pipe, relapse.FinetuneConfig(method="modular"), "toy:patterns:500", safety=[safety])
+        >>> safety.apply(pipe); benign.apply(pipe)  # W0 + dW_safe + dW_ft
+    """
+    from relapse.finetuning import METHODS
+    from relapse.train.engine import train
+
+    return train(pipe, METHODS.get(config.method)(config, loras=list(safety), data=data))

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from relapse.errors import UserError
-from relapse.finetune import METHODS
-from relapse.finetune.base import FinetuneMethod
+from relapse.finetuning import METHODS
+from relapse.finetuning.base import FinetuneMethod
 
 LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]  # diffusers' train_text_to_image_lora.py
 

@@ -9,8 +9,8 @@ from safetensors.torch import load_file
 from relapse.align.base import run_align
 from relapse.align.esd import ESDConfig
 from relapse.errors import UserError
-from relapse.finetune import base as ft
-from relapse.finetune.base import FinetuneConfig, run_finetune
+from relapse.finetuning import base as ft
+from relapse.finetuning.base import FinetuneConfig, run_finetune
 from relapse.models.components import ToyModelSize, build_pipeline
 from relapse.train.module import FINETUNE_RECORD
 
