@@ -42,13 +42,28 @@ def key_lines(node: yaml.Node, prefix: tuple = ()) -> dict[tuple, int]:
     return lines
 
 
-def describe_error(error: ValidationError, source: SourceLines | None = None, prefix: tuple = ()) -> str:
+def describe_error(error: ValidationError, source: SourceLines | None = None, data: object = None) -> str:
     """The first problem in one line: its key path, what is wrong and, from a file, the line."""
     first = error.errors()[0]
-    loc = (*prefix, *first["loc"])
+    loc = written_keys(tuple(first["loc"]), data)
     where = ".".join(str(p) for p in loc) or "config"
     more = f" (and {error.error_count() - 1} more)" if error.error_count() > 1 else ""
     return f"{where}: {first['msg']}{more}" + (source.where(loc) if source else "")
+
+
+def written_keys(loc: tuple, data: object) -> tuple:
+    """The error's key path in the user's own keys: pydantic puts a tagged union's tag after the list index
+    (``defenses.esd.0.esd.lr`` for ``method: esd``), a key nobody wrote; keys on the way that the input lacks
+    are dropped (the last one stays: it may be the missing field)."""
+    kept, node = [], data
+    for i, key in enumerate(loc):
+        present = isinstance(node, dict) and key in node or isinstance(node, list) and isinstance(key, int) and key < len(node)
+        if present:
+            node = node[key]
+        elif data is not None and i < len(loc) - 1:
+            continue
+        kept.append(key)
+    return tuple(kept)
 
 
 def load_yaml(path: str | Path) -> tuple[dict, SourceLines]:
@@ -81,4 +96,4 @@ def validated(cls: type[C], data: dict, source: SourceLines) -> C:
     try:
         return cls(**data)
     except ValidationError as exc:
-        raise UserError(f"invalid {cls.__name__}: {describe_error(exc, source)}") from None
+        raise UserError(f"invalid {cls.__name__}: {describe_error(exc, source, data)}") from None

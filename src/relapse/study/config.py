@@ -1,8 +1,9 @@
 """The study config: a base model, prompt sets, defenses, fine-tuning scenarios, seeds and the
 evaluation, in one typed YAML file.
 
-A *defense* is a list of alignment stages applied in order, each the fields of a ``relapse align``
-config (``method`` plus its options; ``model``, ``out`` and ``seed`` are the study's). An erasure
+A *defense* is a list of alignment stages applied in order, each the config of its method (``method``
+picks ESDConfig, SDDConfig, LTConfig, NGConfig, ...; ``model``, ``out`` and ``seed`` are the study's),
+validated once when the study loads. An erasure
 stage (ESD, SDD) runs on the base. A stage that writes a LoRA adds it to the model; a forgetting
 stage (LT, NG) after LoRA stages hardens the model with them fused (reinforcement), and a stage that
 writes full weights becomes the new model. ``none: []`` is the unaligned base.
@@ -17,13 +18,23 @@ prompt sets (``generated_data``), the relearning data IMMA and Meta-Unlearning u
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated, Union
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, PrivateAttr, Tag, model_validator
 
+from relapse.align import METHODS as ALIGN_METHODS
 from relapse.config import SourceLines
+from relapse.finetuning.base import FinetuneConfig
 from relapse.sampling import SamplerConfig
 
-STUDY_OWNED = ("model", "out", "seed")  # fields the study sets on every stage and fine-tune
+STUDY_OWNED = ("model", "out", "seed", "resume")  # fields the study sets on every stage and fine-tune
+FINETUNE_STUDY_OWNED = (*STUDY_OWNED, "loras", "lora_scales", "data_seed")
+# A stage is the config of its method, picked by its `method` (a union over the registered methods).
+AlignStage = Annotated[
+    Union[tuple(Annotated[ALIGN_METHODS.get(name).config, Tag(name)] for name in ALIGN_METHODS.names())],  # noqa: UP007
+    Discriminator(lambda stage: stage.get("method") if isinstance(stage, dict) else getattr(stage, "method", None),
+                  custom_error_type="stage_method",
+                  custom_error_message=f"every stage needs a method, one of: {', '.join(ALIGN_METHODS.names())}")]
 
 
 class PromptSetSpec(BaseModel):
@@ -44,7 +55,7 @@ class GeneratedData(BaseModel):
 class ScenarioSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    finetune: dict = Field(description="relapse finetune fields: data, method, steps, lr, rank, save_at, ...")
+    finetune: FinetuneConfig = Field(description="relapse finetune fields: data, method, steps, lr, rank, save_at, ...")
     generated_data: GeneratedData | None = Field(None, description="train on the base model's own generations instead of finetune.data")
     group: str = Field("fine-tuning", description="the report's table this scenario joins (e.g. benign, malicious)")
     prompt_sets: list[str] = Field(description="scored at step 0, every --save-at step and the last step")
@@ -52,7 +63,7 @@ class ScenarioSpec(BaseModel):
     defenses: list[str] | None = Field(None, description="the defenses it applies to (default: all)")
 
     def sweep(self) -> list[int]:
-        return sorted({0, *self.finetune.get("save_at", []), self.finetune["steps"]})
+        return sorted({0, *self.finetune.save_at, self.finetune.steps})
 
 
 class DetectorSpec(BaseModel):
@@ -81,7 +92,7 @@ class StudyConfig(BaseModel):
     model: str = "toy"
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     prompt_sets: dict[str, PromptSetSpec]
-    defenses: dict[str, list[dict]] = Field(default_factory=lambda: {"none": []})
+    defenses: dict[str, list[AlignStage]] = Field(default_factory=lambda: {"none": []})
     before: list[str] = Field(default_factory=list, description="prompt sets scored on every defended model before fine-tuning")
     scenarios: dict[str, ScenarioSpec] = Field(default_factory=dict)
     sampler: SamplerConfig = Field(default_factory=SamplerConfig)
@@ -115,9 +126,7 @@ class StudyConfig(BaseModel):
                 raise ValueError(f"{where} names prompt sets {unknown} that prompt_sets does not define")
         for name, stages in self.defenses.items():
             for stage in stages:
-                if "method" not in stage:
-                    raise ValueError(f"defense {name}: every stage needs a method (esd, sdd, lt, ng)")
-                if owned := sorted(set(stage) & set(STUDY_OWNED)):
+                if owned := sorted(stage.model_fields_set & set(STUDY_OWNED)):
                     raise ValueError(f"defense {name}: {owned} are set by the study; remove them from the stage")
         labels = [d.label for d in self.detectors]
         if repeated := sorted({label for label in labels if labels.count(label) > 1}):
@@ -125,12 +134,8 @@ class StudyConfig(BaseModel):
         for name, scenario in self.scenarios.items():
             if unknown := sorted(set(scenario.defenses or []) - set(self.defenses)):
                 raise ValueError(f"scenario {name} names defenses {unknown} that defenses does not define")
-            if ("data" in scenario.finetune) == (scenario.generated_data is not None):
+            if (scenario.finetune.data is not None) == (scenario.generated_data is not None):
                 raise ValueError(f"scenario {name}: give its data as finetune.data or as generated_data, one of the two")
-            if "steps" not in scenario.finetune:
-                raise ValueError(f"scenario {name}: finetune needs steps")
-            if any(not 0 < s <= scenario.finetune["steps"] for s in scenario.finetune.get("save_at", [])):
-                raise ValueError(f"scenario {name}: save_at steps must lie in 1..{scenario.finetune['steps']}")
-            if owned := sorted(set(scenario.finetune) & {*STUDY_OWNED, "loras", "lora_scales", "data_seed", "resume"}):
+            if owned := sorted(scenario.finetune.model_fields_set & set(FINETUNE_STUDY_OWNED)):
                 raise ValueError(f"scenario {name}: {owned} are set by the study; remove them from finetune")
         return self

@@ -45,28 +45,25 @@ class Executor:
         return time.perf_counter() - start
 
     def align(self, step: Step) -> None:
-        from relapse.align import METHODS
         from relapse.align.base import run_align
 
-        model, loras = step.reads.resolve(self.run_dir)
-        stage = dict(step.spec["stage"]) | ({"loras": loras} if loras else {})
-        run_align(METHODS.get(stage["method"]).config(**stage, **self.run_fields(step, model)))
+        run_align(self.training_config(step))
 
     def finetune(self, step: Step) -> None:
-        from relapse.finetuning.base import FinetuneConfig, run_finetune
+        from relapse.finetuning.base import run_finetune
 
+        data = {"data": str(step.data.path(self.run_dir))} if step.data else {}
+        run_finetune(self.training_config(step, data_seed=step.spec["seed"], **data))
+
+    def training_config(self, step: Step, **more):
+        """The step's config with what the study sets: the model and LoRAs it reads, its seed and run folder
+        (resumed where a stopped run left checkpoints)."""
         model, loras = step.reads.resolve(self.run_dir)
-        settings = step.spec["finetune"] | ({"data": str(step.data.path(self.run_dir))} if step.data else {})
-        run_finetune(FinetuneConfig(**settings, loras=[Path(p) for p in loras], data_seed=step.spec["seed"],
-                                    **self.run_fields(step, model)))
-
-    def run_fields(self, step: Step, model: str) -> dict:
-        """What the study sets in a training step's config: its model, seed and run folder, resumed where a
-        stopped run left checkpoints."""
         out = step.path(self.run_dir)
         resume = out.is_dir()
         self.processes.wait_for_everyone()  # every process decides before the main one creates the folder
-        return {"model": model, "seed": step.spec["seed"], "out": out, "resume": resume}
+        return step.config.model_copy(update={"model": model, "loras": [Path(p) for p in loras], "seed": step.spec["seed"],
+                                              "out": out, "resume": resume, **more})
 
     def weights(self, step: Step) -> None:
         """The fine-tune's update against the alignment's (:mod:`relapse.measure.weight_space`)."""

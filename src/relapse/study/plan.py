@@ -12,9 +12,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
-from pydantic import ValidationError
-
-from relapse.config import SourceLines, describe_error
+from relapse.config import SourceLines
 from relapse.errors import UserError
 from relapse.study.config import StudyConfig
 
@@ -32,6 +30,7 @@ class Step:
     reads: ModelState | None = None  # the model an align, finetune or generate step starts from (its deps, as paths)
     data: Step | None = None  # a finetune's data when a generate step made it
     before: ModelState | None = None  # a weights step: the model before the fine-tune (``reads`` is after it)
+    config: object = None  # an align or finetune step: its typed config, less what the study sets when it runs
 
     @cached_property
     def key(self) -> str:
@@ -133,29 +132,20 @@ class Planner:
     def add(self, step: Step) -> Step:
         return self.steps.setdefault(step.key, step)
 
-    def check(self, config_class, fields: dict, where: tuple, what: str):
-        """Validate a stage or fine-tune now, with placeholders for what the study sets, so a typo fails
-        before any weights load rather than hours into the run."""
-        try:
-            return config_class(**fields, model="planned", out=Path("planned"), seed=0)
-        except ValidationError as exc:
-            raise UserError(f"{what}: {describe_error(exc, self.source, where)}") from None
-
-    def align_stage(self, name: str, index: int, stage: dict, state: ModelState, seed: int) -> ModelState:
-        from relapse.align import METHODS
+    def align_stage(self, name: str, stage, state: ModelState, seed: int) -> ModelState:
         from relapse.align.forgetting import ForgettingConfig
 
-        config_class = METHODS.get(stage["method"]).config
-        fields = dict(stage)
-        hardening = state.loras or state.model.step is not None
-        if issubclass(config_class, ForgettingConfig):
-            fields.setdefault("mode", "reinforcement" if hardening else "alignment")
+        hardening = bool(state.loras) or state.model.step is not None
+        written = stage.model_dump(mode="json", by_alias=True, exclude_unset=True)  # the step's key: what the user wrote
+        if isinstance(stage, ForgettingConfig):
+            written.setdefault("mode", "reinforcement" if hardening else "alignment")
+            stage = stage.model_copy(update={"mode": written["mode"]})
         elif hardening:
-            raise UserError(f"defense {name}: erasure stage {stage['method']} must come first (it runs on the base model)")
-        checked = self.check(config_class, fields, ("defenses", name, index), f"defense {name}, stage {stage['method']}")
-        step = self.add(Step("align", f"align {name}: {stage['method']} (seed {seed})",
-                             {"stage": fields, "seed": seed, "on": state.describe()}, state.producers(), reads=state))
-        return state.with_output(step, checked.as_, "final")
+            raise UserError(f"defense {name}: erasure stage {stage.method} must come first (it runs on the base model)")
+        step = self.add(Step("align", f"align {name}: {stage.method} (seed {seed})",
+                             {"stage": written, "seed": seed, "on": state.describe()}, state.producers(), reads=state,
+                             config=stage))
+        return state.with_output(step, stage.as_, "final")
 
     def count_prompts(self, set_name: str) -> int:
         from relapse.data.prompts import read_prompts, select_prompts
@@ -195,19 +185,16 @@ class Planner:
         return self.generate(self.base, wanted.prompt_set, sampler, f"generate training data {wanted.prompt_set} (base, seed {seed})")
 
     def scenario(self, defense: str, name: str, state: ModelState, seed: int) -> None:
-        from relapse.finetuning.base import FinetuneConfig
-
-        spec = self.cfg.scenarios[name]
-        settings = spec.finetune
-        data = self.generated_data(name, seed)
-        checked = self.check(FinetuneConfig, {"data": "generated"} | settings, ("scenarios", name, "finetune"), f"scenario {name}")
-        finetune = self.add(Step("finetune", f"finetune {name} on {defense} (seed {seed})",
-                                 {"finetune": settings, "seed": seed, "on": state.describe()} | ({"data": data.key} if data else {}),
-                                 state.producers() + ([data] if data else []), reads=state, data=data))
-        sweep = spec.sweep()
         from relapse.finetuning import METHODS
 
-        kind = METHODS.get(checked.method).kind
+        spec = self.cfg.scenarios[name]
+        settings = spec.finetune.model_dump(mode="json", exclude_unset=True)  # the step's key: what the user wrote
+        data = self.generated_data(name, seed)
+        finetune = self.add(Step("finetune", f"finetune {name} on {defense} (seed {seed})",
+                                 {"finetune": settings, "seed": seed, "on": state.describe()} | ({"data": data.key} if data else {}),
+                                 state.producers() + ([data] if data else []), reads=state, data=data, config=spec.finetune))
+        sweep = spec.sweep()
+        kind = METHODS.get(spec.finetune.method).kind
         for step in sweep:
             at = state if step == 0 else state.with_output(finetune, kind, "final" if step == sweep[-1] else f"step-{step:06d}")
             sets = spec.prompt_sets + (spec.quality_sets if step in (0, sweep[-1]) else [])
@@ -226,8 +213,8 @@ class Planner:
         for seed in self.cfg.seeds:
             for defense, stages in self.cfg.defenses.items():
                 state = self.base
-                for index, stage in enumerate(stages):
-                    state = self.align_stage(defense, index, stage, state, seed)
+                for stage in stages:
+                    state = self.align_stage(defense, stage, state, seed)
                 for set_name in self.cfg.before:
                     self.score(state, set_name, seed, {"defense": defense, "scenario": "before", "step": 0})
                 for name, spec in self.cfg.scenarios.items():

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from relapse.errors import UserError
 from relapse.io import check_output_dir, run_record
@@ -54,6 +54,12 @@ class TrainConfig(BaseModel):
     seed: int = 0
     data_seed: int = 0
     cache_dir: Path | None = Field(None, description="where dataset encodings are cached (default ~/.cache/relapse)")
+
+    @model_validator(mode="after")
+    def _saves_inside_the_run(self) -> TrainConfig:
+        if any(s <= 0 or s > self.steps for s in self.save_at):
+            raise ValueError(f"save_at steps must lie in 1..{self.steps} (got {self.save_at})")
+        return self
 
 
 def draw(seed: int, step: int, micro: int, process: int) -> torch.Generator:
@@ -308,8 +314,6 @@ def run_training(method: TrainingMethod) -> Path:
     if cfg.out is None:
         raise UserError(f"{method.label} writes a run folder: pass --out")
     check_output_dir(cfg.out)
-    if any(s <= 0 or s > cfg.steps for s in cfg.save_at):
-        raise UserError(f"--save-at steps must lie in 1..{cfg.steps} (got {cfg.save_at})")
     if not cfg.resume and cfg.out.exists() and any(cfg.out.iterdir()):
         raise UserError(f"{cfg.out} already holds a run; pass --resume to continue it or choose a new --out")
     method.check()  # every input problem surfaces before weights load
