@@ -22,6 +22,10 @@ class AlignConfig(TrainConfig):
     as_: Literal["lora", "full"] = Field("lora", alias="as", description="a safety LoRA or full weights")
     params: Literal["xattn", "noxattn", "all"] = Field("xattn", description="cross-attention (ESD-x), the rest (ESD-u) or every layer")
 
+    @property
+    def writes(self) -> str:
+        return self.as_
+
 
 def is_cross_attention(name: str) -> bool:
     return ".attn2." in name

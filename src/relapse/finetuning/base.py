@@ -36,6 +36,12 @@ class FinetuneConfig(TrainConfig):
     lr: float = Field(1e-4, gt=0)
     batch_size: int = Field(16, gt=0, description="per process and micro-step")
 
+    @property
+    def writes(self) -> str:
+        from relapse.finetuning import METHODS
+
+        return METHODS.get(self.method).writes
+
     @field_validator("method")
     @classmethod
     def _registered(cls, method: str) -> str:
@@ -65,6 +71,7 @@ class FinetuneMethod(TrainingMethod):
     """
 
     config = FinetuneConfig
+    writes: str  # what the method trains and writes: "lora" or "full" (its config reports it)
     command = "finetune"
     record_name = FINETUNE_RECORD
     adapter_name = "ft"

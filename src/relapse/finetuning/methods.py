@@ -15,7 +15,7 @@ LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]  # diffusers' train_text_to_
 class Full(FinetuneMethod):
     """Every UNet weight of the aligned model trains."""
 
-    kind = "full"
+    writes = "full"
 
     def trainable(self, pipe) -> list[torch.nn.Parameter]:
         pipe.unet.requires_grad_(True)
@@ -26,7 +26,7 @@ class Full(FinetuneMethod):
 class Lora(FinetuneMethod):
     """A fresh LoRA on the aligned model's attention projections."""
 
-    kind = "lora"
+    writes = "lora"
 
     def trainable(self, pipe) -> list[torch.nn.Parameter]:
         from peft import LoraConfig

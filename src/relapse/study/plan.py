@@ -20,6 +20,26 @@ SEED_STRIDE = 1000  # study seed s samples with sampler seed + 1000 s: seeds nev
 DATA_SEED_OFFSET = 500  # generated training data samples with seeds that evaluation never uses
 
 
+@dataclass(frozen=True)
+class StepKind:
+    """What a kind of step writes and when it is done. ``run``: a training run folder, done once its
+    ``final/`` is in place (a stopped run leaves checkpoints to resume from); ``folder`` and ``json``: one
+    output renamed into place when complete. The executor's method of the same name runs it."""
+
+    output: str  # run | folder | json
+    first: int  # scheduling order among ready steps: training first (long, and each unlocks many steps)
+
+    def path(self, run_dir: Path, name: str) -> Path:
+        return run_dir / "steps" / (name + (".json" if self.output == "json" else ""))
+
+    def done(self, path: Path) -> bool:
+        return (path / "final").is_dir() if self.output == "run" else path.exists()
+
+
+STEP_KINDS = {"align": StepKind("run", 0), "finetune": StepKind("run", 1), "generate": StepKind("folder", 2),
+              "evaluate": StepKind("json", 3), "weights": StepKind("json", 3)}
+
+
 @dataclass(eq=False)
 class Step:
     kind: str  # align | finetune | generate | evaluate | weights
@@ -38,11 +58,10 @@ class Step:
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
     def path(self, run_dir: Path) -> Path:
-        return run_dir / "steps" / (f"{self.kind}-{self.key}" + (".json" if self.kind in ("evaluate", "weights") else ""))
+        return STEP_KINDS[self.kind].path(run_dir, f"{self.kind}-{self.key}")
 
     def done(self, run_dir: Path) -> bool:
-        path = self.path(run_dir)
-        return (path / "final").is_dir() if self.kind in ("align", "finetune") else path.exists()
+        return STEP_KINDS[self.kind].done(self.path(run_dir))
 
 
 @dataclass(frozen=True)
@@ -145,7 +164,7 @@ class Planner:
         step = self.add(Step("align", f"align {name}: {stage.method} (seed {seed})",
                              {"stage": written, "seed": seed, "on": state.describe()}, state.producers(), reads=state,
                              config=stage))
-        return state.with_output(step, stage.as_, "final")
+        return state.with_output(step, stage.writes, "final")
 
     def count_prompts(self, set_name: str) -> int:
         from relapse.data.prompts import read_prompts, select_prompts
@@ -185,8 +204,6 @@ class Planner:
         return self.generate(self.base, wanted.prompt_set, sampler, f"generate training data {wanted.prompt_set} (base, seed {seed})")
 
     def scenario(self, defense: str, name: str, state: ModelState, seed: int) -> None:
-        from relapse.finetuning import METHODS
-
         spec = self.cfg.scenarios[name]
         settings = spec.finetune.model_dump(mode="json", exclude_unset=True)  # the step's key: what the user wrote
         data = self.generated_data(name, seed)
@@ -194,7 +211,7 @@ class Planner:
                                  {"finetune": settings, "seed": seed, "on": state.describe()} | ({"data": data.key} if data else {}),
                                  state.producers() + ([data] if data else []), reads=state, data=data, config=spec.finetune))
         sweep = spec.sweep()
-        kind = METHODS.get(spec.finetune.method).kind
+        kind = spec.finetune.writes
         for step in sweep:
             at = state if step == 0 else state.with_output(finetune, kind, "final" if step == sweep[-1] else f"step-{step:06d}")
             sets = spec.prompt_sets + (spec.quality_sets if step in (0, sweep[-1]) else [])

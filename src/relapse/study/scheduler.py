@@ -9,7 +9,7 @@ from pathlib import Path
 
 from relapse import progress
 from relapse.study.executor import Executor
-from relapse.study.plan import Step
+from relapse.study.plan import STEP_KINDS, Step
 
 
 def run_steps(todo: list[Step], executor: Executor, run_dir: Path, workers: int, main: bool) -> dict[Step, float]:
@@ -61,11 +61,6 @@ def run_in_worker(step: Step) -> float:
     return _worker.run(step)
 
 
-# Training steps first (stable, so plan order within a kind): they are long and each unlocks many
-# generate steps, so the workers are not left with one long step and nothing else at the end.
-FIRST = {"align": 0, "finetune": 1, "generate": 2, "evaluate": 3, "weights": 3}
-
-
 def run_in_workers(todo: list[Step], run_dir: Path, workers: int) -> dict[Step, float]:
     """Run each step as soon as the steps it reads are finished, ``workers`` at a time.
 
@@ -82,7 +77,7 @@ def run_in_workers(todo: list[Step], run_dir: Path, workers: int) -> dict[Step, 
         running = {}
         try:
             while waiting or running:
-                ready = sorted((s for s in waiting if all(d.key in finished for d in s.deps)), key=lambda s: FIRST[s.kind])
+                ready = sorted((s for s in waiting if all(d.key in finished for d in s.deps)), key=lambda s: STEP_KINDS[s.kind].first)
                 for step in ready[: workers - len(running)]:
                     waiting.remove(step)
                     running[pool.submit(run_in_worker, step)] = step

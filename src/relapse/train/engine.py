@@ -55,6 +55,11 @@ class TrainConfig(BaseModel):
     data_seed: int = 0
     cache_dir: Path | None = Field(None, description="where dataset encodings are cached (default ~/.cache/relapse)")
 
+    @property
+    def writes(self) -> str:
+        """What the run writes: "lora" (a LoRA that adds to the model) or "full" (weights that replace it)."""
+        raise NotImplementedError
+
     @model_validator(mode="after")
     def _saves_inside_the_run(self) -> TrainConfig:
         if any(s <= 0 or s > self.steps for s in self.save_at):
@@ -104,8 +109,8 @@ class TrainingMethod:
 
     @property
     def kind(self) -> str:
-        """What it trains and writes: "lora" or "full"."""
-        return getattr(self.cfg, "as_", "lora")
+        """What it trains and writes, as its config declares: "lora" or "full"."""
+        return self.cfg.writes
 
     @property
     def label(self) -> str:
