@@ -3,7 +3,7 @@
 
     .venv/bin/python benchmarks/finetune.py [--model toy] [--data toy:shapes:512] [--steps 40]
 
-Both arms run the same UNet LoRA step; the peer adds, per batch, the VAE encoder on the images
+Both arms train on the one engine with the same UNet LoRA step; the peer adds, per batch, the VAE encoder on the images
 and the text encoder on the captions. The cache is warmed once before timing.
 """
 
@@ -17,34 +17,39 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler
 
 from relapse.data.datasets import load_dataset
-from relapse.finetuning import train as ft
+from relapse.finetuning.base import FinetuneConfig
+from relapse.finetuning.methods import Lora
 from relapse.models.loading import load_pipeline
 from relapse.models.pipeline_utils import encode_prompts, images_to_tensor
-from relapse.train.cache import cached_encodings
+from relapse.train.engine import draw, train
 
 
-def encode_every_batch_loss(pipe, data, noise_scheduler, gen, batch_size):
-    idx = torch.randint(0, len(data.captions), (batch_size,), generator=gen)
-    x = images_to_tensor(data.images[idx.numpy()])
-    with torch.no_grad():
-        z0 = pipe.vae.encode(x).latent_dist.sample(generator=gen) * pipe.vae.config.scaling_factor
-        text = encode_prompts(pipe, [data.captions[i] for i in idx.tolist()])
-    noise = torch.randn(z0.shape, generator=gen)
-    t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch_size,), generator=gen)
-    return F.mse_loss(pipe.unet(noise_scheduler.add_noise(z0, noise, t), t, text).sample, noise)
+class EncodeEveryBatch(Lora):
+    """The peer: the same LoRA step, with the frozen VAE and text encoder run on every batch (diffusers' recipe)."""
+
+    def setup(self, pipe, process: int) -> None:
+        super().setup(pipe, process)
+        self.pipe = pipe
+
+    def loss(self, model, step: int, micro: int, process: int):
+        gen, pipe, batch = draw(self.cfg.seed, step, micro, process), self.pipe, self.cfg.batch_size
+        idx = torch.randint(0, len(self.data.captions), (batch,), generator=gen)
+        x = images_to_tensor(self.data.images[idx.numpy()])
+        with torch.no_grad():
+            z0 = pipe.vae.encode(x).latent_dist.sample(generator=gen) * pipe.vae.config.scaling_factor
+            text = encode_prompts(pipe, [self.data.captions[i] for i in idx.tolist()])
+        noise = torch.randn(z0.shape, generator=gen)
+        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (batch,), generator=gen)
+        loss = F.mse_loss(model(self.noise_scheduler.add_noise(z0, noise, t), t, text).sample, noise)
+        return loss, {"loss": loss.item()}
 
 
-def timed(step_loss, params, steps: int) -> float:
-    opt = torch.optim.AdamW(params, lr=1e-4)
+def timed(method: Lora, pipe) -> float:
+    """Seconds the engine takes to train ``method``: both arms pay the same setup (a warm encodings cache)."""
     start = time.perf_counter()
-    for step in range(steps):
-        loss = step_loss(ft.draw(0, step, 0, 0))
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
+    train(pipe, method)
     return time.perf_counter() - start
 
 
@@ -57,13 +62,10 @@ def main() -> None:
     args = parser.parse_args()
     data = load_dataset(args.data)
     pipe = load_pipeline(args.model, device="cpu")
-    cfg = ft.FinetuneConfig(model=args.model, data=args.data, out=Path(tempfile.mkdtemp()), batch_size=args.batch_size)
-    encodings, _ = cached_encodings(data, pipe, Path(tempfile.mkdtemp()))  # warm the cache once
-    params, _ = ft.prepare_model(pipe, cfg, [])
-    sched = DDPMScheduler.from_config(pipe.scheduler.config)
-    scale = pipe.vae.config.scaling_factor
-    cached = timed(lambda g: ft.loss_on_batch(pipe.unet, sched, encodings, scale, g, args.batch_size, "cpu"), params, args.steps)
-    every = timed(lambda g: encode_every_batch_loss(pipe, data, sched, g, args.batch_size), params, args.steps)
+    cfg = FinetuneConfig(steps=args.steps, batch_size=args.batch_size, cache_dir=Path(tempfile.mkdtemp()))
+    timed(Lora(cfg.model_copy(update={"steps": 1}), loras=[], data=data), pipe)  # warm the cache once
+    cached = timed(Lora(cfg, loras=[], data=data), pipe)
+    every = timed(EncodeEveryBatch(cfg, loras=[], data=data), pipe)
     n = args.steps * args.batch_size
     print(f"model={args.model} data={args.data} steps={args.steps} batch={args.batch_size} threads={torch.get_num_threads()}")
     print(f"cached encodings     : {n / cached:7.1f} images/s")
