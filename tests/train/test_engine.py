@@ -1,5 +1,6 @@
 """The one training engine, for every kind of method (erasure with its random stream, SDD with its
-teacher, the forgetting defenses with their centres, fine-tuning with gradient accumulation): a resumed
+teacher, the forgetting defenses with their centres, Resist with its simulated attacks, fine-tuning with
+gradient accumulation): a resumed
 run gives the weights of an uninterrupted one, and a loss that stops being finite stops the run and
 names the last good checkpoint."""
 
@@ -14,6 +15,7 @@ from relapse.align.base import AlignConfig
 from relapse.align.esd import ESDConfig
 from relapse.align.lt import LTConfig
 from relapse.align.ng import NGConfig
+from relapse.align.resist import ResistConfig
 from relapse.align.sdd import SDDConfig
 from relapse.errors import UserError
 from relapse.finetuning.base import FinetuneConfig
@@ -27,6 +29,8 @@ CASES = {
     "sdd": lambda: SDDConfig(**ERASE),
     "lt-full": lambda: LTConfig(**HARDEN, **{"as": "full"}),
     "ng-dynamic-lora": lambda: NGConfig(**HARDEN, noise="dynamic", params="xattn", **{"as": "lora"}),
+    "resist": lambda: ResistConfig(concept=["checkered"], harmful="toy:harmful:8", clean="toy:clean:8", steps=4, batch_size=2,
+                                   attack_batch=2, attack_steps=[2], lr=1e-3),
     "finetune-accumulated": lambda: FinetuneConfig(data="toy:shapes:8", steps=4, batch_size=2, grad_accum=2, lr=1e-3),
 }
 

@@ -7,4 +7,4 @@ from relapse.registry import Registry
 
 METHODS: Registry = Registry("alignment method")
 
-from relapse.align import esd, lt, ng, sdd  # noqa: E402,F401  (registration)
+from relapse.align import esd, lt, ng, resist, sdd  # noqa: E402,F401  (registration)
