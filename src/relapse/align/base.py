@@ -78,7 +78,8 @@ def erase(pipe, config, safety=()) -> TrainedModule:
 
     Args:
         pipe: the ``StableDiffusionPipeline`` to align.
-        config: an :class:`~relapse.align.esd.ESDConfig` or :class:`~relapse.align.sdd.SDDConfig` (``as_="lora"``:
+        config: an :class:`~relapse.align.esd.ESDConfig`, :class:`~relapse.align.sdd.SDDConfig` or
+            :class:`~relapse.align.resist.ResistConfig` (``as_="lora"``:
             a safety LoRA, the default; ``"full"``: the UNet tensors that change).
         safety: modules fused into ``pipe`` first.
 
@@ -87,9 +88,9 @@ def erase(pipe, config, safety=()) -> TrainedModule:
         >>> safety = relapse.erase(pipe, relapse.ESDConfig(concept=["checkered"], params="noxattn", steps=100))
         >>> safety.apply(pipe)  # the aligned model: W0 + dW_safe, fused
     """
-    from relapse.align.erasure import ErasureConfig
+    from relapse.align.erasure import ConceptConfig
 
-    return _train_in_memory(pipe, config, ErasureConfig, "erase", loras=list(safety))
+    return _train_in_memory(pipe, config, ConceptConfig, "erase", loras=list(safety))
 
 
 def harden(pipe, config, clean, harmful, safety=()) -> TrainedModule:

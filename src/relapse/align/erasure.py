@@ -21,19 +21,17 @@ from relapse.models.pipeline_utils import encode_prompts
 PROCESS_SEED_STRIDE = 1_000_003  # process k > 0 of a data-parallel run draws from seed + k * stride
 
 
-class ErasureConfig(AlignConfig):
+class ConceptConfig(AlignConfig):
+    """A concept named by prompts, and what each of its prompts is steered toward."""
+
     concept: list[str] = Field(default_factory=list, description="prompts that name the concept to erase")
     concept_prompts: str | None = Field(None, description="a prompt file (or toy:NAME) whose prompts also name it")
-    weight_decay: float = Field(0.0, ge=0, description="none, as ESD's code trains")
-    max_grad_norm: float | None = Field(None, gt=0, description="no clipping, as ESD's code trains")
-    sample_steps: int = Field(20, gt=1, description="DDIM steps of the sampler that makes x_t")
-    sample_guidance: float = Field(3.0, ge=0, description="guidance used to sample x_t (ESD's start_guidance)")
     anchor: Literal["empty", "strip"] = Field(
         "empty", description="what the concept is steered toward: the empty prompt (ESD and SDD as published) or, "
                              "per concept prompt, the same prompt with the --concept words stripped")
 
     @model_validator(mode="after")
-    def _names_a_concept(self) -> ErasureConfig:
+    def _names_a_concept(self) -> ConceptConfig:
         if not self.concept and not self.concept_prompts:
             raise ValueError("name the concept to erase with --concept (repeatable) or --concept-prompts FILE")
         return self
@@ -55,15 +53,22 @@ class ErasureConfig(AlignConfig):
         return [" ".join(w for w in text.split() if w.lower().strip(",.") not in words) for text in texts]
 
 
+class ErasureConfig(ConceptConfig):
+    weight_decay: float = Field(0.0, ge=0, description="none, as ESD's code trains")
+    max_grad_norm: float | None = Field(None, gt=0, description="no clipping, as ESD's code trains")
+    sample_steps: int = Field(20, gt=1, description="DDIM steps of the sampler that makes x_t")
+    sample_guidance: float = Field(3.0, ge=0, description="guidance used to sample x_t (ESD's start_guidance)")
+
+
 def guided_eps(unet, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
     eps_u, eps_c = unet(torch.cat([x, x]), torch.cat([t, t]), torch.cat([uncond, cond])).sample.chunk(2)
     return eps_u + scale * (eps_c - eps_u)
 
 
-class ErasureMethod(AlignMethod):
-    """Base of ESD-like methods: override ``erasure_loss``; ``after_step`` and the state hooks are optional."""
+class ConceptMethod(AlignMethod):
+    """Base of methods that erase a concept named by prompts against the frozen original theta*."""
 
-    config = ErasureConfig
+    config = ConceptConfig
 
     def check(self) -> None:
         super().check()
@@ -71,14 +76,10 @@ class ErasureMethod(AlignMethod):
         self.anchors = self.cfg.anchor_texts(self.concepts)
 
     def setup(self, pipe, process: int) -> None:
-        """A frozen copy of the UNet (full mode; LoRA mode disables the adapter instead), the prompts' encodings
-        and this process's random stream."""
+        """A frozen copy of the UNet (full mode; LoRA mode disables the adapter instead)."""
         super().setup(pipe, process)
         self.pipe = pipe
         self.frozen_unet = copy.deepcopy(pipe.unet).requires_grad_(False).eval() if self.cfg.as_ == "full" else None
-        self.gen = torch.Generator().manual_seed(self.cfg.seed + PROCESS_SEED_STRIDE * process)
-        self.concept, self.anchor = encode_prompts(pipe, self.concepts), encode_prompts(pipe, self.anchors)
-        self.uncond = encode_prompts(pipe, [""])
 
     @contextmanager
     def frozen(self):
@@ -91,6 +92,22 @@ class ErasureMethod(AlignMethod):
             yield self.pipe.unet
         finally:
             self.pipe.unet.enable_adapters()
+
+    def facts(self) -> dict:
+        return {"concept": self.concepts, "anchors": self.anchors}
+
+
+class ErasureMethod(ConceptMethod):
+    """Base of ESD-like methods: override ``erasure_loss``; ``after_step`` and the state hooks are optional."""
+
+    config = ErasureConfig
+
+    def setup(self, pipe, process: int) -> None:
+        """The frozen original, the prompts' encodings and this process's random stream."""
+        super().setup(pipe, process)
+        self.gen = torch.Generator().manual_seed(self.cfg.seed + PROCESS_SEED_STRIDE * process)
+        self.concept, self.anchor = encode_prompts(pipe, self.concepts), encode_prompts(pipe, self.anchors)
+        self.uncond = encode_prompts(pipe, [""])
 
     @torch.no_grad()
     def sample_xt(self, cond: torch.Tensor, uncond: torch.Tensor):
@@ -127,6 +144,3 @@ class ErasureMethod(AlignMethod):
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.gen.set_state(state["generator"])
-
-    def facts(self) -> dict:
-        return {"concept": self.concepts, "anchors": self.anchors}

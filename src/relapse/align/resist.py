@@ -37,13 +37,13 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from relapse.align import METHODS
-from relapse.align.erasure import ErasureConfig, ErasureMethod
+from relapse.align.erasure import ConceptConfig, ConceptMethod
 from relapse.train.engine import draw, draw_batch
 
 ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")  # what a LoRA fine-tune adapts (diffusers' recipe)
 
 
-class ResistConfig(ErasureConfig):
+class ResistConfig(ConceptConfig):
     method: Literal["resist"] = "resist"
     harmful: str | None = Field(None, description="images of the concept (imagefolder or toy:DOMAIN[:N]; or given in memory)")
     clean: str | None = Field(None, description="clean data whose generation is kept (or given in memory)")
@@ -60,7 +60,6 @@ class ResistConfig(ErasureConfig):
     attack_rank: int = Field(8, gt=0)
     attack_batch: int = Field(8, gt=0)
     benign_share: float = Field(0.25, ge=0, le=1, description="probability that a simulated attack trains on benign data")
-    max_grad_norm: float | None = Field(1.0, gt=0, description="the attacked gradient can be large: clipped by default")
 
 
 @dataclass
@@ -81,7 +80,7 @@ class NoisyBatch:
 
 
 @METHODS.register("resist")
-class Resist(ErasureMethod):
+class Resist(ConceptMethod):
     config = ResistConfig
     fix_hint = "lower --lr or the attack learning rates"
 
