@@ -196,7 +196,7 @@ def test_a_study_folder_with_another_config_is_refused(study_yaml, tmp_path):
 
 @pytest.mark.parametrize("change, message", [
     ({"before": ["nope"]}, "prompt sets \\['nope'\\]"),
-    ({"defenses": {"x": [{"concept": ["a"]}]}}, "needs a method, one of: esd, lt, ng, sdd"),
+    ({"defenses": {"x": [{"concept": ["a"]}]}}, "needs a method, one of: esd, lt, ng"),
     ({"defenses": {"x": [{"method": "esx", "concept": ["a"]}]}}, "needs a method, one of: esd"),
     ({"defenses": {"x": [{"method": "esd", "concept": ["a"], "model": "m"}]}}, "set by the study"),
     ({"defenses": {"x": [{"method": "lt", "clean": "toy:clean", "harmful": "toy:harmful", "as": "full"},
