@@ -208,7 +208,7 @@ def check_inputs(cfg: ForgettingConfig, given: dict, specs, warn_unaligned: bool
     if missing := [name for name, source in sources.items() if source is None]:
         raise UserError(f"{cfg.method} needs {' and '.join(missing)} data: pass --{' and --'.join(missing)} (imagefolder or toy:DOMAIN[:N])")
     if all(isinstance(s, str) for s in sources.values()) and Path(sources["clean"]).resolve() == Path(sources["harmful"]).resolve():
-        raise UserError(f"--clean and --harmful are the same dataset ({cfg.clean}); give the harmful images their own folder")
+        raise UserError(f"--clean and --harmful are the same dataset ({sources['clean']}); give the harmful images their own folder")
     data = {"clean": as_dataset(sources["clean"], cfg.data_seed), "harmful": as_dataset(sources["harmful"], cfg.data_seed + 1)}
     if data["clean"].fingerprint == data["harmful"].fingerprint:
         raise UserError(f"--clean {data['clean'].source} and --harmful {data['harmful'].source} hold the same images and captions; "

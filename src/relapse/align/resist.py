@@ -38,7 +38,7 @@ from pydantic import Field
 
 from relapse.align import METHODS
 from relapse.align.erasure import ConceptConfig, ConceptMethod
-from relapse.train.engine import draw, draw_batch
+from relapse.train.engine import batch_at, draw, draw_rows
 
 ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")  # what a LoRA fine-tune adapts (diffusers' recipe)
 
@@ -121,14 +121,12 @@ class Resist(ConceptMethod):
     def noisy_batch(self, name: str, gen: torch.Generator, size: int) -> NoisyBatch:
         """Noised latents of a batch of ``name`` data, their captions' encodings (and anchors, for harmful data)."""
         encodings = self.encodings[name]
-        state = gen.get_state()  # draw_batch's index draw, replayed to find the anchors of the same rows
-        idx = torch.randint(0, len(encodings["text"]), (size,), generator=gen)
-        gen.set_state(state)
-        z0, text = draw_batch(encodings, self.scale, gen, size)
+        rows = draw_rows(encodings, gen, size)
+        z0, text = batch_at(encodings, rows, self.scale, gen)
         noise = torch.randn(z0.shape, generator=gen)
         t = torch.randint(0, self.scheduler.config.num_train_timesteps, (size,), generator=gen)
         device = self.pipe.device
-        anchor = self.anchors[idx].to(device) if name == "harmful" else None
+        anchor = self.anchors[rows].to(device) if name == "harmful" else None
         return NoisyBatch(self.scheduler.add_noise(z0, noise, t).to(device), t.to(device), text.to(device), noise.to(device), anchor)
 
     @torch.no_grad()
@@ -175,15 +173,20 @@ class Resist(ConceptMethod):
                            (torch.randn(rank, w.shape[1], generator=gen) / rank).to(w.device).requires_grad_())
                        for n, w in targets.items()}
             leaves = [f for pair in factors.values() for f in pair]
-            delta = lambda: {n: b @ a for n, (b, a) in factors.items()}  # noqa: E731
+
+            def delta() -> dict[str, torch.Tensor]:
+                return {n: b @ a for n, (b, a) in factors.items()}
         else:
             leaves = [torch.zeros_like(w, requires_grad=True) for w in targets.values()]
-            delta = lambda: dict(zip(targets, leaves))  # noqa: E731
+
+            def delta() -> dict[str, torch.Tensor]:
+                return dict(zip(targets, leaves))
         optimizer = torch.optim.Adam(leaves, lr=attack.lr)
         for _ in range(attack.steps):
             batch = self.noisy_batch(attack.data, gen, self.cfg.attack_batch)
             weights = {n: targets[n].detach() + d for n, d in delta().items()}
             pred = functional_call(self.pipe.unet, weights, (batch.x_t, batch.t), {"encoder_hidden_states": batch.cond}).sample
+            # autograd.grad, not backward: the defended weights' .grad must not collect the attacker's gradients
             grads = torch.autograd.grad(F.mse_loss(pred, batch.noise), leaves)
             for leaf, grad in zip(leaves, grads):
                 leaf.grad = grad

@@ -76,9 +76,18 @@ def draw(seed: int, step: int, micro: int, process: int) -> torch.Generator:
 
 def draw_batch(encodings, scale: float, gen: torch.Generator, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A batch of (scaled latents sampled from the cached VAE posteriors, text encodings)."""
-    idx = torch.randint(0, len(encodings["text"]), (batch_size,), generator=gen)
-    mean, std = encodings["latent_mean"][idx], encodings["latent_std"][idx]
-    return (mean + std * torch.randn(mean.shape, generator=gen)) * scale, encodings["text"][idx]
+    return batch_at(encodings, draw_rows(encodings, gen, batch_size), scale, gen)
+
+
+def draw_rows(encodings, gen: torch.Generator, batch_size: int) -> torch.Tensor:
+    """Which rows of the dataset a batch takes."""
+    return torch.randint(0, len(encodings["text"]), (batch_size,), generator=gen)
+
+
+def batch_at(encodings, rows: torch.Tensor, scale: float, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch of ``rows``: latents sampled from their cached VAE posteriors (scaled), their text encodings."""
+    mean, std = encodings["latent_mean"][rows], encodings["latent_std"][rows]
+    return (mean + std * torch.randn(mean.shape, generator=gen)) * scale, encodings["text"][rows]
 
 
 class TrainingMethod:
@@ -186,11 +195,10 @@ def train(pipe, method: TrainingMethod, out: Path | None = None, restore: bool =
     params = method.trainable(pipe)
     if not params:
         raise UserError(f"{method.label} selects no parameters of this UNet")
-    names = [name for name, p in pipe.unet.named_parameters() if p.requires_grad]
     original = {n: p.detach().cpu().clone() for n, p in pipe.unet.named_parameters() if p.requires_grad} \
         if restore and method.kind == "full" else None
     history = fit(pipe, method, params, accelerator, out)
-    module = trained_module(pipe, method, names, record(method, accelerator, history))
+    module = trained_module(pipe, method, record(method, accelerator, history))
     if out is not None and accelerator.is_main_process:
         module.save(out / "final", pipe if method.kind == "full" else None)
     accelerator.wait_for_everyone()
@@ -212,14 +220,15 @@ def record(method: TrainingMethod, accelerator, history: list[dict]) -> dict:
                       processes=accelerator.num_processes, **method.facts(), step=len(history), history=history)
 
 
-def trained_module(pipe, method: TrainingMethod, names: list[str], run: dict) -> TrainedModule:
+def trained_module(pipe, method: TrainingMethod, run: dict) -> TrainedModule:
+    """What the run has trained so far (the adapter, or the weights that train), copied to the CPU."""
     from relapse.models.lora import unet_lora
 
     if method.kind == "lora":
         weights, lora_config = unet_lora(pipe.unet, method.adapter_name)
         return TrainedModule("lora", weights, run, lora_config, method.record_name)
-    state = pipe.unet.state_dict()
-    return TrainedModule("full", {n: state[n].detach().cpu().clone() for n in names}, run, None, method.record_name)
+    weights = {n: p.detach().cpu().clone() for n, p in pipe.unet.named_parameters() if p.requires_grad}
+    return TrainedModule("full", weights, run, None, method.record_name)
 
 
 def fit(pipe, method: TrainingMethod, params: list[torch.nn.Parameter], accelerator, out: Path | None) -> list[dict]:
@@ -259,8 +268,7 @@ def save_progress(pipe, method: TrainingMethod, accelerator, out: Path, history:
     """The ``save_at`` snapshot and the checkpoint due after this step; the checkpoint's path if one was written."""
     cfg, done = method.cfg, len(history)
     if done in cfg.save_at and accelerator.is_main_process:
-        names = [name for name, p in pipe.unet.named_parameters() if p.requires_grad]
-        snapshot = trained_module(pipe, method, names, record(method, accelerator, history))
+        snapshot = trained_module(pipe, method, record(method, accelerator, history))
         snapshot.save(out / f"step-{done:06d}", pipe if method.kind == "full" else None)
     if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done != cfg.steps:
         return save_checkpoint(accelerator, method, out, history)

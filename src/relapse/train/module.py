@@ -57,9 +57,9 @@ class TrainedModule:
             if scale != 1.0 or not fuse:
                 raise UserError("full weights replace the UNet's tensors: they take no scale and are always fused")
             with torch.no_grad():
-                missing = pipe.unet.load_state_dict(self.weights, strict=False).unexpected_keys
-            if missing:
-                raise UserError(f"these full weights do not fit this UNet (e.g. {missing[0]})")
+                foreign = pipe.unet.load_state_dict(self.weights, strict=False).unexpected_keys
+            if foreign:
+                raise UserError(f"these full weights do not fit this UNet (e.g. {foreign[0]})")
             return
         from relapse.models.lora import LoraSpec, merge_loras
 
