@@ -111,3 +111,17 @@ def test_evaluate_threshold_flag_joins_the_config_files_detector_options(run_cli
     code, _, err = run_cli("evaluate", "--images", tmp_path, "--config", config, "--threshold", "0.7")
     assert code == 0, err
     assert seen[0].detector_options == {"clip": "/w/clip", "head": "/w/nsfw.safetensors", "threshold": 0.7}
+
+
+def test_resist_flags_reach_its_config_and_other_methods_refuse_them(run_cli, tmp_path, monkeypatch):
+    import relapse.align.base as align_base
+
+    seen = []
+    monkeypatch.setattr(align_base, "run_align", lambda cfg: seen.append(cfg) or tmp_path)
+    code, _, err = run_cli("align", "resist", "--concept", "checkered", "--harmful", "toy:harmful:8", "--clean", "toy:clean:8",
+                           "--benign", "toy:patterns:8", "--resist-weight", "3", "--keep-weight", "2", "--attack-steps", "50",
+                           "--attack-steps", "200", "--inner-steps", "4")
+    assert code == 0, err
+    cfg = seen[0]
+    assert (cfg.benign, cfg.resist_weight, cfg.keep_weight, cfg.attack_steps, cfg.inner_steps) == ("toy:patterns:8", 3.0, 2.0, [50, 200], 4)
+    assert_user_error(run_cli("align", "esd", "--concept", "checkered", "--inner-steps", "4"), "does not take --inner-steps")

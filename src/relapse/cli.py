@@ -117,12 +117,18 @@ def evaluate(
 
 @app.command()
 def align(
-    method: Annotated[str, typer.Argument(help="esd or sdd (concept erasure); lt or ng (forgetting defenses).")],
+    method: Annotated[str, typer.Argument(help="esd or sdd (concept erasure); lt or ng (forgetting defenses); resist (erasure "
+                                               "trained against simulated fine-tuning).")],
     model: ModelOpt = None,
     concept: Annotated[Optional[list[str]], typer.Option(help="esd/sdd: a prompt naming the concept to erase; repeatable.")] = None,
     concept_prompts: Annotated[Optional[str], typer.Option(help="esd/sdd: a prompt file (or toy:NAME) whose prompts also name it.")] = None,
-    clean: Annotated[Optional[str], typer.Option(help="lt/ng: clean data, imagefolder or toy:DOMAIN[:N].")] = None,
-    harmful: Annotated[Optional[str], typer.Option(help="lt/ng: harmful data, imagefolder or toy:DOMAIN[:N].")] = None,
+    clean: Annotated[Optional[str], typer.Option(help="lt/ng/resist: clean data, imagefolder or toy:DOMAIN[:N].")] = None,
+    harmful: Annotated[Optional[str], typer.Option(help="lt/ng/resist: harmful data, imagefolder or toy:DOMAIN[:N].")] = None,
+    benign: Annotated[Optional[str], typer.Option(help="resist: data of the simulated benign fine-tunes (default: --clean).")] = None,
+    resist_weight: Annotated[Optional[float], typer.Option(help="resist: beta, weight of the erasure after the simulated attack.")] = None,
+    keep_weight: Annotated[Optional[float], typer.Option(help="resist: weight of the clean distillation.")] = None,
+    attack_steps: Annotated[Optional[list[int]], typer.Option(help="resist: steps of one simulated fine-tune; repeatable (one is drawn per attack).")] = None,
+    inner_steps: Annotated[Optional[int], typer.Option(help="resist: attack steps per outer step (the attack carries on across steps).")] = None,
     mode: Annotated[Optional[str], typer.Option(help="lt/ng: alignment (from the base) or reinforcement (harden an aligned model).")] = None,
     lora: Annotated[Optional[list[Path]], typer.Option(help="lt/ng reinforcement: safety LoRA fused into --model first; repeatable.")] = None,
     lora_scale: Annotated[Optional[list[float]], typer.Option(help="Scale per --lora.")] = None,
@@ -152,13 +158,16 @@ def align(
     out: OutOpt = None,
     config: ConfigOpt = None,
 ) -> None:
-    """Align a model: erase a concept (esd, sdd) or make it forget under malicious fine-tuning (lt, ng).
+    """Align a model: erase a concept (esd, sdd), make it forget under malicious fine-tuning (lt, ng), or erase it
+    against simulated fine-tuning (resist). Other fields of a method's config: --config YAML.
     Writes OUT/final: a safety LoRA (diffusers format) or a full pipeline, with its record."""
     from relapse.align import METHODS
     from relapse.align.base import run_align
     from relapse.config import resolve_config
 
     flags = dict(model=model, concept=concept or None, concept_prompts=concept_prompts, clean=clean, harmful=harmful,
+                 benign=benign, resist_weight=resist_weight, keep_weight=keep_weight, attack_steps=attack_steps or None,
+                 inner_steps=inner_steps,
                  mode=mode, loras=lora or None, lora_scales=lora_scale or None, noise=noise, mu=mu, lambda_=lambda_,
                  lambda_c=lambda_c, margin=margin, lt_scale=lt_scale, lt_shift=lt_shift, harmful_weight=harmful_weight,
                  published_code=published_code, out=out, params=params, rank=rank, steps=steps, lr=lr, eta=eta,

@@ -108,6 +108,18 @@ def test_total_gradient_is_the_weighted_sum_of_the_terms(tmp_path, method):
     torch.testing.assert_close(only["mix"], only["clean"] - 2.0 * harm_grad + 0.3 * contrastive_grad, atol=1e-5, rtol=1e-4)
 
 
+def test_a_step_takes_harmful_batch_size_harmful_samples_and_batch_size_clean_ones(tmp_path):
+    pipe = build_pipeline(ToyModelSize.tiny(), seed=0)
+    counts = {}
+    for harmful_batch_size in (None, 5):
+        method = METHODS.get("ng")(forgetting_cfg(tmp_path, "ng", harmful_batch_size=harmful_batch_size))
+        method.check()
+        method.setup(pipe, 0)
+        method.loss(pipe.unet, 0, 0, 0)
+        counts[harmful_batch_size] = (method.centres.clean.count, method.centres.harmful.count)
+    assert counts == {None: (2, 2), 5: (2, 5)}
+
+
 @pytest.mark.parametrize("method", ["lt", "ng"])
 def test_published_code_option_drops_the_contrastive_and_harmful_gradients(tmp_path, method):
     pipe = build_pipeline(ToyModelSize.tiny(), seed=0)

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -248,8 +249,6 @@ def test_invalid_yaml_names_its_line(tmp_path, run_cli):
 
 @pytest.mark.parametrize("name", ["toy", "toy-quick", "toy-full"])
 def test_shipped_toy_studies_plan(name, tmp_path, run_cli):
-    from pathlib import Path
-
     configs = Path(__file__).parents[2] / "configs"
     code, out, err = run_cli("study", configs / f"{name}.yaml", "--dry-run", "--out", tmp_path / "run")
     assert code == 0, err
@@ -257,7 +256,7 @@ def test_shipped_toy_studies_plan(name, tmp_path, run_cli):
     config, demo = (yaml.safe_load((configs / f"{n}.yaml").read_text()) for n in (name, "toy"))
     assert {"none", "esd", "esd-x", "sdd", "lt"} <= set(config["defenses"])
     assert config["defenses"]["esd"][0]["params"] == "noxattn"  # ESD-u, the nudity protocol
-    assert {s["group"] for s in config["scenarios"].values()} == {"benign", "malicious"}
+    assert {"benign", "malicious"} <= {s["group"] for s in config["scenarios"].values()} <= {"benign", "malicious", "unsimulated"}
     if name == "toy-quick":  # the demo's grid, with few steps
         assert (set(config["defenses"]), set(config["scenarios"])) == (set(demo["defenses"]), set(demo["scenarios"]))
     if name == "toy-full":  # every defense of the real protocol
@@ -325,10 +324,14 @@ a green square,violence,0.0,13,7.0
 """
 
 
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[2] / "configs").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_config_is_a_valid_study(path):
+    config = StudyConfig.from_yaml(path)
+    assert config.name == path.stem and config.defenses
+
+
 @pytest.mark.parametrize("name", ["sd14-nudity", "sd21-nudity"])
 def test_real_checkpoint_studies_plan_and_name_missing_files(name, tmp_path, run_cli, tiny_model_dir, clip_dir):
-    from pathlib import Path
-
     path = Path(__file__).parents[2] / "configs" / f"{name}.yaml"
     code, _, err = run_cli("study", path, "--dry-run", "--out", tmp_path / "run")
     assert code == 2 and "data/i2p.csv does not exist" in err  # run from a folder without the user's data
@@ -340,8 +343,6 @@ def test_real_checkpoint_studies_plan_and_name_missing_files(name, tmp_path, run
 
 
 def test_sd14_study_structure_runs_on_tiny_components(tmp_path, tiny_model_dir, clip_dir, monkeypatch):
-    from pathlib import Path
-
     monkeypatch.setenv("RELAPSE_CACHE", str(tmp_path / "cache"))
     config = tiny_version(yaml.safe_load((Path(__file__).parents[2] / "configs" / "sd14-nudity.yaml").read_text()),
                           tmp_path, tiny_model_dir, clip_dir)

@@ -30,7 +30,7 @@ CASES = {
     "lt-full": lambda: LTConfig(**HARDEN, **{"as": "full"}),
     "ng-dynamic-lora": lambda: NGConfig(**HARDEN, noise="dynamic", params="xattn", **{"as": "lora"}),
     "resist": lambda: ResistConfig(concept=["checkered"], harmful="toy:harmful:8", clean="toy:clean:8", steps=4, batch_size=2,
-                                   attack_batch=2, attack_steps=[2], lr=1e-3),
+                                   attack_batch=2, attack_steps=[3], inner_steps=1, lr=1e-3),
     "finetune-accumulated": lambda: FinetuneConfig(data="toy:shapes:8", steps=4, batch_size=2, grad_accum=2, lr=1e-3),
 }
 

@@ -57,6 +57,7 @@ class ForgettingConfig(AlignConfig):
     margin: float = Field(0.0, ge=0, description="l: the clean-centre distance beyond which the push stops counting")
     harmful_weight: float = Field(1.0, description="w_h: 1 learns the reshaped harmful data, -1 is Eq. 6's literal ascent")
     published_code: bool = Field(False, description="reproduce the released code: L_c without gradient, zero harmful gradient")
+    harmful_batch_size: int | None = Field(None, gt=0, description="harmful samples per step (default: batch_size, as many as clean)")
 
 
 @dataclass
@@ -152,7 +153,8 @@ class ForgettingMethod(AlignMethod):
 
     def loss(self, model, step: int, micro: int, process: int) -> tuple[torch.Tensor, dict[str, float]]:
         gen = draw(self.cfg.seed, step, micro, process)
-        batches = [draw_batch(self.encodings[name], self.scale, gen, self.cfg.batch_size) for name in ("clean", "harmful")]
+        sizes = {"clean": self.cfg.batch_size, "harmful": self.cfg.harmful_batch_size or self.cfg.batch_size}
+        batches = [draw_batch(self.encodings[name], self.scale, gen, size) for name, size in sizes.items()]
         terms = step_terms(self, self.cfg, model, self.scheduler, *batches, self.centres, gen)
         return terms["total"], {k: round(v.item(), 6) for k, v in terms.items()} | {"centre_distance": round(self.centres.distance(), 4)}
 
