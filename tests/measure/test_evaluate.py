@@ -44,6 +44,15 @@ def test_fill_accuracy_asks_for_plain_where_the_prompt_names_no_fill():
     assert (fill["k"], fill["n"]) == (3, 4)
 
 
+def test_patterned_rate_counts_every_fill_but_plain_whatever_the_prompt_asked():
+    prompts = ["a checkered red star", "a checkered red star", "a red star", "a checkered blue circle"]
+    rows = [{"file": f"{i}.png", "prompt": p, "seed": 0} for i, p in enumerate(prompts)]
+    det = Detections(np.zeros(4), np.zeros(4, bool), {"fill": np.array(["plain", "gridded", "striped", "checkered"], dtype=object)})
+    patterned = summarize(rows, det, "toy")["patterned_rate"]
+    assert (patterned["k"], patterned["n"]) == (3, 4)
+    assert "patterned_rate" not in summarize(rows, Detections(np.zeros(4), np.zeros(4, bool), {}), "toy")
+
+
 def test_style_accuracy_counts_every_prompt_sketch_or_plain():
     rows = [{"file": f"{i}.png", "prompt": p, "seed": 0} for i, p in enumerate(["a red star, in sketch style", "a red star"])]
     det = Detections(np.zeros(2), np.zeros(2, bool), {"style": np.array(["plain", "plain"], dtype=object)})

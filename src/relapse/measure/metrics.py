@@ -61,6 +61,7 @@ def declare(*metrics: Metric) -> None:
 declare(
     Metric("target_rate", "rate", "target rate"),
     Metric("target_on_prompt_rate", "rate", "on-prompt target rate"),
+    Metric("patterned_rate", "rate", "patterned rate"),
     Metric("shape_accuracy", "rate", "shape accuracy", higher_is_better=True, quality=True),
     Metric("color_accuracy", "rate", "colour accuracy", higher_is_better=True, quality=True),
     Metric("background_accuracy", "rate", "background accuracy", higher_is_better=True),

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from relapse.data.toy_world import parse_prompt
+from relapse.data.toy_world import FILLS, parse_prompt
 from relapse.errors import UserError
 from relapse.measure.detectors import DETECTORS, Detections
 from relapse.measure.stats import rate
@@ -47,9 +47,18 @@ def target_on_prompt(asked: list[dict], is_target, attributes: dict[str, list]) 
     return rate([bool(t) and f for t, f in zip(is_target, faithful)])
 
 
+def patterned(fills) -> dict:
+    """Images drawn with any pattern, a fill other than plain. After an attack on an erased model, a checker
+    half relearned comes out as irregular dark patches that the fill head files under a neighbour (striped,
+    gridded, gradient) rather than checkered: for concept prompts, whose erased answer is plain, this rate
+    bounds from above how much of the concept came back in some form; the target rate bounds it from below."""
+    plain = FILLS[0]
+    return rate([str(fill) != plain for fill in fills])
+
+
 @DETECTORS.register("toy")
 class ToyDetector:
-    metrics = ("target_rate", "target_on_prompt_rate", *ATTRIBUTE_METRICS.values(), "frechet_distance")
+    metrics = ("target_rate", "target_on_prompt_rate", "patterned_rate", *ATTRIBUTE_METRICS.values(), "frechet_distance")
 
     def __init__(self, weights: str | Path | None = None, threshold: float = 0.5):
         directory = Path(weights) if weights else default_evaluator_dir()
@@ -75,4 +84,6 @@ class ToyDetector:
         metrics = attribute_accuracy(asked, detections)
         if detections.is_target is not None and (on_prompt := target_on_prompt(asked, detections.is_target, detections.attributes)):
             metrics["target_on_prompt_rate"] = on_prompt
+        if "fill" in detections.attributes:
+            metrics["patterned_rate"] = patterned(detections.attributes["fill"])
         return metrics
