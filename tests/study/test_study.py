@@ -18,7 +18,7 @@ from relapse.study.config import StudyConfig
 from relapse.study.executor import Executor
 from relapse.study.lock import run_lock
 from relapse.study.plan import build_plan
-from relapse.study.run import StudyRunConfig, run_study
+from relapse.study.run import StudyRunConfig, prepare_run_dir, run_study
 
 
 @pytest.fixture
@@ -193,6 +193,18 @@ def test_a_study_folder_with_another_config_is_refused(study_yaml, tmp_path):
     other.write_text(yaml.safe_dump(config))
     with pytest.raises(UserError, match="another config"):
         run_study(StudyRunConfig(config=other, out=run_dir, resume=True))
+
+
+def test_a_study_folder_saved_before_a_field_was_added_resumes(study_yaml, tmp_path):
+    config = StudyConfig(**yaml.safe_load(study_yaml.read_text())).model_dump(mode="json")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    del config["sampler"]["batch_size"]  # as a folder written by a version without that field would hold it
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    prepare_run_dir(StudyConfig(**yaml.safe_load(study_yaml.read_text())), run_dir, resume=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config | {"seeds": [7]}))
+    with pytest.raises(UserError, match="another config"):
+        prepare_run_dir(StudyConfig(**yaml.safe_load(study_yaml.read_text())), run_dir, resume=True)
 
 
 @pytest.mark.parametrize("change, message", [

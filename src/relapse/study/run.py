@@ -49,12 +49,23 @@ def prepare_run_dir(cfg: StudyConfig, run_dir: Path, resume: bool) -> None:
     saved = run_dir / "config.yaml"
     resolved = cfg.model_dump(mode="json")
     if saved.is_file():
-        if yaml.safe_load(saved.read_text()) != resolved:
+        if not same_study(yaml.safe_load(saved.read_text()), resolved):
             raise UserError(f"{run_dir} holds a study with another config; choose another --out")
         if not resume:
             raise UserError(f"{run_dir} already holds this study; pass --resume to continue it")
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text(saved, yaml.safe_dump(resolved, sort_keys=False))
+
+
+def same_study(saved: dict, resolved: dict) -> bool:
+    """Whether a run folder's saved config is this one. A key the saved one lacks is a field added since the
+    folder was written: it does not make another study (step keys hash each step's own settings, so a step
+    whose settings it changes reruns rather than mixing)."""
+    if isinstance(saved, dict) and isinstance(resolved, dict):
+        return saved.keys() <= resolved.keys() and all(same_study(saved[k], resolved[k]) for k in saved)
+    if isinstance(saved, list) and isinstance(resolved, list):
+        return len(saved) == len(resolved) and all(same_study(a, b) for a, b in zip(saved, resolved))
+    return saved == resolved
 
 
 class Study:
