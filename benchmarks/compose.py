@@ -18,9 +18,8 @@ import torch
 from peft import LoraConfig
 
 from relapse.data.prompts import read_prompts
-from relapse.finetuning.methods import LORA_TARGETS
 from relapse.models.loading import load_pipeline
-from relapse.models.lora import LoraSpec, merge_loras, save_unet_lora
+from relapse.models.lora import LORA_TARGETS, LoraSpec, merge_loras, save_unet_lora
 from relapse.sampling import SamplerConfig, generate_images
 
 

@@ -48,9 +48,8 @@ from pydantic import Field
 
 from relapse.align import METHODS
 from relapse.align.erasure import ConceptConfig, ConceptMethod
+from relapse.models.lora import LORA_TARGETS
 from relapse.train.engine import batch_at, draw, draw_rows
-
-ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")  # what a LoRA fine-tune adapts (diffusers' recipe)
 
 
 class ResistConfig(ConceptConfig):
@@ -253,7 +252,7 @@ class Resist(ConceptMethod):
         weights = {n: p for n, p in self.pipe.unet.named_parameters() if "lora_" not in n}
         if method == "full":
             return weights
-        stems = tuple(f".{proj}.weight" for proj in ATTENTION_PROJECTIONS) + tuple(f".{proj}.base_layer.weight" for proj in ATTENTION_PROJECTIONS)
+        stems = tuple(f".{proj}{suffix}" for proj in LORA_TARGETS for suffix in (".weight", ".base_layer.weight"))
         return {n: p for n, p in weights.items() if n.endswith(stems) and p.dim() == 2}
 
     # -- the outer step -----------------------------------------------------------------------------------------

@@ -7,8 +7,7 @@ import torch
 from relapse.errors import UserError
 from relapse.finetuning import METHODS
 from relapse.finetuning.base import FinetuneMethod
-
-LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]  # diffusers' train_text_to_image_lora.py
+from relapse.models.lora import LORA_TARGETS
 
 
 @METHODS.register("full")

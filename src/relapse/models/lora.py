@@ -8,6 +8,7 @@ from pathlib import Path
 from relapse.errors import UserError
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' default file name
+LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]  # what a LoRA fine-tune adapts: diffusers' train_text_to_image_lora.py
 
 
 @dataclass(frozen=True)
