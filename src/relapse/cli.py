@@ -28,6 +28,8 @@ BatchOpt = Annotated[Optional[int], typer.Option(help="Images per pipeline call.
 # The training engine's own flags, the same for every training command.
 GradAccumOpt = Annotated[Optional[int], typer.Option(help="Gradient accumulation steps.")]
 PrecisionOpt = Annotated[Optional[str], typer.Option(help="no, fp16 or bf16.")]
+LrScheduleOpt = Annotated[Optional[str], typer.Option(help="constant, cosine or linear (decayed to 0 by the last step).")]
+WarmupOpt = Annotated[Optional[int], typer.Option(help="Steps of linear learning-rate warm-up.")]
 CheckpointOpt = Annotated[Optional[int], typer.Option(help="Resumable checkpoint every K steps.")]
 ResumeOpt = Annotated[Optional[bool], typer.Option("--resume", help="Continue from the newest checkpoint in --out.")]
 
@@ -150,6 +152,8 @@ def align(
     anchor: Annotated[Optional[str], typer.Option(help="esd/sdd: empty (as published) or strip (the prompt minus the --concept words).")] = None,
     sample_steps: Annotated[Optional[int], typer.Option(help="esd/sdd: DDIM steps of the sampler that makes x_t.")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Training batch size (lt/ng: per class, clean and harmful).")] = None,
+    lr_schedule: LrScheduleOpt = None,
+    lr_warmup_steps: WarmupOpt = None,
     grad_accum: GradAccumOpt = None,
     mixed_precision: PrecisionOpt = None,
     checkpoint_every: CheckpointOpt = None,
@@ -171,7 +175,8 @@ def align(
                  mode=mode, loras=lora or None, lora_scales=lora_scale or None, noise=noise, mu=mu, lambda_=lambda_,
                  lambda_c=lambda_c, margin=margin, lt_scale=lt_scale, lt_shift=lt_shift, harmful_weight=harmful_weight,
                  published_code=published_code, out=out, params=params, rank=rank, steps=steps, lr=lr, eta=eta,
-                 anchor=anchor, sample_steps=sample_steps, batch_size=batch_size, grad_accum=grad_accum,
+                 anchor=anchor, sample_steps=sample_steps, batch_size=batch_size, lr_schedule=lr_schedule,
+                 lr_warmup_steps=lr_warmup_steps, grad_accum=grad_accum,
                  mixed_precision=mixed_precision, checkpoint_every=checkpoint_every, resume=resume, seed=seed, as_=as_)
     config_class = METHODS.get(method).config
     foreign = [name for name, value in flags.items() if value is not None and name not in config_class.model_fields]
@@ -193,6 +198,8 @@ def finetune(
     steps: Annotated[Optional[int], typer.Option(help="Optimizer steps.")] = None,
     lr: Annotated[Optional[float], typer.Option(help="Learning rate.")] = None,
     batch_size: BatchOpt = None,
+    lr_schedule: LrScheduleOpt = None,
+    lr_warmup_steps: WarmupOpt = None,
     grad_accum: GradAccumOpt = None,
     mixed_precision: PrecisionOpt = None,
     save_at: Annotated[Optional[str], typer.Option(help="Comma-separated steps to also save at, e.g. 20,100,200.")] = None,
@@ -211,7 +218,8 @@ def finetune(
     except ValueError:
         raise UserError(f"--save-at takes comma-separated integers, got {save_at!r}") from None
     cfg = resolve_config(FinetuneConfig, config, data=data, method=method, model=model, loras=lora or None,
-                         lora_scales=lora_scale or None, rank=rank, steps=steps, lr=lr, batch_size=batch_size,
+                         lora_scales=lora_scale or None, rank=rank, steps=steps, lr=lr, lr_schedule=lr_schedule,
+                         lr_warmup_steps=lr_warmup_steps, batch_size=batch_size,
                          grad_accum=grad_accum, mixed_precision=mixed_precision, save_at=steps_to_save,
                          checkpoint_every=checkpoint_every, resume=resume, seed=seed, out=out)
     typer.echo(f"fine-tuned ({cfg.method}) -> {run_finetune(cfg)}")

@@ -32,6 +32,8 @@ CASES = {
     "resist": lambda: ResistConfig(concept=["checkered"], harmful="toy:harmful:8", clean="toy:clean:8", steps=4, batch_size=2,
                                    attack_batch=2, attack_steps=[3], inner_steps=1, lr=1e-3),
     "finetune-accumulated": lambda: FinetuneConfig(data="toy:shapes:8", steps=4, batch_size=2, grad_accum=2, lr=1e-3),
+    "finetune-cosine": lambda: FinetuneConfig(data="toy:shapes:8", steps=4, batch_size=2, lr=1e-3, lr_schedule="cosine",
+                                              lr_warmup_steps=1),
 }
 
 
@@ -91,3 +93,12 @@ def test_a_run_folder_that_holds_a_run_is_not_overwritten(tmp_path, tiny_model_d
     (tmp_path / "taken" / "final").mkdir()
     with pytest.raises(UserError, match="already holds a run; pass --resume"):
         run_training(method_for(config("esd", tmp_path, tiny_model_dir, "taken")))
+
+
+def test_a_schedule_steps_once_per_optimizer_step_and_ends_near_zero(tmp_path, tiny_model_dir):
+    cfg = FinetuneConfig(data="toy:shapes:8", steps=5, batch_size=2, grad_accum=2, lr=1e-3, lr_schedule="cosine", lr_warmup_steps=1,
+                         model=str(tiny_model_dir), out=tmp_path / "run", cache_dir=tmp_path / "cache")
+    final = run_training(method_for(cfg))
+    lrs = [entry["lr"] for entry in json.loads(next(final.glob("relapse_*.json")).read_text())["history"]]
+    assert lrs[0] == 0 and lrs[1] == pytest.approx(1e-3)  # warm-up from 0, then cosine down from lr
+    assert lrs[1] > lrs[2] > lrs[3] > lrs[4] > 0 and lrs[4] < 2e-4

@@ -43,6 +43,9 @@ class TrainConfig(BaseModel):
     rank: int = Field(4, gt=0, description="LoRA rank (lora_alpha = rank)")
     steps: int = Field(200, gt=0, description="optimizer steps")
     lr: float = Field(1e-3, gt=0)
+    lr_schedule: Literal["constant", "cosine", "linear"] = Field(
+        "constant", description="the learning rate over the run, after warm-up (diffusers' schedules): constant, or decayed to 0")
+    lr_warmup_steps: int = Field(0, ge=0, description="steps of linear warm-up from 0 to lr")
     weight_decay: float = Field(0.01, ge=0, description="AdamW's decoupled weight decay")
     batch_size: int = Field(4, gt=0, description="per process and micro-step")
     grad_accum: int = Field(1, gt=0, description="micro-steps per optimizer step")
@@ -235,11 +238,13 @@ def fit(pipe, method: TrainingMethod, params: list[torch.nn.Parameter], accelera
     """The loop; the history of logged values, one entry per optimizer step."""
     cfg = method.cfg
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    schedule = lr_schedule(cfg, optimizer)
     model, optimizer = accelerator.prepare(pipe.unet, optimizer)
     history, last_good = [], None
     if out is not None and cfg.resume and (found := latest_checkpoint(out)):
         history = load_checkpoint(accelerator, method, found)
         last_good = found
+        fast_forward(schedule, len(history))
     bar = progress(range(len(history), cfg.steps), initial=len(history), total=cfg.steps, desc=method.label,
                    disable=not accelerator.is_local_main_process)
     model.train()
@@ -255,6 +260,9 @@ def fit(pipe, method: TrainingMethod, params: list[torch.nn.Parameter], accelera
                     accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad()
+        if cfg.lr_schedule != "constant" or cfg.lr_warmup_steps:
+            logged = logged | {"lr": schedule.get_last_lr()[0]}
+        schedule.step()
         method.after_step()
         history.append(logged)
         bar.set_postfix({k: f"{v:.4g}" for k, v in logged.items()})
@@ -262,6 +270,24 @@ def fit(pipe, method: TrainingMethod, params: list[torch.nn.Parameter], accelera
             last_good = save_progress(pipe, method, accelerator, out, history) or last_good
     model.eval()
     return history
+
+
+def lr_schedule(cfg: TrainConfig, optimizer):
+    """diffusers' schedule of the learning rate, stepped once per optimizer step (not prepared by accelerate,
+    which would step it once per process)."""
+    from diffusers.optimization import get_scheduler
+
+    return get_scheduler(cfg.lr_schedule, optimizer, num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=cfg.steps)
+
+
+def fast_forward(schedule, steps: int) -> None:
+    """Put a resumed run's schedule where it was: the schedule is a function of the step, so nothing is saved."""
+    import warnings
+
+    with warnings.catch_warnings():  # torch warns that the optimizer has not stepped yet: here it has, before the checkpoint
+        warnings.simplefilter("ignore")
+        for _ in range(steps):
+            schedule.step()
 
 
 def save_progress(pipe, method: TrainingMethod, accelerator, out: Path, history: list[dict]) -> Path | None:
