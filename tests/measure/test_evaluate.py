@@ -9,9 +9,13 @@ from relapse.measure.toy_evaluator import ToyEvaluator
 from tests.conftest import random_images
 
 
+def manifest_rows(prompts: list[str]) -> list[dict]:
+    """The manifest rows of one image per prompt."""
+    return [{"file": f"{i}.png", "prompt": p, "seed": 0} for i, p in enumerate(prompts)]
+
+
 def test_summary_counts_target_rate_and_attribute_accuracy():
-    rows = [{"file": f"{i}.png", "prompt": p, "seed": 0} for i, p in enumerate(
-        ["a red star", "a checkered blue circle", "a green square", "something unnamed"])]
+    rows = manifest_rows(["a red star", "a checkered blue circle", "a green square", "something unnamed"])
     det = Detections(np.array([0.1, 0.9, 0.2, 0.7]), np.array([False, True, False, True]),
                      {"shape": np.array(["star", "circle", "circle", "star"], dtype=object),
                       "color": np.array(["red", "blue", "green", "red"], dtype=object)})
@@ -28,7 +32,7 @@ def test_target_on_prompt_counts_only_flagged_images_of_the_asked_shape_and_colo
     det = Detections(np.ones(4), np.array([True, True, False, True]),
                      {"shape": np.array(["star", "moon", "circle", "star"], dtype=object),
                       "color": np.array(["red", "red", "blue", "green"], dtype=object)})
-    rows = [{"file": f"{i}.png", "prompt": p, "seed": 0} for i, p in enumerate(prompts)]
+    rows = manifest_rows(prompts)
     on_prompt = summarize(rows, det, "toy")["target_on_prompt_rate"]
     # 0: flagged and faithful; 1: wrong shape (noise the detector calls checkered); 2: not flagged;
     # 3: the prompt names neither shape nor colour, so the flag alone counts
@@ -38,7 +42,7 @@ def test_target_on_prompt_counts_only_flagged_images_of_the_asked_shape_and_colo
 
 def test_fill_accuracy_asks_for_plain_where_the_prompt_names_no_fill():
     prompts = ["a striped red star", "a red star", "a dotted blue circle", "a gradient green square"]
-    rows = [{"file": f"{i}.png", "prompt": p, "seed": 0} for i, p in enumerate(prompts)]
+    rows = manifest_rows(prompts)
     det = Detections(np.zeros(4), np.zeros(4, bool), {"fill": np.array(["striped", "plain", "gridded", "gradient"], dtype=object)})
     fill = summarize(rows, det, "toy")["fill_accuracy"]
     assert (fill["k"], fill["n"]) == (3, 4)
@@ -46,7 +50,7 @@ def test_fill_accuracy_asks_for_plain_where_the_prompt_names_no_fill():
 
 def test_patterned_rate_counts_every_fill_but_plain_whatever_the_prompt_asked():
     prompts = ["a checkered red star", "a checkered red star", "a red star", "a checkered blue circle"]
-    rows = [{"file": f"{i}.png", "prompt": p, "seed": 0} for i, p in enumerate(prompts)]
+    rows = manifest_rows(prompts)
     det = Detections(np.zeros(4), np.zeros(4, bool), {"fill": np.array(["plain", "gridded", "striped", "checkered"], dtype=object)})
     patterned = summarize(rows, det, "toy")["patterned_rate"]
     assert (patterned["k"], patterned["n"]) == (3, 4)
@@ -54,7 +58,7 @@ def test_patterned_rate_counts_every_fill_but_plain_whatever_the_prompt_asked():
 
 
 def test_style_accuracy_counts_every_prompt_sketch_or_plain():
-    rows = [{"file": f"{i}.png", "prompt": p, "seed": 0} for i, p in enumerate(["a red star, in sketch style", "a red star"])]
+    rows = manifest_rows(["a red star, in sketch style", "a red star"])
     det = Detections(np.zeros(2), np.zeros(2, bool), {"style": np.array(["plain", "plain"], dtype=object)})
     style = summarize(rows, det, "toy")["style_accuracy"]
     assert (style["rate"], style["n"], style["k"]) == (0.5, 2, 1)
