@@ -28,6 +28,7 @@ _EXPORTS = {
     "erase": ("relapse.align.base", "erase"),
     "harden": ("relapse.align.base", "harden"),
     "finetune": ("relapse.finetuning.base", "finetune"),
+    "audit": ("relapse.audit.audit", "audit"),
     "TrainedModule": ("relapse.train.module", "TrainedModule"),
     "SafetyModule": ("relapse.train.module", "TrainedModule"),  # what erase and harden return: the same class
     "ESDConfig": ("relapse.align.esd", "ESDConfig"),

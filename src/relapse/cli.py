@@ -25,6 +25,7 @@ StepsOpt = Annotated[Optional[int], typer.Option(help="Denoising steps.")]
 GuidanceOpt = Annotated[Optional[float], typer.Option(help="Classifier-free guidance scale.")]
 PerPromptOpt = Annotated[Optional[int], typer.Option(help="Images per prompt (image k uses seed + k).")]
 BatchOpt = Annotated[Optional[int], typer.Option(help="Images per pipeline call.")]
+DeviceOpt = Annotated[Optional[str], typer.Option(help="cpu, cuda, ... (default: cuda when available).")]
 # The training engine's own flags, the same for every training command.
 GradAccumOpt = Annotated[Optional[int], typer.Option(help="Gradient accumulation steps.")]
 PrecisionOpt = Annotated[Optional[str], typer.Option(help="no, fp16 or bf16.")]
@@ -82,7 +83,7 @@ def generate(
     steps: StepsOpt = None,
     guidance: GuidanceOpt = None,
     batch_size: BatchOpt = None,
-    device: Annotated[Optional[str], typer.Option(help="cpu, cuda, ... (default: cuda when available).")] = None,
+    device: DeviceOpt = None,
     config: ConfigOpt = None,
 ) -> None:
     """Generate images from a prompt set: PNGs plus manifest.jsonl and run.json."""
@@ -223,6 +224,54 @@ def finetune(
                          grad_accum=grad_accum, mixed_precision=mixed_precision, save_at=steps_to_save,
                          checkpoint_every=checkpoint_every, resume=resume, seed=seed, out=out)
     typer.echo(f"fine-tuned ({cfg.method}) -> {run_finetune(cfg)}")
+
+
+@app.command()
+def audit(
+    lora: Annotated[Optional[Path], typer.Argument(help="The LoRA to audit: a .safetensors file or a folder holding one "
+                                                        "(diffusers, peft or kohya format).")] = None,
+    model: ModelOpt = None,
+    safety: Annotated[Optional[list[Path]], typer.Option(help="Safety LoRA fused into --model first; repeatable.")] = None,
+    safety_scale: Annotated[Optional[list[float]], typer.Option(help="Scale per --safety.")] = None,
+    base: Annotated[Optional[str], typer.Option(help="The unaligned model, when --model is a full-weights defense "
+                                                     "(the pre-screen needs dW_safe).")] = None,
+    prompts: Annotated[Optional[str], typer.Option(help="The concept's prompts (default on the toy model: toy:target_direct).")] = None,
+    lora_prompts: Annotated[Optional[str], typer.Option(help="The LoRA's own prompts: the quality it is for.")] = None,
+    fail_above: Annotated[Optional[float], typer.Option(help="FAIL (exit 1) when the target rate with the LoRA is above this.")] = None,
+    detector: Annotated[Optional[str], typer.Option(help="Detector (default: toy on the toy model, nudenet otherwise).")] = None,
+    screen_only: Annotated[Optional[bool], typer.Option("--screen-only", help="The weight-space pre-screen alone: no images, no verdict.")] = None,
+    images_per_prompt: PerPromptOpt = None,
+    seed: SeedOpt = None,
+    steps: StepsOpt = None,
+    guidance: GuidanceOpt = None,
+    batch_size: BatchOpt = None,
+    device: DeviceOpt = None,
+    out: OutOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Does LORA undo the safety alignment of the model it will run on? A weight-space pre-screen, then the target rate
+    of the aligned model with and without it; PASS (exit 0) or FAIL (exit 1); OUT/audit.json and audit.html."""
+    from relapse.audit.audit import AuditConfig, run_audit
+    from relapse.config import resolve_config
+
+    cfg = resolve_config(AuditConfig, config, lora=lora, model=model, safety=safety or None, safety_scales=safety_scale or None,
+                         base=base, prompts=prompts, lora_prompts=lora_prompts, fail_above=fail_above, detector=detector,
+                         screen_only=screen_only, images_per_prompt=images_per_prompt, seed=seed, steps=steps,
+                         guidance=guidance, batch_size=batch_size, device=device, out=out)
+    result, folder = run_audit(cfg)
+    screen = result["screen"]
+    if screen:
+        typer.echo(f"screen: cos(dW_lora, -dW_safe) {screen['cosine_to_undo']:+.3f}, projection {screen['projection_to_undo']:+.3f}, "
+                   f"subspace share {screen['safe_subspace_share']:.3f}")
+    if result["verdict"] is None:
+        typer.echo(f"screened only -> {folder}")
+        return
+    rates = {key: result[key]["target_rate"] for key in ("aligned", "with_lora")}
+    typer.echo(f"{result['verdict']}: target rate {100 * rates['with_lora']['rate']:.1f}% with the LoRA "
+               f"({100 * rates['aligned']['rate']:.1f}% without; n = {rates['with_lora']['n']}), threshold "
+               f"{100 * result['fail_above']:.1f}% -> {folder}")
+    if result["verdict"] == "FAIL":
+        raise typer.Exit(1)
 
 
 @app.command()

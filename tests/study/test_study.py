@@ -56,6 +56,18 @@ def test_plan_shares_steps_between_cells(study_yaml):
     assert len(plan.cells) == 3 * (2 + 2 + 1 + 2)  # before (2) + attack at 0 (2), 1 (1), 2 (2)
 
 
+def test_align_once_attacks_one_aligned_model_with_every_seed(study_yaml):
+    config = yaml.safe_load(study_yaml.read_text()) | {"seeds": [3, 4]}
+    replicated, once = (build_plan(StudyConfig(**config, align_once=flag)) for flag in (False, True))
+    aligns = [[s for s in plan.steps if s.kind == "align"] for plan in (replicated, once)]
+    assert len(aligns[0]) == 2 * len(aligns[1]) == 4
+    assert {s.spec["seed"] for s in aligns[1]} == {3}  # the first seed aligns
+    finetunes = [s for s in once.steps if s.kind == "finetune" and "on esd " in s.label]
+    assert [s.spec["seed"] for s in finetunes] == [3, 4]  # each seed attacks ...
+    assert len({json.dumps(s.spec["on"], sort_keys=True) for s in finetunes}) == 1  # ... the same aligned model
+    assert len(once.cells) == len(replicated.cells)  # every seed still scores every cell
+
+
 def kill_study_after(study_yaml, run_dir, finished: int) -> None:
     """Start `relapse study` in its own process group and SIGKILL the whole group once ``finished`` steps are done."""
     command = [sys.executable, "-m", "relapse.cli", "study", str(study_yaml), "--out", str(run_dir)]
@@ -266,7 +278,7 @@ def test_shipped_toy_studies_plan(name, tmp_path, run_cli):
     assert code == 0, err
     assert "finetune" in out and "weights" in out and not (tmp_path / "run").exists()
     config, demo = (yaml.safe_load((configs / f"{n}.yaml").read_text()) for n in (name, "toy"))
-    assert {"none", "esd", "esd-x", "sdd", "lt"} <= set(config["defenses"])
+    assert {"none", "esd", "sdd", "lt", "ng", "esd+lt", "resist"} <= set(config["defenses"])  # issue 13: side by side
     assert config["defenses"]["esd"][0]["params"] == "noxattn"  # ESD-u, the nudity protocol
     assert {"benign", "malicious"} <= {s["group"] for s in config["scenarios"].values()} <= {"benign", "malicious", "unsimulated"}
     if name == "toy-quick":  # the demo's grid, with few steps
@@ -437,7 +449,8 @@ def test_a_scenario_can_train_on_the_base_models_own_generations(study_yaml, tmp
     assert record["dataset"] == str(made[0].path(run_dir)) and record["n_images"] == 4
     weights = [r for r in json.loads((run_dir / "results.json").read_text())["rows"] if r["detector"] == "weights"]
     assert {r["defense"] for r in weights} == {"esd"}  # the unaligned base has no alignment to undo
-    assert {r["metric"] for r in weights} == {"update_cosine_to_undo", "update_norm_ft", "update_norm_safe"}
+    assert {r["metric"] for r in weights} == {"update_cosine_to_undo", "update_projection_to_undo", "update_safe_subspace_share",
+                                              "update_norm_ft", "update_norm_safe"}
     cosine = next(r["value"] for r in weights if r["metric"] == "update_cosine_to_undo")
     assert -1 <= cosine <= 1 and all(r["value"] > 0 for r in weights if "norm" in r["metric"])
 

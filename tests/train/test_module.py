@@ -24,3 +24,25 @@ def test_a_lora_applied_from_memory_equals_the_saved_one_loaded_by_diffusers(tmp
     for name, weight in in_memory.unet.state_dict().items():
         assert torch.equal(weight, ours.unet.state_dict()[name]) and torch.allclose(weight, plain.unet.state_dict()[name], atol=1e-6)
     assert TrainedModule.load(tmp_path / "run").record["method"] == "esd"
+
+
+def test_a_lora_with_its_own_alpha_applies_from_memory_as_its_file_does(tmp_path):
+    """A third-party LoRA may train with lora_alpha != rank; in memory no LoraConfig reaches diffusers, so the
+    module bakes alpha / rank into lora_B (alpha 4 at rank 2 here, and 1 on one module by alpha_pattern)."""
+    from peft import LoraConfig
+
+    from relapse.models.lora import save_unet_lora
+
+    source = build_pipeline(ToyModelSize.tiny(), seed=0)
+    torch.manual_seed(1)
+    source.unet.add_adapter(LoraConfig(r=2, lora_alpha=4, alpha_pattern={"down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q": 1},
+                                       target_modules=["to_q", "to_v"], init_lora_weights=False))
+    save_unet_lora(source.unet, tmp_path / "lora")
+    from_file, from_memory, base = (build_pipeline(ToyModelSize.tiny(), seed=0) for _ in range(3))
+    merge_loras(from_file, [LoraSpec(tmp_path / "lora")])
+    TrainedModule.load(tmp_path / "lora").apply(from_memory)
+    changed = 0
+    for name, weight in from_file.unet.state_dict().items():
+        assert torch.allclose(weight, from_memory.unet.state_dict()[name], atol=1e-6), name
+        changed += not torch.equal(weight, base.unet.state_dict()[name])
+    assert changed > 0

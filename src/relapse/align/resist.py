@@ -62,7 +62,10 @@ class ResistConfig(ConceptConfig):
     eta: float = Field(1.0, description="ESD negative-guidance strength")
     keep_weight: float = Field(1.0, ge=0, description="lambda_keep: weight of clean distillation")
     resist_weight: float = Field(1.0, ge=0, description="beta: weight of the erasure after the simulated attack")
-    attack_methods: list[Literal["lora", "full"]] = Field(["lora", "full"], min_length=1)
+    attack_methods: list[Literal["lora", "full"]] = Field(["full"], min_length=1, description=
+                                                          "what simulated attacks train (one drawn per attack): every "
+                                                          "UNet weight, or a LoRA; full alone held both kinds of real "
+                                                          "attack on the toy model (docs/methods.md)")
     attack_lora_lrs: list[float] = Field([1e-3, 3e-3], min_length=1, description="learning rates of simulated LoRA attacks")
     attack_full_lrs: list[float] = Field([1e-4, 3e-4], min_length=1, description="learning rates of simulated full attacks")
     attack_steps: list[int] = Field([200], min_length=1, description="steps of one simulated fine-tune (one is drawn per attack)")

@@ -31,3 +31,14 @@ def mean_ci(values, z: float = 1.959964) -> dict[str, object]:
     sd = math.sqrt(math.fsum((x - mean) ** 2 for x in xs) / (n - 1)) if n > 1 else float("nan")
     half = z * sd / math.sqrt(n) if n > 1 else float("nan")
     return {"mean": round(mean, 4), "sd": round(sd, 4), "ci95": [round(mean - half, 4), round(mean + half, 4)], "n": n}
+
+
+def rank_correlation(x: list[float], y: list[float]) -> float | None:
+    """Spearman's rank correlation (ties share their mean rank), by torchmetrics; None below 3 pairs or
+    when either side is constant (no ranking to compare)."""
+    if len(x) < 3 or len(set(x)) < 2 or len(set(y)) < 2:
+        return None
+    import torch
+    from torchmetrics.functional import spearman_corrcoef
+
+    return float(spearman_corrcoef(torch.tensor(x, dtype=torch.float64), torch.tensor(y, dtype=torch.float64)))

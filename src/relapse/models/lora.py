@@ -96,6 +96,16 @@ def resolve_lora_specs(paths: list[Path], scales: list[float]) -> list[LoraSpec]
     return [LoraSpec(checked_lora_file(path), scale) for path, scale in zip(paths, scales or [1.0] * len(paths))]
 
 
+def _drop_adapter(pipe, name: str) -> None:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for module in pipe.unet.modules():
+        if isinstance(module, BaseTunerLayer) and name in module.lora_A:
+            module.delete_adapter(name)
+    if not any(isinstance(module, BaseTunerLayer) and module.lora_A for module in pipe.unet.modules()):
+        pipe.unload_lora_weights()  # no adapter left: back to plain modules
+
+
 def merge_loras(pipe, loras: list[LoraSpec], fuse: bool = True) -> list[str]:
     """Attach each LoRA as a named adapter with its scale; with ``fuse``, bake them into the weights.
 
@@ -116,6 +126,7 @@ def merge_loras(pipe, loras: list[LoraSpec], fuse: bool = True) -> list[str]:
                     file = checked_lora_file(spec.source)
                     pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=name, use_safetensors=True)
             except (RuntimeError, ValueError, KeyError) as exc:
+                _drop_adapter(pipe, name)  # a failed load can leave the adapter half injected: the model stays as it was
                 raise UserError(f"LoRA {spec.label} does not fit this model: {str(exc).strip().splitlines()[0][:200]}") from None
             names.append(name)
     finally:

@@ -11,9 +11,7 @@ tables, and image grids of the same prompts and seeds across models.
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import json
 import statistics
 from pathlib import Path
@@ -22,22 +20,10 @@ import numpy as np
 
 from relapse.errors import UserError
 from relapse.measure.metrics import HEADLINE_METRIC, METRICS, ON_PROMPT_METRIC
+from relapse.report.page import figure_png, grid_figure, img, write_page
 
 REPORT = "report.html"
 GRID_IMAGES = 8
-STYLE = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:72em;color:#222}
-table{border-collapse:collapse;font-size:.9em}td,th{border:1px solid #ccc;padding:.3em .6em;text-align:right}
-th:first-child,td:first-child{text-align:left}img{max-width:100%}figure{margin:1em 0}figcaption{color:#555;font-size:.9em}"""
-
-
-def _png(fig) -> str:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
-    return base64.b64encode(buffer.getvalue()).decode()
-
-
-def _img(data: str, alt: str) -> str:
-    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
 
 
 def over_seeds(rows: list[dict]) -> tuple[float, float, int] | None:
@@ -152,6 +138,18 @@ def headline_section(res: StudyResults) -> list[str]:
     return parts or [headline_table(res, res.metric)]
 
 
+def off_prompt_section(res: StudyResults) -> list[str]:
+    """The concept where no prompt asks for it: the target rate on the quality prompt sets, before fine-tuning and at
+    each scenario's end. A defense can hold on the prompts that name the concept while a fine-tune brings it back on
+    every other prompt."""
+    parts = []
+    for prompt_set in sorted(res.quality_sets):
+        if any(r["scenario"] != "before" for r in res.values(prompt_set=prompt_set, metric=res.metric)):
+            parts += [f"<h3>Off-prompt: <code>{html.escape(prompt_set)}</code>, prompts that do not ask for the concept</h3>",
+                      headline_table(res, res.metric, prompt_set=prompt_set)]
+    return parts
+
+
 def other_detectors_section(res: StudyResults) -> list[str]:
     """The headline table by every other detector (NudeNet thresholds, Q16, IP = NudeNet or Q16, ...)."""
     others = [d for d in res.detectors() if d != res.detector and d != "weights"]
@@ -184,30 +182,91 @@ def _mean_sd_cell(rows: list[dict], scale: float, digits: int = 1) -> str:
     return f"<td>{scale * mean:.{digits}f} &plusmn; {scale * sd:.{digits}f}</td>"
 
 
+SCREEN_METRICS = {"update_cosine_to_undo": "cos(dW_ft, &minus;dW_safe)", "update_projection_to_undo": "projection onto &minus;dW_safe",
+                  "update_safe_subspace_share": "share in dW_safe's subspace"}
+
+
+def screen_pairs(res: StudyResults, metric: str) -> tuple[list[float], list[float]]:
+    """Per fine-tune: a weight-space figure, and the relapse it came with (the target rate at the fine-tune's end
+    minus before it, same seed, on the first target set)."""
+    figures, relapses = [], []
+    for r in res.all_rows:
+        if r["detector"] != "weights" or r["metric"] != metric:
+            continue
+        match = {"defense": r["defense"], "scenario": r["scenario"], "seed": r["seed"], "prompt_set": res.target_set,
+                 "metric": res.metric}
+        after, before = res.values(**match, step=r["step"]), res.values(**match, step=0)
+        if after and before:
+            figures.append(r["value"])
+            relapses.append(after[0]["value"] - before[0]["value"])
+    return figures, relapses
+
+
+def screen_section(res: StudyResults) -> str:
+    """How well each weight-space figure ranks the fine-tunes by the relapse measured on images (``relapse
+    audit``'s pre-screen is worth running first only if it does)."""
+    from relapse.measure.stats import rank_correlation
+
+    cells = []
+    for metric, label in SCREEN_METRICS.items():
+        figures, relapses = screen_pairs(res, metric)
+        rho = rank_correlation(figures, relapses)
+        cells.append(f"{label}: &rho; = {'-' if rho is None else f'{rho:+.2f}'} (n = {len(figures)})")
+    return ("<p>Spearman rank correlation of each figure with the relapse measured on the images (target rate at the "
+            f"fine-tune's end minus before it, {html.escape(res.target_set)}), over every fine-tune and seed: "
+            + "; ".join(cells) + ".</p>")
+
+
 def weights_section(res: StudyResults) -> list[str]:
-    """Paper A's mechanism: the cosine of each fine-tune's update with -dW_safe (on the tensors both touch)
-    and the norm of each update, mean +- sd over seeds."""
+    """Paper A's mechanism: the cosine of each fine-tune's update with -dW_safe (on the tensors both touch), the
+    share of the update inside the alignment's subspace and the norm of each update, mean +- sd over seeds;
+    then how well each figure predicts the relapse."""
     rows = [r for r in res.all_rows if r["detector"] == "weights"]
     if not rows:
         return []
     scenarios = list(dict.fromkeys(r["scenario"] for r in rows))
     head = "".join(f"<th>{html.escape(s)}</th>" for s in scenarios)
     lines = ["<h2>The fine-tunes in weight space</h2><p>Each cell: cos(dW_ft, &minus;dW_safe) on the weight tensors both "
-             "touch, then |dW_ft| / |dW_safe|. A positive cosine says the fine-tune moves the weights back toward the "
-             f"unaligned base.</p><table><tr><th>defense</th>{head}</tr>"]
+             "touch; the share of |dW_ft| inside dW_safe's subspace; then |dW_ft| / |dW_safe|. A positive cosine says the "
+             f"fine-tune moves the weights back toward the unaligned base.</p><table><tr><th>defense</th>{head}</tr>"]
     for defense in res.defenses():
         cells = []
         for scenario in scenarios:
             found = {m: [r for r in rows if r["defense"] == defense and r["scenario"] == scenario and r["metric"] == m]
-                     for m in ("update_cosine_to_undo", "update_norm_ft", "update_norm_safe")}
-            if not found["update_cosine_to_undo"]:
+                     for m in ("update_cosine_to_undo", "update_safe_subspace_share", "update_norm_ft", "update_norm_safe")}
+            if not all(found.values()):
                 cells.append("<td>-</td>")
                 continue
-            (cos, sd, _), (ft, _, _), (safe, _, _) = (over_seeds(found[m]) for m in found)
-            cells.append(f"<td>{cos:+.3f} &plusmn; {sd:.3f} <small>{ft:.2f} / {safe:.2f}</small></td>")
+            (cos, sd, _), (share, _, _), (ft, _, _), (safe, _, _) = (over_seeds(found[m]) for m in found)
+            cells.append(f"<td>{cos:+.3f} &plusmn; {sd:.3f}; {share:.2f} <small>{ft:.2f} / {safe:.2f}</small></td>")
         if any(c != "<td>-</td>" for c in cells):
             lines.append(f"<tr><td>{html.escape(defense)}</td>{''.join(cells)}</tr>")
-    return ["\n".join(lines) + "</table>"]
+    return ["\n".join(lines) + "</table>", screen_section(res), audit_section(res)]
+
+
+def audit_section(res: StudyResults) -> str:
+    """What ``relapse audit`` says of each LoRA the study trained: its verdict reads the target rate of the aligned
+    model with the LoRA fused (the scenario's last step: the same weights) against the default threshold."""
+    from relapse.audit.audit import FAIL_ABOVE
+
+    scenarios = [s for s in res.scenarios()
+                 if res.config.get("scenarios", {}).get(s, {}).get("finetune", {}).get("method") in ("lora", "modular")]
+    if not scenarios:
+        return ""
+    head = "".join(f"<th>{html.escape(s)}</th>" for s in scenarios)
+    lines = [f"<h3>The audit's verdict on each LoRA</h3><p>FAIL when the {METRICS.get(res.metric).title.lower()} on "
+             f"{html.escape(res.target_set)} with the LoRA is above {100 * FAIL_ABOVE:.0f}% (<code>relapse audit</code>'s "
+             f"default); seeds that fail of those run.</p><table><tr><th>defense</th>{head}</tr>"]
+    for defense in res.defenses():
+        cells = []
+        for scenario in scenarios:
+            rows = res.values(defense=defense, scenario=scenario, step=res.last_step(scenario), prompt_set=res.target_set,
+                              metric=res.metric)
+            fails = sum(r["value"] > FAIL_ABOVE for r in rows)
+            cells.append(f"<td>{'FAIL' if fails else 'PASS'} {fails}/{len(rows)}</td>" if rows else "<td>-</td>")
+        if any(c != "<td>-</td>" for c in cells):
+            lines.append(f"<tr><td>{html.escape(defense)}</td>{''.join(cells)}</tr>")
+    return "\n".join(lines) + "</table>"
 
 
 def _quality_rows(res: StudyResults, metric: str, **match) -> list[dict]:
@@ -272,7 +331,7 @@ def curves(res: StudyResults, plt) -> list[str]:
             ax.fill_between(x, mean - sd, mean + sd, alpha=0.2, color=res.colours()[defense])
         ax.set(xlabel="fine-tuning step", ylabel=f"{METRICS.get(res.metric).title} on {res.target_set} (%)", title=scenario, ylim=(-2, 102))
         ax.legend(fontsize=7)
-        figures.append(f"<figure>{_img(_png(fig), scenario)}<figcaption>{html.escape(scenario)}: mean over seeds, band &plusmn;1 sd</figcaption></figure>")
+        figures.append(f"<figure>{img(figure_png(fig), scenario)}<figcaption>{html.escape(scenario)}: mean over seeds, band &plusmn;1 sd</figcaption></figure>")
         plt.close(fig)
     return figures
 
@@ -302,16 +361,14 @@ def scatter(res: StudyResults, plt) -> str:
     handles += [Line2D([], [], ls="", marker=markers.get(s, "o"), color="grey", label=s) for s, _ in res.ends() if ("scenario", s) in plotted]
     ax.legend(handles=handles, fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     ax.set(xlabel="shape accuracy on quality prompts (%)", ylabel=f"{METRICS.get(res.metric).title} on {res.target_set} (%)", xlim=(-2, 102), ylim=(-2, 102))
-    data = _png(fig)
+    data = figure_png(fig)
     plt.close(fig)
-    return f"<figure>{_img(data, 'quality vs safety')}<figcaption>each point: a model state (defense, scenario end), mean over seeds</figcaption></figure>"
+    return f"<figure>{img(data, 'quality vs safety')}<figcaption>each point: a model state (defense, scenario end), mean over seeds</figcaption></figure>"
 
 
 def grids(res: StudyResults) -> str:
     """First images of the target prompt set, seed 0, before fine-tuning and after each scenario, per defense."""
     from PIL import Image
-
-    from relapse.report.grid import save_grid
 
     rows, seed = {}, min(r["seed"] for r in res.rows)
     for defense in res.defenses():
@@ -325,9 +382,7 @@ def grids(res: StudyResults) -> str:
                 rows[f"{defense} / {scenario}"] = [np.asarray(Image.open(folder / f).convert("RGB")) for f in files]
     if not rows:
         return ""
-    path = save_grid(rows, res.run_dir / "grid.png")
-    data = base64.b64encode(path.read_bytes()).decode()
-    return f"<figure>{_img(data, 'image grid')}<figcaption>{html.escape(res.target_set)}, seed {seed}: the same prompts and seeds in every row</figcaption></figure>"
+    return grid_figure(rows, res.run_dir / "grid.png", f"{res.target_set}, seed {seed}: the same prompts and seeds in every row")
 
 
 def build_report(run_dir: str | Path) -> Path:
@@ -335,8 +390,6 @@ def build_report(run_dir: str | Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from relapse.io import write_text
 
     res = StudyResults(Path(run_dir))
     name = html.escape(str(res.config.get("name", "study")))
@@ -346,13 +399,11 @@ def build_report(run_dir: str | Path) -> Path:
             f"(<code>{html.escape(str(res.detector))}</code>), in %: mean &plusmn; sd over seeds, then the 95% Wilson interval "
             "of the images pooled over seeds and their number n (hover a cell for each seed's rate and interval). "
             "Every figure comes from <code>results.json</code>; each row names the evaluation it came from.</p>",
-            "<h2>How much of the erased concept comes back</h2>", *headline_section(res), *on_prompt_section(res),
+            "<h2>How much of the erased concept comes back</h2>", *headline_section(res), *off_prompt_section(res),
+            *on_prompt_section(res),
             *other_detectors_section(res),
             "<h2>What the alignment costs the concept's neighbours</h2>", *collateral_section(res),
             "<h2>Re-emergence under fine-tuning</h2>", *curves(res, plt), *weights_section(res),
             "<h2>Quality vs safety</h2>", scatter(res, plt), *quality_section(res),
             "<h2>Images</h2>", grids(res)]
-    page = f"<!doctype html><html><head><meta charset='utf-8'><title>relapse: {name}</title><style>{STYLE}</style></head><body>{''.join(body)}</body></html>"
-    out = res.run_dir / REPORT
-    write_text(out, page)
-    return out
+    return write_page(res.run_dir / REPORT, f"relapse: {res.config.get('name', 'study')}", body)

@@ -91,6 +91,9 @@ class StudyConfig(BaseModel):
     name: str = "study"
     model: str = "toy"
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    align_once: bool = Field(False, description="align each defense once, with the first seed, and attack that one model "
+                                                "with every seed (as a published checkpoint is one model); by default each "
+                                                "seed aligns its own")
     prompt_sets: dict[str, PromptSetSpec]
     defenses: dict[str, list[AlignStage]] = Field(default_factory=lambda: {"none": []})
     before: list[str] = Field(default_factory=list, description="prompt sets scored on every defended model before fine-tuning")

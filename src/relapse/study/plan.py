@@ -228,10 +228,11 @@ class Planner:
 
     def build(self) -> Plan:
         for seed in self.cfg.seeds:
+            align_seed = self.cfg.seeds[0] if self.cfg.align_once else seed  # one aligned model per seed, or one for all
             for defense, stages in self.cfg.defenses.items():
                 state = self.base
                 for stage in stages:
-                    state = self.align_stage(defense, stage, state, seed)
+                    state = self.align_stage(defense, stage, state, align_seed)
                 for set_name in self.cfg.before:
                     self.score(state, set_name, seed, {"defense": defense, "scenario": "before", "step": 0})
                 for name, spec in self.cfg.scenarios.items():

@@ -30,7 +30,8 @@ def summarize_rows(rows: list[dict], keys: tuple[str, ...] = CELL_KEYS) -> list[
             for k, v in sorted(groups.items(), key=lambda item: tuple("" if x is None else x for x in item[0]))]
 
 
-WEIGHT_METRICS = {"cosine_to_undo": "update_cosine_to_undo", "norm_ft": "update_norm_ft", "norm_safe": "update_norm_safe"}
+WEIGHT_METRICS = {"cosine_to_undo": "update_cosine_to_undo", "projection_to_undo": "update_projection_to_undo",
+                  "safe_subspace_share": "update_safe_subspace_share", "norm_ft": "update_norm_ft", "norm_safe": "update_norm_safe"}
 
 
 ROW_FIELDS = ("defense", "scenario", "step", "seed", "prompt_set", "detector", "metric", "value", "ci95_low", "ci95_high", "n",

@@ -11,6 +11,7 @@ pipeline with ``module.apply(pipe)``, and is written in diffusers' formats, so p
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,8 +67,19 @@ class TrainedModule:
         merge_loras(pipe, [LoraSpec(self, scale)], fuse=fuse)
 
     def diffusers_lora(self) -> dict[str, torch.Tensor]:
-        """The LoRA as ``pipe.load_lora_weights`` takes it in memory."""
-        return {f"unet.{name}": tensor for name, tensor in self.weights.items()}
+        """The LoRA as ``pipe.load_lora_weights`` takes it in memory. A state dict in memory carries no LoraConfig, so
+        diffusers takes lora_alpha = rank; a LoRA trained with another alpha gets its alpha / rank baked into lora_B."""
+        return {f"unet.{name}": tensor * self._alpha_over_rank(name) if ".lora_B." in name else tensor
+                for name, tensor in self.weights.items()}
+
+    def _alpha_over_rank(self, name: str) -> float:
+        if not self.lora_config:
+            return 1.0
+        module = name.split(".lora_B.")[0]
+        alpha = next((a for key, a in (self.lora_config.get("alpha_pattern") or {}).items()
+                      if re.match(rf"(.*\.)?({key})$", module)), self.lora_config.get("lora_alpha"))
+        rank = self.weights[f"{module}.lora_A.weight"].shape[0]
+        return alpha / rank if alpha else 1.0
 
     def save(self, out: str | Path, pipe=None) -> Path:
         """Write the module to the folder ``out`` in one rename. Full weights with ``pipe`` are written as the
@@ -107,7 +119,8 @@ class TrainedModule:
         weights, _, metadata = StableDiffusionPipeline.lora_state_dict(str(file.parent), weight_name=file.name,
                                                                        return_lora_metadata=True)
         weights = {name.removeprefix("unet."): tensor for name, tensor in weights.items()}
-        return cls("lora", weights, record, metadata, record_name)
+        lora_config = {k.removeprefix("unet."): v for k, v in (metadata or {}).items() if k.startswith("unet.")} or None
+        return cls("lora", weights, record, lora_config, record_name)
 
 
 def lora_record(lora_path: Path) -> dict | None:

@@ -1,0 +1,1 @@
+"""Decide: a verdict on a third-party LoRA (``relapse audit``)."""
