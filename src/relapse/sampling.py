@@ -206,6 +206,12 @@ def run_generate(cfg: GenerateConfig) -> Path:
     return cfg.out
 
 
+def asked(row: dict) -> str:
+    """What an image's prompt asks for: its own words, or, where a learned word or adversarial tokens reworded it, the
+    words it had before (:func:`relapse.data.prompts.asking`)."""
+    return row.get("asks", row["prompt"])
+
+
 def read_manifest(images_dir: str | Path) -> list[dict]:
     path = Path(images_dir) / MANIFEST
     if not path.is_file():

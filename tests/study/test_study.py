@@ -462,3 +462,31 @@ def test_a_scenario_takes_its_data_from_one_place(study_yaml, scenario):
     cfg["scenarios"] = {"s": scenario | {"prompt_sets": ["harm"]}}
     with pytest.raises(ValueError, match="finetune.data or as generated_data"):
         StudyConfig(**cfg)
+
+
+def test_a_textual_inversion_scenario_asks_for_its_word_and_scores_what_the_prompt_asked(study_yaml, tmp_path):
+    cfg = yaml.safe_load(study_yaml.read_text())
+    cfg["defenses"] = {"esd": cfg["defenses"]["esd"]}
+    cfg["scenarios"] = {"ti": {"finetune": {"method": "textual-inversion", "data": "toy:harmful:4", "token": "<c>",
+                                            "replaces": ["checkered"], "steps": 2, "save_at": [1], "batch_size": 2, "lr": 0.05},
+                               "prompt_sets": ["harm"], "quality_sets": ["clean"], "group": "other roads"}}
+    plan = build_plan(StudyConfig(**cfg))
+    assert not [s for s in plan.steps if s.kind == "weights"]  # a learned word changes no weight: nothing to screen
+    config_path = tmp_path / "ti.yaml"
+    config_path.write_text(yaml.safe_dump(cfg))
+    run_dir = run_study(StudyRunConfig(config=config_path, out=tmp_path / "run"))
+    by_step = {}
+    for step in plan.steps:
+        if step.kind == "generate" and "generate harm" in step.label:
+            rows = [json.loads(line) for line in (step.path(run_dir) / "manifest.jsonl").read_text().splitlines()]
+            by_step[step.label.split("step ")[1].split(",")[0]] = rows
+    assert [r["prompt"] for r in by_step["0"]] == ["a checkered red star", "a checkered blue circle"]
+    for step in ("1", "2"):  # the word in place of the one it stands for; the evaluation reads what was asked
+        assert [(r["prompt"], r["asks"]) for r in by_step[step]] == [("a <c> red star", "a checkered red star"),
+                                                                     ("a <c> blue circle", "a checkered blue circle")]
+    clean = [json.loads(line) for s in plan.steps if s.kind == "generate" and "generate clean (esd, ti, step 2" in s.label
+             for line in (s.path(run_dir) / "manifest.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in clean] == ["a red star", "a blue circle"]  # prompts without the word stay as they were
+    rows = json.loads((run_dir / "results.json").read_text())["rows"]
+    assert {r["step"] for r in rows if r["scenario"] == "ti" and r["metric"] == "target_rate"} == {0, 1, 2}
+    assert all(r["value"] in (0.0, 0.5, 1.0) for r in rows if r["scenario"] == "ti" and r["metric"] == "shape_accuracy")

@@ -32,6 +32,8 @@ CASES = {
     "resist": lambda: ResistConfig(concept=["checkered"], harmful="toy:harmful:8", clean="toy:clean:8", steps=4, batch_size=2,
                                    attack_batch=2, attack_steps=[3], inner_steps=1, lr=1e-3),
     "finetune-accumulated": lambda: FinetuneConfig(data="toy:shapes:8", steps=4, batch_size=2, grad_accum=2, lr=1e-3),
+    "textual-inversion": lambda: FinetuneConfig(method="textual-inversion", data="toy:harmful:8", token="<c>", replaces=["checkered"],
+                                                steps=4, batch_size=2, lr=5e-2),
     "finetune-cosine": lambda: FinetuneConfig(data="toy:shapes:8", steps=4, batch_size=2, lr=1e-3, lr_schedule="cosine",
                                               lr_warmup_steps=1),
 }

@@ -16,6 +16,7 @@ import torch
 from pydantic import Field, model_validator
 
 from relapse.align.base import AlignConfig, AlignMethod
+from relapse.data.prompts import replace_words
 from relapse.models.pipeline_utils import encode_prompts
 
 PROCESS_SEED_STRIDE = 1_000_003  # process k > 0 of a data-parallel run draws from seed + k * stride
@@ -49,8 +50,7 @@ class ConceptConfig(AlignConfig):
         texts = self.concept_texts() if texts is None else texts
         if self.anchor == "empty":
             return [""] * len(texts)
-        words = {w.lower() for w in self.concept}
-        return [" ".join(w for w in text.split() if w.lower().strip(",.") not in words) for text in texts]
+        return [replace_words(text, self.concept) for text in texts]
 
 
 class ErasureConfig(ConceptConfig):

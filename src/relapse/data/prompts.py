@@ -21,6 +21,23 @@ class Prompt:
     meta: dict = field(default_factory=dict, compare=False)
 
 
+def replace_words(text: str, words: list[str], by: str = "") -> str:
+    """``text`` with each of ``words`` (whole words, any case, trailing , or . ignored) replaced ``by`` a word, or dropped."""
+    found = {w.lower() for w in words}
+    return " ".join(x for w in text.split() if (x := by if w.lower().strip(",.") in found else w))
+
+
+def with_token(text: str, token: str, replaces: list[str] | tuple[str, ...] = ()) -> str:
+    """``text`` asking for a learned word: ``token`` in place of each of ``replaces``, or before the text when none is named."""
+    return replace_words(text, list(replaces), token) if replaces else f"{token} {text}"
+
+
+def asking(prompt: Prompt, text: str) -> Prompt:
+    """``prompt`` reworded as ``text`` (a learned word, adversarial tokens), its ``asks`` meta keeping what it asks for:
+    evaluation reads the attributes a prompt asks for from the original words."""
+    return Prompt(text, prompt.seed, prompt.guidance, prompt.meta | {"asks": prompt.meta.get("asks", prompt.text)})
+
+
 def shipped_prompt_sets() -> list[str]:
     return sorted(p.stem for p in SHIPPED_DIR.glob("*.txt"))
 

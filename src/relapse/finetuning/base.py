@@ -3,6 +3,8 @@
 - **full / lora** on an aligned model: the given safety LoRAs are fused into the weights first,
   exactly what a downstream user of a published aligned model does; then the UNet (full) or a
   fresh LoRA on its attention projections (lora, diffusers' recipe) trains.
+- **textual-inversion**: one new word's embedding trains, every weight stays (the road back Pham et al., ICLR 2024,
+  show for erased concepts); the result loads with diffusers' ``pipe.load_textual_inversion``.
 - **modular**: the fine-tuning LoRA trains on the unaligned base W0 with the safety LoRA *not*
   attached (checked), is saved on its own, and records the safety LoRA it composes with:
   ``relapse generate --model W0 --lora SAFE --lora FT`` gives W0 + dW_safe + dW_ft, fused.
@@ -29,10 +31,15 @@ from relapse.train.module import FINETUNE_RECORD, TrainedModule
 
 
 class FinetuneConfig(TrainConfig):
-    method: str = Field("lora", description="full, lora or modular (relapse.finetuning.METHODS)")
+    method: str = Field("lora", description="full, lora, modular or textual-inversion (relapse.finetuning.METHODS)")
     data: str | None = Field(None, description="imagefolder dataset or toy:DOMAIN[:N] (or given in memory)")
     loras: list[Path] = Field(default_factory=list, description="safety LoRA(s): fused first (full, lora) or composed at inference (modular)")
     rank: int = Field(8, gt=0, description="LoRA rank (lora_alpha = rank)")
+    token: str | None = Field(None, description="textual-inversion: the new word it learns, e.g. <c>")
+    replaces: list[str] = Field(default_factory=list, description="textual-inversion: the caption words the token stands for "
+                                                                   "(default: the token is put before each caption)")
+    init_word: str | None = Field(None, description="textual-inversion: a word whose embedding starts the token's "
+                                                     "(default: the mean of the vocabulary's)")
     lr: float = Field(1e-4, gt=0)
     batch_size: int = Field(16, gt=0, description="per process and micro-step")
 
@@ -52,10 +59,10 @@ class FinetuneConfig(TrainConfig):
         return method
 
 
-def loss_on_batch(unet, noise_scheduler, encodings, scale: float, gen: torch.Generator, batch_size: int, device) -> torch.Tensor:
-    z0, text = draw_batch(encodings, scale, gen, batch_size)
+def loss_on_batch(unet, noise_scheduler, z0: torch.Tensor, text: torch.Tensor, gen: torch.Generator, device) -> torch.Tensor:
+    """The denoising loss of latents ``z0`` under text encodings ``text``, at noise and timesteps drawn from ``gen``."""
     noise = torch.randn(z0.shape, generator=gen)
-    t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch_size,), generator=gen)
+    t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(z0),), generator=gen)
     noisy = noise_scheduler.add_noise(z0, noise, t)
     pred = unet(noisy.to(device), t.to(device), text.to(device)).sample
     return F.mse_loss(pred.float(), noise.to(device))
@@ -103,10 +110,15 @@ class FinetuneMethod(TrainingMethod):
         for component in (pipe.vae, pipe.text_encoder, pipe.unet):
             component.requires_grad_(False)
 
+    def batch(self, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """A batch of (scaled latents, text encodings): both from the cache, as the text encoder is frozen."""
+        return draw_batch(self.encodings, self.scale, gen, self.cfg.batch_size)
+
     def loss(self, model, step: int, micro: int, process: int) -> tuple[torch.Tensor, dict[str, float]]:
         gen = draw(self.cfg.seed, step, micro, process)
         device = next(model.parameters()).device
-        loss = loss_on_batch(model, self.noise_scheduler, self.encodings, self.scale, gen, self.cfg.batch_size, device)
+        z0, text = self.batch(gen)
+        loss = loss_on_batch(model, self.noise_scheduler, z0, text, gen, device)
         return loss, {"loss": round(loss.item(), 6)}
 
     def facts(self) -> dict:

@@ -62,3 +62,82 @@ class Modular(Lora):
         params = super().trainable(pipe)
         assert list(pipe.unet.peft_config) == [self.adapter_name], "modular fine-tuning must not see the safety LoRA"
         return params
+
+
+@METHODS.register("textual-inversion")
+class TextualInversion(FinetuneMethod):
+    """One new word: its embedding trains and every weight stays. Pham et al. (ICLR 2024) bring erased concepts
+    back this way; no weight-space screen sees it, since no weight changes. The captions' ``replaces`` words become
+    the token (or the token comes first in each caption); the rows of every other word are put back after each
+    step (AdamW's decay would move them), as diffusers' textual_inversion.py does."""
+
+    writes = "embedding"
+
+    def check(self) -> None:
+        super().check()
+        cfg = self.cfg
+        if not cfg.token:
+            raise UserError("--method textual-inversion needs the new word it learns: pass --token, e.g. --token '<c>'")
+        if cfg.replaces and not any(set(cfg.replaces) & set(caption.split()) for caption in self.data.captions):
+            raise UserError(f"no caption of {self.data.source} holds {cfg.replaces}, the words --token stands for; "
+                            "name words the captions use with --replaces")
+
+    def setup(self, pipe, process: int) -> None:
+        super().setup(pipe, process)
+        self.pipe = pipe
+
+    def trainable(self, pipe) -> list[torch.nn.Parameter]:
+        from relapse.data.prompts import with_token
+
+        cfg, tokenizer, encoder = self.cfg, pipe.tokenizer, pipe.text_encoder
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            raise UserError("textual inversion trains one embedding in one process; run it without torchrun")
+        if cfg.token in tokenizer.get_vocab():
+            raise UserError(f"--token {cfg.token} is already a word of this tokenizer; pick a new one, e.g. <{cfg.token}>")
+        if cfg.init_word is not None and cfg.init_word not in tokenizer.get_vocab():
+            raise UserError(f"--init-word {cfg.init_word} is not a word of this tokenizer")
+        tokenizer.add_tokens([cfg.token])
+        encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        embeddings = encoder.get_input_embeddings().weight
+        self.token_id = tokenizer.convert_tokens_to_ids(cfg.token)
+        with torch.no_grad():
+            embeddings[self.token_id] = (embeddings[tokenizer.convert_tokens_to_ids(cfg.init_word)] if cfg.init_word
+                                         else embeddings[: self.token_id].mean(0))
+        self.kept = embeddings.detach().clone()
+        captions = [with_token(c, cfg.token, cfg.replaces) for c in self.data.captions]
+        self.ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                             return_tensors="pt").input_ids
+        embeddings.requires_grad_(True)
+        return [embeddings]
+
+    def batch(self, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cached latents; the text through the encoder, whose token row trains."""
+        from relapse.train.engine import batch_at, draw_rows
+
+        rows = draw_rows(self.encodings, gen, self.cfg.batch_size)
+        z0, _ = batch_at(self.encodings, rows, self.scale, gen)
+        return z0, self.pipe.text_encoder(self.ids[rows].to(self.pipe.device))[0]
+
+    def embeddings(self) -> torch.Tensor:
+        return self.pipe.text_encoder.get_input_embeddings().weight
+
+    def after_step(self) -> None:
+        with torch.no_grad():
+            learned = self.embeddings()[self.token_id].clone()
+            self.embeddings().copy_(self.kept)
+            self.embeddings()[self.token_id] = learned
+
+    def learned(self) -> dict[str, torch.Tensor]:
+        """The token and its embedding, as diffusers' load_textual_inversion reads them."""
+        return {self.cfg.token: self.embeddings()[self.token_id].detach().cpu().clone()}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"embedding": self.learned()[self.cfg.token]}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            self.embeddings()[self.token_id] = state["embedding"].to(self.embeddings().device)
+
+    def remove(self, pipe) -> None:
+        pipe.unload_textual_inversion(self.cfg.token)
+        pipe.text_encoder.requires_grad_(False)

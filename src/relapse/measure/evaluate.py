@@ -22,7 +22,7 @@ from relapse.io import write_json
 from relapse.measure.detectors import DETECTORS, Detections, build_detector
 from relapse.measure.metrics import METRICS
 from relapse.measure.stats import mean_ci, rate
-from relapse.sampling import read_manifest
+from relapse.sampling import asked, read_manifest
 
 
 class EvaluateConfig(BaseModel):
@@ -57,7 +57,7 @@ def summarize(rows: list[dict], detections: Detections, detector: str) -> dict:
         result["target_score_mean"] = round(float(np.mean(detections.target_score)), 4)
     detector_class = DETECTORS.get(detector)
     if hasattr(detector_class, "prompt_metrics"):
-        result.update(detector_class.prompt_metrics([row["prompt"] for row in rows], detections))
+        result.update(detector_class.prompt_metrics([asked(row) for row in rows], detections))
     for name, values in detections.scores.items():
         if name in result:
             raise ValueError(f"detector {detector} names a score {name!r}, which is already a figure of the result")
@@ -67,7 +67,7 @@ def summarize(rows: list[dict], detections: Detections, detector: str) -> dict:
         raise ValueError(f"detector {detector} produced {sorted(undeclared)}, which it does not declare in its `metrics`")
     per_image = []
     for i, row in enumerate(rows):
-        entry = {"file": row["file"], "prompt": row["prompt"], "seed": row["seed"]}
+        entry = {"file": row["file"], "prompt": row["prompt"], "seed": row["seed"]} | ({"asks": row["asks"]} if "asks" in row else {})
         if detections.target_score is not None:
             entry["target_score"] = round(float(detections.target_score[i]), 4)
         if verdict:
@@ -101,7 +101,7 @@ def score(images: np.ndarray, rows: list[dict], detector, name: str, reference=N
     """The result of :func:`summarize` for ``images`` (N, H, W, 3 uint8) and their manifest rows, plus the Frechet
     distance to ``reference`` (a dataset from :func:`load_dataset`) when given."""
     reference_feats = reference_features(detector, reference.images) if reference is not None else None
-    detections = detector.detect(images, [row["prompt"] for row in rows])
+    detections = detector.detect(images, [asked(row) for row in rows])
     result = summarize(rows, detections, name)
     if reference is not None:
         result["frechet_distance"] = reference_distance(detections.features, reference_feats)

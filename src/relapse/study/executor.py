@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from relapse.io import write_json
-from relapse.study.plan import Step
+from relapse.study.plan import ModelState, Step
 
 
 def process_state():
@@ -76,31 +76,38 @@ class Executor:
         after = fused_unet_weights(*step.reads.resolve(self.run_dir))
         write_json(step.path(self.run_dir), update_alignment(update(after, before), update(before, base)))
 
-    def load(self, model: str, loras: list[str]):
+    def load(self, state: ModelState):
+        """The pipeline of a model state (kept loaded while the next steps read the same one)."""
         from relapse.models.loading import load_pipeline
         from relapse.models.lora import merge_loras, resolve_lora_specs
 
-        if self.pipe_state != (model, loras):
+        model, loras = state.resolve(self.run_dir)
+        embedding = state.embedding and state.embedding.weights.resolve(self.run_dir)
+        if self.pipe_state != (model, loras, embedding):
             self.pipe = load_pipeline(model)
             merge_loras(self.pipe, resolve_lora_specs([Path(p) for p in loras], []))
-            self.pipe_state = (model, loras)
+            if embedding:
+                self.pipe.load_textual_inversion(embedding)
+            self.pipe_state = (model, loras, embedding)
         return self.pipe
 
     def generate(self, step: Step) -> None:
         """Each process samples its shard into one partial folder; the main process merges and renames it."""
-        from relapse.data.prompts import read_prompts, select_prompts
+        from relapse.data.prompts import asking, read_prompts, select_prompts, with_token
         from relapse.sampling import SamplerConfig, generate_images, merge_manifests
 
-        model, loras = step.reads.resolve(self.run_dir)
-        spec = step.spec["prompts"]
+        spec, state = step.spec["prompts"], step.reads
         prompts = select_prompts(read_prompts(spec["source"]), spec["categories"], spec["min_nudity_percentage"])
+        if state.embedding:  # a textual inversion is asked for by its word
+            prompts = [asking(p, with_token(p.text, state.embedding.token, state.embedding.replaces)) for p in prompts]
+        model, loras = state.resolve(self.run_dir)
         out, world, main = step.path(self.run_dir), self.processes.num_processes, self.processes.is_main_process
         partial = out.with_name(out.name + ".partial")
         if main:
             shutil.rmtree(partial, ignore_errors=True)  # what a killed run left
             partial.mkdir(parents=True)
         self.processes.wait_for_everyone()
-        generate_images(self.load(model, loras), prompts, SamplerConfig(**step.spec["sampler"]), partial,
+        generate_images(self.load(state), prompts, SamplerConfig(**step.spec["sampler"]), partial,
                         {"model": model, "loras": [[p, 1.0] for p in loras]}, shard=(self.processes.process_index, world))
         self.processes.wait_for_everyone()
         if main:
@@ -125,14 +132,14 @@ class Executor:
         from relapse.data.datasets import load_dataset
         from relapse.measure.detectors import merge_detections
         from relapse.measure.evaluate import load_images, reference_distance, reference_features, summarize
-        from relapse.sampling import read_manifest
+        from relapse.sampling import asked, read_manifest
 
         spec, images_dir = step.spec["detector"], step.deps[0].path(self.run_dir)
         detector = self.detector(spec)
         rows = read_manifest(images_dir)
         mine = list(range(self.processes.process_index, len(rows), self.processes.num_processes))
         shard = [rows[i] for i in mine]
-        found = detector.detect(load_images(images_dir, shard), [r["prompt"] for r in shard]) if shard else None
+        found = detector.detect(load_images(images_dir, shard), [asked(r) for r in shard]) if shard else None
         parts = gather_object([(mine, found)])
         if not self.processes.is_main_process:
             return

@@ -80,26 +80,44 @@ class Weights:
 
 
 @dataclass(frozen=True)
+class Embedding:
+    """A textual inversion: the new word a step learned, and the prompt words it is asked in place of."""
+
+    weights: Weights
+    token: str
+    replaces: tuple[str, ...] = ()
+
+    def describe(self) -> dict:
+        return {"weights": self.weights.describe(), "token": self.token, "replaces": list(self.replaces)}
+
+
+@dataclass(frozen=True)
 class ModelState:
-    """W = model + sum of LoRAs (each at scale 1), fused at inference."""
+    """W = model + sum of LoRAs (each at scale 1), fused at inference; with a learned word, prompts ask for it."""
 
     model: Weights
     loras: tuple[Weights, ...] = ()
+    embedding: Embedding | None = None
 
     def producers(self) -> list[Step]:
-        return [w.step for w in (self.model, *self.loras) if w.step is not None]
+        extra = (self.embedding.weights,) if self.embedding else ()
+        return [w.step for w in (self.model, *self.loras, *extra) if w.step is not None]
 
     def describe(self) -> dict:
-        return {"model": self.model.describe(), "loras": [w.describe() for w in self.loras]}
+        described = {"model": self.model.describe(), "loras": [w.describe() for w in self.loras]}
+        return described | ({"embedding": self.embedding.describe()} if self.embedding else {})  # keys without one unchanged
 
     def resolve(self, run_dir: Path) -> tuple[str, list[str]]:
         """Paths of the model folder and of each LoRA."""
         return self.model.resolve(run_dir), [w.resolve(run_dir) for w in self.loras]
 
     def with_output(self, step: Step, kind: str, sub: str = "") -> ModelState:
-        """The state after a step that wrote full weights (they replace the model) or a LoRA (added)."""
+        """The state after a step that wrote full weights (they replace the model), a LoRA (added) or a learned word
+        (a textual inversion: prompts ask for it where they named what it replaces)."""
         if kind == "full":
             return ModelState(Weights(step, sub))
+        if kind == "embedding":
+            return ModelState(self.model, self.loras, Embedding(Weights(step, sub), step.config.token, tuple(step.config.replaces)))
         return ModelState(self.model, (*self.loras, Weights(step, sub)))
 
 
@@ -217,7 +235,7 @@ class Planner:
             sets = spec.prompt_sets + (spec.quality_sets if step in (0, sweep[-1]) else [])
             for set_name in sets:
                 self.score(at, set_name, seed, {"defense": defense, "scenario": name, "step": step})
-        if state != self.base:  # the unaligned base has no alignment to undo
+        if state != self.base and kind != "embedding":  # the base has no alignment to undo; a learned word changes no weight
             self.weights(defense, name, seed, state, at, sweep[-1])
 
     def weights(self, defense: str, scenario: str, seed: int, before: ModelState, after: ModelState, step: int) -> None:

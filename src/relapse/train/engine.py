@@ -159,6 +159,12 @@ class TrainingMethod:
     def after_step(self) -> None:
         """After each optimizer step (SDD's teacher update)."""
 
+    def remove(self, pipe) -> None:
+        """Take what trained out of ``pipe`` (full weights are put back by the engine): the adapter, by default."""
+        pipe.unet.delete_adapters(self.adapter_name)
+        if not getattr(pipe.unet, "peft_config", None):  # no adapter of the caller's left: remove peft's wrapper layers too
+            pipe.unet.unload_lora()
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         """State beyond the weights and optimizer that a checkpoint must keep (a random stream, a teacher)."""
         return {}
@@ -209,9 +215,7 @@ def train(pipe, method: TrainingMethod, out: Path | None = None, restore: bool =
         if original is not None:
             pipe.unet.load_state_dict(original, strict=False)
         else:
-            pipe.unet.delete_adapters(method.adapter_name)
-            if not getattr(pipe.unet, "peft_config", None):  # no adapter of the caller's left: remove peft's wrapper layers too
-                pipe.unet.unload_lora()
+            method.remove(pipe)
         pipe.unet.requires_grad_(False)
     return module
 
@@ -230,6 +234,8 @@ def trained_module(pipe, method: TrainingMethod, run: dict) -> TrainedModule:
     if method.kind == "lora":
         weights, lora_config = unet_lora(pipe.unet, method.adapter_name)
         return TrainedModule("lora", weights, run, lora_config, method.record_name)
+    if method.kind == "embedding":
+        return TrainedModule("embedding", method.learned(), run, None, method.record_name)
     weights = {n: p.detach().cpu().clone() for n, p in pipe.unet.named_parameters() if p.requires_grad}
     return TrainedModule("full", weights, run, None, method.record_name)
 

@@ -3,6 +3,7 @@ record. It lives in memory (``relapse.erase`` / ``harden`` / ``finetune`` return
 pipeline with ``module.apply(pipe)``, and is written in diffusers' formats, so plain diffusers loads it:
 
 - a LoRA: ``pytorch_lora_weights.safetensors`` (``pipe.load_lora_weights(folder)``) and its record;
+- a textual inversion: ``learned_embeds.safetensors`` (``pipe.load_textual_inversion(folder)``) and its record;
 - full weights: the whole pipeline folder (``StableDiffusionPipeline.from_pretrained(folder)``) when saved
   with the pipeline they change, else ``unet/diffusion_pytorch_model.safetensors`` with the trained
   tensors alone, and the record.
@@ -24,6 +25,7 @@ ALIGN_RECORD = "relapse_align.json"  # beside what `relapse align` (erase, harde
 FINETUNE_RECORD = "relapse_finetune.json"  # beside what `relapse finetune` writes
 RECORDS = (ALIGN_RECORD, FINETUNE_RECORD)
 UNET_WEIGHTS = Path("unet") / "diffusion_pytorch_model.safetensors"
+EMBEDDING = "learned_embeds.safetensors"  # diffusers' textual_inversion.py's file: {token: embedding}
 
 
 @dataclass
@@ -31,8 +33,9 @@ class TrainedModule:
     """A trained LoRA or set of full UNet weights, with the record of the run that made it.
 
     Args:
-        kind: ``"lora"`` or ``"full"``.
-        weights: the LoRA's tensors in peft naming (``lora_A``/``lora_B``), or the UNet tensors training changed.
+        kind: ``"lora"``, ``"full"`` or ``"embedding"`` (a textual inversion).
+        weights: the LoRA's tensors in peft naming (``lora_A``/``lora_B``), the UNet tensors training changed, or
+            ``{token: embedding}``.
         record: the run record (method, config, seed, versions, what it composes with).
         lora_config: the LoRA's ``LoraConfig`` as a dict (rank, alpha, target modules); LoRAs only.
         record_name: the record's file name when saved.
@@ -54,6 +57,9 @@ class TrainedModule:
     def apply(self, pipe, scale: float = 1.0, fuse: bool = True) -> None:
         """Add the module to ``pipe``: a LoRA at ``scale`` (fused into the weights unless ``fuse=False``, where it
         stays a named adapter), full weights by replacing the UNet tensors it holds."""
+        if self.kind == "embedding":
+            pipe.load_textual_inversion(dict(self.weights))
+            return
         if self.kind == "full":
             if scale != 1.0 or not fuse:
                 raise UserError("full weights replace the UNet's tensors: they take no scale and are always fused")
@@ -89,6 +95,10 @@ class TrainedModule:
         with atomic_dir(out) as tmp:
             if self.kind == "lora":
                 write_lora(tmp, self.weights, self.lora_config)
+            elif self.kind == "embedding":
+                from safetensors.torch import save_file
+
+                save_file(self.weights, tmp / EMBEDDING)
             elif pipe is not None:
                 self.apply(pipe)
                 pipe.save_pretrained(tmp)
@@ -113,6 +123,8 @@ class TrainedModule:
         record_name = found[0] if found else ALIGN_RECORD
         if (folder / UNET_WEIGHTS).is_file():
             return cls("full", load_file(folder / UNET_WEIGHTS), record, None, record_name)
+        if (folder / EMBEDDING).is_file():
+            return cls("embedding", load_file(folder / EMBEDDING), record, None, record_name)
         file = checked_lora_file(folder)
         from diffusers import StableDiffusionPipeline
 
