@@ -29,6 +29,8 @@ _EXPORTS = {
     "harden": ("relapse.align.base", "harden"),
     "finetune": ("relapse.finetuning.base", "finetune"),
     "audit": ("relapse.audit.audit", "audit"),
+    "attack_prompts": ("relapse.attack.prompts", "attack_prompts"),
+    "PromptAttackConfig": ("relapse.attack.prompts", "PromptAttackConfig"),
     "TrainedModule": ("relapse.train.module", "TrainedModule"),
     "SafetyModule": ("relapse.train.module", "TrainedModule"),  # what erase and harden return: the same class
     "ESDConfig": ("relapse.align.esd", "ESDConfig"),

@@ -16,6 +16,8 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_
                   help="Keep the safety alignment of text-to-image diffusion models from relapsing, and measure it.")
 toy_app = typer.Typer(no_args_is_help=True, help="The embedded toy world and toy model.")
 app.add_typer(toy_app, name="toy")
+attack_app = typer.Typer(no_args_is_help=True, help="Attacks that are not fine-tuning: adversarial prompts.")
+app.add_typer(attack_app, name="attack")
 
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="YAML file with the command's config; flags override it.")]
 ModelOpt = Annotated[Optional[str], typer.Option(help="`toy`, a diffusers pipeline folder, or a hub id in the local cache.")]
@@ -191,11 +193,14 @@ def align(
 @app.command()
 def finetune(
     data: Annotated[Optional[str], typer.Option(help="Imagefolder dataset (metadata.jsonl) or toy:DOMAIN[:N].")] = None,
-    method: Annotated[Optional[str], typer.Option(help="full, lora or modular.")] = None,
+    method: Annotated[Optional[str], typer.Option(help="full, lora, modular or textual-inversion.")] = None,
     model: ModelOpt = None,
     lora: Annotated[Optional[list[Path]], typer.Option(help="Safety LoRA: fused first (full, lora) or composed later (modular).")] = None,
     lora_scale: Annotated[Optional[list[float]], typer.Option(help="Scale per --lora.")] = None,
     rank: Annotated[Optional[int], typer.Option(help="LoRA rank.")] = None,
+    token: Annotated[Optional[str], typer.Option(help="textual-inversion: the new word it learns, e.g. '<c>'.")] = None,
+    replaces: Annotated[Optional[list[str]], typer.Option(help="textual-inversion: a caption word the token stands for; repeatable.")] = None,
+    init_word: Annotated[Optional[str], typer.Option(help="textual-inversion: the word whose embedding starts the token's.")] = None,
     steps: Annotated[Optional[int], typer.Option(help="Optimizer steps.")] = None,
     lr: Annotated[Optional[float], typer.Option(help="Learning rate.")] = None,
     batch_size: BatchOpt = None,
@@ -210,7 +215,8 @@ def finetune(
     out: OutOpt = None,
     config: ConfigOpt = None,
 ) -> None:
-    """Fine-tune (benign or malicious: the data decides): full, LoRA, or Modular LoRA on the base."""
+    """Fine-tune (benign or malicious: the data decides): full, LoRA, Modular LoRA on the base, or a textual inversion
+    (one new word, --token)."""
     from relapse.config import resolve_config
     from relapse.finetuning.base import FinetuneConfig, run_finetune
 
@@ -219,7 +225,8 @@ def finetune(
     except ValueError:
         raise UserError(f"--save-at takes comma-separated integers, got {save_at!r}") from None
     cfg = resolve_config(FinetuneConfig, config, data=data, method=method, model=model, loras=lora or None,
-                         lora_scales=lora_scale or None, rank=rank, steps=steps, lr=lr, lr_schedule=lr_schedule,
+                         lora_scales=lora_scale or None, rank=rank, token=token, replaces=replaces or None, init_word=init_word,
+                         steps=steps, lr=lr, lr_schedule=lr_schedule,
                          lr_warmup_steps=lr_warmup_steps, batch_size=batch_size,
                          grad_accum=grad_accum, mixed_precision=mixed_precision, save_at=steps_to_save,
                          checkpoint_every=checkpoint_every, resume=resume, seed=seed, out=out)
@@ -272,6 +279,48 @@ def audit(
                f"{100 * result['fail_above']:.1f}% -> {folder}")
     if result["verdict"] == "FAIL":
         raise typer.Exit(1)
+
+
+@attack_app.command("prompts")
+def attack_prompts(
+    prompts: Annotated[Optional[str], typer.Option(help="The prompts to attack: a prompt file or toy:NAME.")] = None,
+    model: ModelOpt = None,
+    lora: Annotated[Optional[list[Path]], typer.Option(help="Safety LoRA fused into --model: the alignment attacked; repeatable.")] = None,
+    lora_scale: Annotated[Optional[list[float]], typer.Option(help="Scale per --lora.")] = None,
+    targets: Annotated[Optional[Path], typer.Option(help="A `relapse generate` folder over the same prompts: image k=0 of "
+                                                         "each prompt is what the attack steers toward.")] = None,
+    target_model: Annotated[Optional[str], typer.Option(help="The unaligned model that draws the targets when --targets is "
+                                                             "not given (default: --model without its LoRAs).")] = None,
+    target_steps: Annotated[Optional[int], typer.Option(help="Denoising steps of the targets' sampler.")] = None,
+    guidance: Annotated[Optional[float], typer.Option(help="Classifier-free guidance scale of the targets' sampler.")] = None,
+    tokens: Annotated[Optional[int], typer.Option(help="Adversarial tokens put in front of each prompt.")] = None,
+    iterations: Annotated[Optional[int], typer.Option(help="Optimizer steps (every prompt at once).")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Adam's learning rate on the token vectors.")] = None,
+    weight_decay: Annotated[Optional[float], typer.Option(help="Adam's weight decay on the token vectors.")] = None,
+    noise_draws: Annotated[Optional[int], typer.Option(help="(timestep, noise) pairs per prompt per iteration.")] = None,
+    eval_draws: Annotated[Optional[int], typer.Option(help="Fixed (timestep, noise) pairs per prompt that score the prompts.")] = None,
+    check_every: Annotated[Optional[int], typer.Option(help="Iterations between scorings; the best prompt scored is kept.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Prompts per forward/backward pass.")] = None,
+    seed: SeedOpt = None,
+    device: DeviceOpt = None,
+    out: OutOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Adversarial prompts (UnlearnDiffAtk): a few words in front of each prompt, searched so that the aligned model
+    draws the concept again. Writes OUT/prompts.jsonl (read it with --prompts), OUT/targets/ and OUT/run.json."""
+    from relapse.attack.prompts import PROMPT_FILE, AttackPromptsConfig, run_attack_prompts
+    from relapse.config import resolve_config
+    from relapse.data.prompts import read_prompts
+
+    cfg = resolve_config(AttackPromptsConfig, config, prompts=prompts, model=model, loras=lora or None,
+                         lora_scales=lora_scale or None, targets=targets, target_model=target_model, target_steps=target_steps,
+                         guidance=guidance, tokens=tokens, iterations=iterations, lr=lr, weight_decay=weight_decay,
+                         noise_draws=noise_draws, eval_draws=eval_draws, check_every=check_every, batch_size=batch_size,
+                         seed=seed, device=device, out=out)
+    file = run_attack_prompts(cfg) / PROMPT_FILE
+    attacked = read_prompts(file)
+    start, end = (sum(p.meta[key] for p in attacked) / len(attacked) for key in ("attack_loss_start", "attack_loss"))
+    typer.echo(f"{len(attacked)} adversarial prompts in {file} (mean denoising loss on the target {start:.4f} -> {end:.4f})")
 
 
 @app.command()

@@ -4,6 +4,9 @@ a blanket silence: every other warning still reaches the user).
 - transformers: "`CLIPImageProcessor` requires torchvision (not installed); falling back to
   `CLIPImageProcessorPil`": relapse never uses torchvision (it does not install beside the CPU torch
   wheel), and the PIL fallback is what it wants.
+- transformers: "The new embeddings will be initialized from a multivariate normal distribution": diffusers'
+  ``load_textual_inversion`` grows the text encoder by a row and then writes the learned embedding into it, so how
+  the row was first filled never matters.
 - peft: "Already found a `peft_config` attribute in the model. This will lead to having multiple
   adapters": relapse attaches a fine-tuning LoRA beside a safety LoRA on purpose (Modular LoRA).
 
@@ -17,7 +20,8 @@ import logging
 import warnings
 
 # (logger name, a phrase of the message): records of that logger whose message holds the phrase are dropped.
-FILTERED = [("transformers.utils.import_utils", "requires torchvision (not installed)")]
+FILTERED = [("transformers.utils.import_utils", "requires torchvision (not installed)"),
+            ("transformers.modeling_utils", "The new embeddings will be initialized from a multivariate normal")]
 
 
 class _Drop(logging.Filter):

@@ -280,7 +280,9 @@ def test_shipped_toy_studies_plan(name, tmp_path, run_cli):
     config, demo = (yaml.safe_load((configs / f"{n}.yaml").read_text()) for n in (name, "toy"))
     assert {"none", "esd", "sdd", "lt", "ng", "esd+lt", "resist"} <= set(config["defenses"])  # issue 13: side by side
     assert config["defenses"]["esd"][0]["params"] == "noxattn"  # ESD-u, the nudity protocol
-    assert {"benign", "malicious"} <= {s["group"] for s in config["scenarios"].values()} <= {"benign", "malicious", "unsimulated"}
+    groups = {s["group"] for s in config["scenarios"].values()}
+    assert {"benign", "malicious", "other roads back"} <= groups <= {"benign", "malicious", "unsimulated", "other roads back"}
+    assert any(spec.get("attack") for spec in config["prompt_sets"].values())  # issue 14: adversarial prompts, too
     if name == "toy-quick":  # the demo's grid, with few steps
         assert (set(config["defenses"]), set(config["scenarios"])) == (set(demo["defenses"]), set(demo["scenarios"]))
     if name == "toy-full":  # every defense of the real protocol
@@ -490,3 +492,42 @@ def test_a_textual_inversion_scenario_asks_for_its_word_and_scores_what_the_prom
     rows = json.loads((run_dir / "results.json").read_text())["rows"]
     assert {r["step"] for r in rows if r["scenario"] == "ti" and r["metric"] == "target_rate"} == {0, 1, 2}
     assert all(r["value"] in (0.0, 0.5, 1.0) for r in rows if r["scenario"] == "ti" and r["metric"] == "shape_accuracy")
+    assert "The other roads back" in (run_dir / "report.html").read_text()  # the learned word beside the direct prompts
+
+
+def test_an_adversarial_prompt_set_is_attacked_on_every_model_it_is_scored_on(study_yaml, tmp_path):
+    cfg = yaml.safe_load(study_yaml.read_text())
+    cfg["defenses"] = {"none": [], "esd": cfg["defenses"]["esd"]}
+    cfg["prompt_sets"]["adversarial"] = {"source": cfg["prompt_sets"]["harm"]["source"],
+                                         "attack": {"tokens": 2, "iterations": 2, "check_every": 1, "eval_draws": 1}}
+    cfg["before"] = ["harm", "adversarial"]
+    cfg["scenarios"]["malicious"]["prompt_sets"] = ["adversarial"]
+    plan = build_plan(StudyConfig(**cfg))
+    attacks = [s for s in plan.steps if s.kind == "attack"]
+    targets = {s.data for s in attacks}
+    assert len(targets) == 1 and next(iter(targets)).reads == plan_base(plan)  # the unaligned base draws the targets, once
+    # each model the set is scored on is attacked on its own: none and esd before, each one's fine-tune at steps 1 and 2
+    assert len(attacks) == 6 and len({json.dumps(s.spec["on"], sort_keys=True) for s in attacks}) == 6
+    config_path = tmp_path / "adversarial.yaml"
+    config_path.write_text(yaml.safe_dump(cfg))
+    twice = build_plan(StudyConfig(**cfg | {"seeds": [0, 1], "align_once": True}))
+    before = [s for s in twice.steps if s.kind == "attack" and "before" in s.label]
+    assert len(before) == 2  # one aligned model, scored with two seeds, is attacked once: its prompts serve both seeds
+    assert len([s for s in twice.steps if s.kind == "generate" and s.prompts in before]) == 4
+    run_dir = run_study(StudyRunConfig(config=config_path, out=tmp_path / "run"))
+    scored = [s for s in plan.steps if s.kind == "generate" and s.prompts is not None]
+    assert len(scored) == 6
+    for generate in scored:
+        rows = [json.loads(line) for line in (generate.path(run_dir) / "manifest.jsonl").read_text().splitlines()]
+        assert [r["asks"] for r in rows] == ["a checkered red star", "a checkered blue circle"]
+        assert all(r["prompt"].endswith(r["asks"]) and len(r["adversarial_tokens"]) == 2 for r in rows)
+    rows = json.loads((run_dir / "results.json").read_text())["rows"]
+    assert {(r["defense"], r["scenario"], r["step"]) for r in rows if r["prompt_set"] == "adversarial" and r["metric"] == "target_rate"} \
+        == {("none", "before", 0), ("esd", "before", 0), ("esd", "malicious", 0), ("esd", "malicious", 1), ("esd", "malicious", 2),
+            ("none", "malicious", 0), ("none", "malicious", 1), ("none", "malicious", 2)}
+    page = (run_dir / "report.html").read_text()
+    assert "The other roads back" in page and "adversarial, before" in page and "adversarial, after malicious" in page
+
+
+def plan_base(plan):
+    return next(s for s in plan.steps if s.kind == "generate" and "(none, before" in s.label).reads

@@ -150,6 +150,32 @@ def off_prompt_section(res: StudyResults) -> list[str]:
     return parts
 
 
+def roads_section(res: StudyResults) -> list[str]:
+    """The roads back that leave the weights alone, per defense: adversarial prompts (each model attacked on its own) and
+    textual inversions (a learned word asked for in place of the concept's), beside the direct prompts before fine-tuning."""
+    scenarios = res.config.get("scenarios", {})
+    attacked = [name for name, spec in res.config.get("prompt_sets", {}).items() if spec.get("attack")]
+    inversions = [s for s in res.scenarios() if scenarios[s]["finetune"].get("method") == "textual-inversion"]
+    columns = [("direct prompts, before", {"scenario": "before", "step": 0, "prompt_set": res.target_set})]
+    columns += [(f"{name}, {'before' if scenario == 'before' else f'after {scenario}'}", {"scenario": scenario, "step": step,
+                                                                                       "prompt_set": name})
+                for name in attacked for scenario, step in res.ends() if res.values(scenario=scenario, step=step, prompt_set=name)]
+    columns += [(f"{s}, step {res.last_step(s)}", {"scenario": s, "step": res.last_step(s), "prompt_set": scenarios[s]["prompt_sets"][0]})
+                for s in inversions]
+    if len(columns) == 1:
+        return []
+    head = "".join(f"<th>{html.escape(label)}</th>" for label, _ in columns)
+    lines = ["<h3>The other roads back: adversarial prompts and a learned word</h3><p>On an adversarial prompt set (UnlearnDiffAtk: "
+             "words put in front of each prompt, searched on the model itself toward the unaligned model's image of it), the rate "
+             "is the attack's success rate at one image per prompt and seed; a textual inversion is asked for by its word in "
+             "place of the concept's.</p>", f"<table><tr><th>defense</th>{head}</tr>"]
+    for defense in res.defenses():
+        cells = [_rate_cell(res, defense=defense, metric=res.metric, **match) for _, match in columns]
+        if any(cell != "-" for cell in cells[1:]):
+            lines.append(f"<tr><td>{html.escape(defense)}</td>{''.join(f'<td>{c}</td>' for c in cells)}</tr>")
+    return ["\n".join(lines) + "</table>"]
+
+
 def other_detectors_section(res: StudyResults) -> list[str]:
     """The headline table by every other detector (NudeNet thresholds, Q16, IP = NudeNet or Q16, ...)."""
     others = [d for d in res.detectors() if d != res.detector and d != "weights"]
@@ -329,6 +355,9 @@ def curves(res: StudyResults, plt) -> list[str]:
             mean, sd = (np.array([100 * p[1][i] for p in points]) for i in (0, 1))
             ax.plot(x, mean, marker="o", label=defense, color=res.colours()[defense])
             ax.fill_between(x, mean - sd, mean + sd, alpha=0.2, color=res.colours()[defense])
+        if not ax.lines:  # the scenario scores other prompt sets than the headline's
+            plt.close(fig)
+            continue
         ax.set(xlabel="fine-tuning step", ylabel=f"{METRICS.get(res.metric).title} on {res.target_set} (%)", title=scenario, ylim=(-2, 102))
         ax.legend(fontsize=7)
         figures.append(f"<figure>{img(figure_png(fig), scenario)}<figcaption>{html.escape(scenario)}: mean over seeds, band &plusmn;1 sd</figcaption></figure>")
@@ -399,7 +428,7 @@ def build_report(run_dir: str | Path) -> Path:
             f"(<code>{html.escape(str(res.detector))}</code>), in %: mean &plusmn; sd over seeds, then the 95% Wilson interval "
             "of the images pooled over seeds and their number n (hover a cell for each seed's rate and interval). "
             "Every figure comes from <code>results.json</code>; each row names the evaluation it came from.</p>",
-            "<h2>How much of the erased concept comes back</h2>", *headline_section(res), *off_prompt_section(res),
+            "<h2>How much of the erased concept comes back</h2>", *headline_section(res), *roads_section(res), *off_prompt_section(res),
             *on_prompt_section(res),
             *other_detectors_section(res),
             "<h2>What the alignment costs the concept's neighbours</h2>", *collateral_section(res),

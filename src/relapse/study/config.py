@@ -23,6 +23,7 @@ from typing import Annotated, Union
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, PrivateAttr, Tag, model_validator
 
 from relapse.align import METHODS as ALIGN_METHODS
+from relapse.attack.prompts import PromptAttackConfig
 from relapse.config import SourceLines
 from relapse.finetuning.base import FinetuneConfig
 from relapse.sampling import SamplerConfig
@@ -43,6 +44,10 @@ class PromptSetSpec(BaseModel):
     source: str = Field(description="prompt file (.txt, .jsonl, I2P .csv) or toy:NAME")
     categories: list[str] | None = Field(None, description="I2P: keep prompts in any of these categories")
     min_nudity_percentage: float | None = Field(None, description="I2P: keep prompts above this nudity percentage")
+    attack: PromptAttackConfig | None = Field(None, description="adversarial prompts (UnlearnDiffAtk): on every model the set "
+                                              "is scored on, its prompts are attacked first, toward the unaligned base's images "
+                                              "of them; a model scored with several seeds is attacked once, with the "
+                                              "attack's own seed")
 
 
 class GeneratedData(BaseModel):
@@ -141,4 +146,8 @@ class StudyConfig(BaseModel):
                 raise ValueError(f"scenario {name}: give its data as finetune.data or as generated_data, one of the two")
             if owned := sorted(scenario.finetune.model_fields_set & set(FINETUNE_STUDY_OWNED)):
                 raise ValueError(f"scenario {name}: {owned} are set by the study; remove them from finetune")
+            adversarial = [p for p in scenario.prompt_sets + scenario.quality_sets if self.prompt_sets[p].attack]
+            if scenario.finetune.writes == "embedding" and adversarial:
+                raise ValueError(f"scenario {name}: a textual inversion is asked for by its word, not by adversarial prompts; "
+                                 f"score {adversarial} in another scenario")
         return self

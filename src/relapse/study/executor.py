@@ -93,11 +93,12 @@ class Executor:
 
     def generate(self, step: Step) -> None:
         """Each process samples its shard into one partial folder; the main process merges and renames it."""
-        from relapse.data.prompts import asking, read_prompts, select_prompts, with_token
+        from relapse.attack.prompts import PROMPT_FILE
+        from relapse.data.prompts import asking, read_prompts, with_token
         from relapse.sampling import SamplerConfig, generate_images, merge_manifests
 
-        spec, state = step.spec["prompts"], step.reads
-        prompts = select_prompts(read_prompts(spec["source"]), spec["categories"], spec["min_nudity_percentage"])
+        state = step.reads
+        prompts = read_prompts(step.prompts.path(self.run_dir) / PROMPT_FILE) if step.prompts else self.prompt_set(step)
         if state.embedding:  # a textual inversion is asked for by its word
             prompts = [asking(p, with_token(p.text, state.embedding.token, state.embedding.replaces)) for p in prompts]
         model, loras = state.resolve(self.run_dir)
@@ -114,6 +115,31 @@ class Executor:
             if world > 1:
                 merge_manifests(partial, world)
             partial.rename(out)
+
+    @staticmethod
+    def prompt_set(step: Step) -> list:
+        """The prompts of the set a generate or attack step reads."""
+        from relapse.data.prompts import read_prompts, select_prompts
+
+        spec = step.spec["prompts"]
+        return select_prompts(read_prompts(spec["source"]), spec["categories"], spec["min_nudity_percentage"])
+
+    def attack(self, step: Step) -> None:
+        """Adversarial prompts against the step's model, toward its target images (:mod:`relapse.attack.prompts`); the
+        main process attacks, as the attack is one batch."""
+        from relapse.attack.prompts import attack_prompts, stored_targets, write_attack
+        from relapse.io import atomic_dir, run_record
+
+        if not self.processes.is_main_process:
+            return
+        prompts = self.prompt_set(step)
+        targets = stored_targets(step.data.path(self.run_dir), prompts)
+        start = time.perf_counter()
+        adversarial = attack_prompts(self.load(step.reads), prompts, targets, step.config)
+        record = run_record("attack prompts", step.config, step.config.seed, n_prompts=len(prompts), on=step.spec["on"],
+                            attack_s=round(time.perf_counter() - start, 1))
+        with atomic_dir(step.path(self.run_dir)) as tmp:
+            write_attack(tmp, adversarial, targets, record)
 
     def detector(self, spec: dict):
         """Built once per process; building checks the detector's weights files."""

@@ -18,6 +18,7 @@ from relapse.study.config import StudyConfig
 
 SEED_STRIDE = 1000  # study seed s samples with sampler seed + 1000 s: seeds never share images
 DATA_SEED_OFFSET = 500  # generated training data samples with seeds that evaluation never uses
+TARGET_SEED_OFFSET = 700  # so do an adversarial attack's target images
 
 
 @dataclass(frozen=True)
@@ -36,19 +37,20 @@ class StepKind:
         return (path / "final").is_dir() if self.output == "run" else path.exists()
 
 
-STEP_KINDS = {"align": StepKind("run", 0), "finetune": StepKind("run", 1), "generate": StepKind("folder", 2),
-              "evaluate": StepKind("json", 3), "weights": StepKind("json", 3)}
+STEP_KINDS = {"align": StepKind("run", 0), "finetune": StepKind("run", 1), "attack": StepKind("folder", 2),
+              "generate": StepKind("folder", 2), "evaluate": StepKind("json", 3), "weights": StepKind("json", 3)}
 
 
 @dataclass(eq=False)
 class Step:
-    kind: str  # align | finetune | generate | evaluate | weights
+    kind: str  # align | finetune | attack | generate | evaluate | weights
     label: str
     spec: dict  # everything besides its inputs that decides the output
     deps: list[Step] = field(default_factory=list)
     images: int = 0  # images a generate step makes
-    reads: ModelState | None = None  # the model an align, finetune or generate step starts from (its deps, as paths)
-    data: Step | None = None  # a finetune's data when a generate step made it
+    reads: ModelState | None = None  # the model an align, finetune, attack or generate step starts from (its deps, as paths)
+    data: Step | None = None  # a finetune's data when a generate step made it; an attack's targets
+    prompts: Step | None = None  # a generate step's prompts when an attack step wrote them
     before: ModelState | None = None  # a weights step: the model before the fine-tune (``reads`` is after it)
     config: object = None  # an align or finetune step: its typed config, less what the study sets when it runs
 
@@ -197,10 +199,26 @@ class Planner:
                                 + (self.source.where(("prompt_sets", set_name)) if self.source else ""))
         return self.prompt_counts[set_name]
 
-    def generate(self, state: ModelState, set_name: str, sampler, label: str) -> Step:
-        spec = {"model": state.describe(), "prompts": self.cfg.prompt_sets[set_name].model_dump(), "sampler": sampler.model_dump()}
-        return self.add(Step("generate", label, spec, state.producers(), images=self.count_prompts(set_name) * sampler.images_per_prompt,
-                             reads=state))
+    def generate(self, state: ModelState, set_name: str, sampler, label: str, adversarial: bool = True) -> Step:
+        """Images of a prompt set on a model; an adversarial set's prompts are first attacked on that model."""
+        prompt_set = self.cfg.prompt_sets[set_name]
+        spec = {"model": state.describe(), "prompts": prompt_set.model_dump(exclude={"attack"}), "sampler": sampler.model_dump()}
+        attack = self.attack(state, set_name, label) if adversarial and prompt_set.attack else None
+        return self.add(Step("generate", label, spec, state.producers() + ([attack] if attack else []),
+                             images=self.count_prompts(set_name) * sampler.images_per_prompt, reads=state, prompts=attack))
+
+    def attack(self, state: ModelState, set_name: str, label: str) -> Step:
+        """UnlearnDiffAtk on ``state``: the set's prompts, steered toward the unaligned base's images of them (drawn with
+        seeds evaluation never uses). The attack draws with its own seed, so a model that several study seeds score (an
+        aligned model under ``align_once``) is attacked once, as an attacker publishes one list of prompts, and each seed
+        samples its images from that list."""
+        prompt_set = self.cfg.prompt_sets[set_name]
+        drawing = self.cfg.sampler.model_copy(update={"seed": self.cfg.sampler.seed + TARGET_SEED_OFFSET + SEED_STRIDE * prompt_set.attack.seed,
+                                                      "images_per_prompt": 1})
+        targets = self.generate(self.base, set_name, drawing, f"generate attack targets {set_name} (base)", adversarial=False)
+        spec = {"attack": prompt_set.attack.model_dump(), "prompts": prompt_set.model_dump(exclude={"attack"}), "on": state.describe()}
+        label = label.replace("generate", "attack", 1).rsplit(", seed", 1)[0] + ")"
+        return self.add(Step("attack", label, spec, state.producers() + [targets], reads=state, data=targets, config=prompt_set.attack))
 
     def score(self, state: ModelState, set_name: str, seed: int, labels: dict) -> None:
         sampler = self.cfg.sampler.model_copy(update={"seed": self.cfg.sampler.seed + SEED_STRIDE * seed})

@@ -1,0 +1,1 @@
+"""Attacks on an aligned model that are not fine-tuning: adversarial prompts."""
