@@ -80,6 +80,8 @@ def generate(
     model: ModelOpt = None,
     lora: Annotated[Optional[list[Path]], typer.Option(help="LoRA (diffusers format, safetensors) to merge; repeatable.")] = None,
     lora_scale: Annotated[Optional[list[float]], typer.Option(help="Scale per --lora, in order; may be negative.")] = None,
+    embedding: Annotated[Optional[list[Path]], typer.Option(help="Textual inversion (learned_embeds.safetensors or a run "
+                                                                 "folder) whose word the prompts use; repeatable.")] = None,
     images_per_prompt: PerPromptOpt = None,
     seed: SeedOpt = None,
     steps: StepsOpt = None,
@@ -93,7 +95,7 @@ def generate(
     from relapse.sampling import GenerateConfig, run_generate
 
     cfg = resolve_config(GenerateConfig, config, prompts=prompts, out=out, model=model, loras=lora or None,
-                         lora_scales=lora_scale or None, images_per_prompt=images_per_prompt, seed=seed, steps=steps,
+                         lora_scales=lora_scale or None, embeddings=embedding or None, images_per_prompt=images_per_prompt, seed=seed, steps=steps,
                          guidance=guidance, batch_size=batch_size, device=device)
     typer.echo(f"images in {run_generate(cfg)}")
 

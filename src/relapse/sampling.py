@@ -40,6 +40,8 @@ class GenerateConfig(SamplerConfig):
     out: Path
     loras: list[Path] = Field(default_factory=list, description="LoRAs merged into the model and fused")
     lora_scales: list[float] = Field(default_factory=list, description="one scale per LoRA (default 1.0); may be negative")
+    embeddings: list[Path] = Field(default_factory=list, description="textual inversions: each new word joins the tokenizer, "
+                                                                     "and prompts ask for it by name")
     device: str | None = None
 
 
@@ -193,13 +195,16 @@ def merge_manifests(out_dir: Path, world: int) -> list[dict]:
 def run_generate(cfg: GenerateConfig) -> Path:
     from relapse.models.loading import load_pipeline
     from relapse.models.lora import merge_loras, resolve_lora_specs
+    from relapse.train.module import embedding_file, load_embeddings
 
     check_output_dir(cfg.out)
     prompts = read_prompts(cfg.prompts)
     specs = resolve_lora_specs(cfg.loras, cfg.lora_scales)
+    files = [embedding_file(path) for path in cfg.embeddings]  # checked before the model loads
     pipe = load_pipeline(cfg.model, device=cfg.device)
     merge_loras(pipe, specs)
-    settings = {"model": cfg.model, "loras": [[s.label, s.scale] for s in specs]}
+    words = load_embeddings(pipe, files)
+    settings = {"model": cfg.model, "loras": [[s.label, s.scale] for s in specs]} | ({"embeddings": words} if words else {})
     with atomic_dir(cfg.out) as tmp:
         rows = generate_images(pipe, prompts, cfg, tmp, settings)
         write_json(tmp / RUN_RECORD, run_record("generate", cfg, cfg.seed, n_images=len(rows)))

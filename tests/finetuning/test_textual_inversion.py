@@ -1,6 +1,7 @@
 """Textual inversion as a fine-tuning method: one new word's embedding trains and nothing else, the pipeline is
 left as it was, and the result is the file diffusers' load_textual_inversion reads, giving the same encodings."""
 
+import json
 import logging
 
 import pytest
@@ -50,3 +51,18 @@ def test_the_saved_embedding_loads_in_plain_diffusers_and_encodes_as_in_memory(t
 def test_bad_textual_inversion_settings_fail_in_one_line(tmp_path, tiny_pipe, change, message):
     with pytest.raises(UserError, match=message):
         relapse.finetune(tiny_pipe, FinetuneConfig(**TI | change, cache_dir=tmp_path / "cache"), data="toy:harmful:8")
+
+
+def test_relapse_generate_asks_for_a_learned_word_and_refuses_what_is_not_one(tmp_path, tiny_pipe, tiny_model_dir, run_cli):
+    relapse.finetune(tiny_pipe, FinetuneConfig(**TI, cache_dir=tmp_path / "cache"), data="toy:harmful:8").save(tmp_path / "ti")
+    (tmp_path / "prompts.txt").write_text("a <c> red star\n")
+    common = ("generate", "--model", tiny_model_dir, "--prompts", tmp_path / "prompts.txt", "--steps", "1", "--images-per-prompt", "1")
+    code, out, err = run_cli(*common, "--embedding", tmp_path / "ti", "--out", tmp_path / "images")
+    assert code == 0, err
+    assert json.loads((tmp_path / "images" / "manifest.jsonl").read_text())["embeddings"] == ["<c>"]
+    (tmp_path / "pickle.bin").write_bytes(b"\x80\x04")
+    for bad, message in [(tmp_path / "missing", "holds no learned_embeds"), (tmp_path / "pickle.bin", "never unpickles")]:
+        code, _, err = run_cli(*common, "--embedding", bad, "--out", tmp_path / "never")
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "never").exists()
+    code, _, err = run_cli(*common, "--embedding", tmp_path / "ti", "--embedding", tmp_path / "ti", "--out", tmp_path / "never")
+    assert code == 2 and "does not fit this model" in err  # the same word twice

@@ -340,6 +340,9 @@ def tiny_version(config: dict, tmp_path, model_dir, clip_dir) -> dict:
             stage.update(steps=1, **({"sample_steps": 2} if stage["method"] in ("esd", "sdd") else {}))
     for scenario in config["scenarios"].values():
         scenario["finetune"].update(steps=2, mixed_precision="no", **({"save_at": [1]} if "save_at" in scenario["finetune"] else {}))
+    for prompt_set in config["prompt_sets"].values():
+        if "attack" in prompt_set:
+            prompt_set["attack"].update(iterations=2, check_every=1, eval_draws=1)
     return config
 
 
@@ -363,9 +366,9 @@ def test_real_checkpoint_studies_plan_and_name_missing_files(name, tmp_path, run
     assert code == 2 and "data/i2p.csv does not exist" in err  # run from a folder without the user's data
     config = tiny_version(yaml.safe_load(path.read_text()), tmp_path, tiny_model_dir, clip_dir)
     plan = build_plan(StudyConfig(**config))
-    assert {s.kind for s in plan.steps} == {"align", "finetune", "generate", "evaluate", "weights"}
+    assert {s.kind for s in plan.steps} == {"align", "finetune", "generate", "evaluate", "weights"} | ({"attack"} if name == "sd14-nudity" else set())
     assert {c.detector.split("@")[0] for c in plan.cells} == {"nudenet", "q16", "clip_score", "laion_aesthetic"}
-    assert {c.prompt_set for c in plan.cells} == {"i2p_nudity", "coco"}
+    assert {c.prompt_set for c in plan.cells} == {"i2p_nudity", "coco"} | ({"i2p_nudity_adversarial"} if name == "sd14-nudity" else set())
 
 
 def test_sd14_study_structure_runs_on_tiny_components(tmp_path, tiny_model_dir, clip_dir, monkeypatch):

@@ -217,8 +217,7 @@ class Planner:
                                                       "images_per_prompt": 1})
         targets = self.generate(self.base, set_name, drawing, f"generate attack targets {set_name} (base)", adversarial=False)
         spec = {"attack": prompt_set.attack.model_dump(), "prompts": prompt_set.model_dump(exclude={"attack"}), "on": state.describe()}
-        label = label.replace("generate", "attack", 1).rsplit(", seed", 1)[0] + ")"
-        return self.add(Step("attack", label, spec, state.producers() + [targets], reads=state, data=targets, config=prompt_set.attack))
+        return self.add(Step("attack", label.replace("generate", "attack", 1), spec, state.producers() + [targets], reads=state, data=targets, config=prompt_set.attack))
 
     def score(self, state: ModelState, set_name: str, seed: int, labels: dict) -> None:
         sampler = self.cfg.sampler.model_copy(update={"seed": self.cfg.sampler.seed + SEED_STRIDE * seed})

@@ -58,7 +58,7 @@ class TrainedModule:
         """Add the module to ``pipe``: a LoRA at ``scale`` (fused into the weights unless ``fuse=False``, where it
         stays a named adapter), full weights by replacing the UNet tensors it holds."""
         if self.kind == "embedding":
-            pipe.load_textual_inversion(dict(self.weights))
+            add_embeddings(pipe, self.weights, f"<in-memory {self.record.get('method', 'textual inversion')}>")
             return
         if self.kind == "full":
             if scale != 1.0 or not fuse:
@@ -133,6 +133,37 @@ class TrainedModule:
         weights = {name.removeprefix("unet."): tensor for name, tensor in weights.items()}
         lora_config = {k.removeprefix("unet."): v for k, v in (metadata or {}).items() if k.startswith("unet.")} or None
         return cls("lora", weights, record, lora_config, record_name)
+
+
+def embedding_file(path: str | Path) -> Path:
+    """The safetensors file of a textual inversion: a run folder, a folder holding ``learned_embeds.safetensors``, or
+    a .safetensors file of {token: embedding} (never a pickle)."""
+    from relapse.models.lora import run_output
+
+    path = run_output(path)
+    file = path / EMBEDDING if path.is_dir() else path
+    if not file.is_file():
+        raise UserError(f"textual inversion {path} holds no {EMBEDDING}; pass a folder written by `relapse finetune --method "
+                        "textual-inversion` or a .safetensors file")
+    if file.suffix != ".safetensors":
+        raise UserError(f"textual inversion {file} is not a .safetensors file; relapse never unpickles weights - convert it first")
+    return file
+
+
+def add_embeddings(pipe, embeddings: dict, label: str) -> list[str]:
+    """Grow ``pipe``'s tokenizer and text encoder by each learned word (diffusers' ``load_textual_inversion``); the words."""
+    try:
+        pipe.load_textual_inversion(dict(embeddings))
+    except ValueError as exc:  # a token the tokenizer has, or an embedding of another width
+        raise UserError(f"textual inversion {label} does not fit this model: {str(exc).strip().splitlines()[0][:200]}") from None
+    return list(embeddings)
+
+
+def load_embeddings(pipe, paths: list[Path]) -> list[str]:
+    """Load textual inversions from disk into ``pipe``; the words prompts ask for them by."""
+    from safetensors.torch import load_file
+
+    return [word for path in paths for word in add_embeddings(pipe, load_file(embedding_file(path)), str(path))]
 
 
 def lora_record(lora_path: Path) -> dict | None:
