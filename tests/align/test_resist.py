@@ -145,7 +145,7 @@ def test_two_cpu_processes_each_carry_their_own_attack_through_a_checkpoint(tmp_
     from safetensors.torch import load_file
 
     env = os.environ | {"RELAPSE_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "relapse.cli", "align", "resist",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "relapse.cli", "align", "resist",
            "--model", str(tiny_model_dir), "--concept", "checkered", "--harmful", DATA["harmful"], "--clean", DATA["clean"],
            "--as", "full", "--steps", "3", "--batch-size", "2", "--attack-steps", "5", "--inner-steps", "1",
            "--checkpoint-every", "2", "--out", str(tmp_path / "ddp")]

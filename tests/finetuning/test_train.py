@@ -89,7 +89,7 @@ def test_two_cpu_processes_train_data_parallel(tmp_path, tiny_model_dir):
     import sys
 
     env = os.environ | {"RELAPSE_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "relapse.cli", "finetune",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "relapse.cli", "finetune",
            "--model", str(tiny_model_dir), "--data", DATA, "--steps", "3", "--batch-size", "2", "--out", str(tmp_path / "ddp")]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]

@@ -301,7 +301,7 @@ def test_two_cpu_processes_give_the_rows_of_one(study_yaml, tmp_path):
     study_yaml.write_text(yaml.safe_dump(config))
     single = run_study(StudyRunConfig(config=study_yaml, out=tmp_path / "one"))
     env = os.environ | {"OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "relapse.cli", "study",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "relapse.cli", "study",
            str(study_yaml), "--out", str(tmp_path / "two")]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stderr[-3000:]
