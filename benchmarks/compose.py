@@ -18,16 +18,18 @@ import torch
 from peft import LoraConfig
 
 from relapse.data.prompts import read_prompts
+from relapse.models.families import family_of
 from relapse.models.loading import load_pipeline
-from relapse.models.lora import LORA_TARGETS, LoraSpec, merge_loras, save_unet_lora
+from relapse.models.lora import LoraSpec, merge_loras, save_adapter_lora
 from relapse.sampling import SamplerConfig, generate_images
 
 
 def random_lora(model: str, rank: int, seed: int, out: Path) -> Path:
     pipe = load_pipeline(model, device="cpu")
     torch.manual_seed(seed)
-    pipe.unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=LORA_TARGETS, init_lora_weights=False))
-    save_unet_lora(pipe.unet, out)
+    family = family_of(pipe)
+    family.denoiser().add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=family.lora_targets, init_lora_weights=False))
+    save_adapter_lora(family.denoiser(), out, component=family.denoiser_name)
     return out
 
 

@@ -16,13 +16,12 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from relapse.data.datasets import load_dataset
-from relapse.finetuning.base import FinetuneConfig
+from relapse.finetuning.base import FinetuneConfig, loss_on_batch
 from relapse.finetuning.methods import Lora
 from relapse.models.loading import load_pipeline
-from relapse.models.pipeline_utils import encode_prompts, images_to_tensor
+from relapse.models.pipeline_utils import images_to_tensor
 from relapse.train.engine import draw, train
 
 
@@ -38,11 +37,9 @@ class EncodeEveryBatch(Lora):
         idx = torch.randint(0, len(self.data.captions), (batch,), generator=gen)
         x = images_to_tensor(self.data.images[idx.numpy()])
         with torch.no_grad():
-            z0 = pipe.vae.encode(x).latent_dist.sample(generator=gen) * pipe.vae.config.scaling_factor
-            text = encode_prompts(pipe, [self.data.captions[i] for i in idx.tolist()])
-        noise = torch.randn(z0.shape, generator=gen)
-        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (batch,), generator=gen)
-        loss = F.mse_loss(model(self.noise_scheduler.add_noise(z0, noise, t), t, text).sample, noise)
+            z0 = self.family.to_latents(pipe.vae.encode(x).latent_dist.sample(generator=gen))
+            cond = self.family.encode([self.data.captions[i] for i in idx.tolist()])
+        loss = loss_on_batch(self.family, model, z0, cond, gen, z0.device)
         return loss, {"loss": loss.item()}
 
 

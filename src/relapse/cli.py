@@ -28,6 +28,7 @@ GuidanceOpt = Annotated[Optional[float], typer.Option(help="Classifier-free guid
 PerPromptOpt = Annotated[Optional[int], typer.Option(help="Images per prompt (image k uses seed + k).")]
 BatchOpt = Annotated[Optional[int], typer.Option(help="Images per pipeline call.")]
 DeviceOpt = Annotated[Optional[str], typer.Option(help="cpu, cuda, ... (default: cuda when available).")]
+ResolutionOpt = Annotated[Optional[int], typer.Option(help="Image side in pixels (default: the model's own).")]
 # The training engine's own flags, the same for every training command.
 GradAccumOpt = Annotated[Optional[int], typer.Option(help="Gradient accumulation steps.")]
 PrecisionOpt = Annotated[Optional[str], typer.Option(help="no, fp16 or bf16.")]
@@ -87,6 +88,7 @@ def generate(
     steps: StepsOpt = None,
     guidance: GuidanceOpt = None,
     batch_size: BatchOpt = None,
+    resolution: ResolutionOpt = None,
     device: DeviceOpt = None,
     config: ConfigOpt = None,
 ) -> None:
@@ -96,7 +98,7 @@ def generate(
 
     cfg = resolve_config(GenerateConfig, config, prompts=prompts, out=out, model=model, loras=lora or None,
                          lora_scales=lora_scale or None, embeddings=embedding or None, images_per_prompt=images_per_prompt, seed=seed, steps=steps,
-                         guidance=guidance, batch_size=batch_size, device=device)
+                         guidance=guidance, batch_size=batch_size, resolution=resolution, device=device)
     typer.echo(f"images in {run_generate(cfg)}")
 
 
@@ -155,7 +157,8 @@ def align(
     lr: Annotated[Optional[float], typer.Option(help="Learning rate.")] = None,
     eta: Annotated[Optional[float], typer.Option(help="esd: negative-guidance strength.")] = None,
     anchor: Annotated[Optional[str], typer.Option(help="esd/sdd: empty (as published) or strip (the prompt minus the --concept words).")] = None,
-    sample_steps: Annotated[Optional[int], typer.Option(help="esd/sdd: DDIM steps of the sampler that makes x_t.")] = None,
+    sample_steps: Annotated[Optional[int], typer.Option(help="esd/sdd: steps of the sampler that makes x_t.")] = None,
+    resolution: Annotated[Optional[int], typer.Option(help="esd/sdd: pixels of the x_t it samples (default: the model's own).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Training batch size (lt/ng: per class, clean and harmful).")] = None,
     lr_schedule: LrScheduleOpt = None,
     lr_warmup_steps: WarmupOpt = None,
@@ -180,7 +183,7 @@ def align(
                  mode=mode, loras=lora or None, lora_scales=lora_scale or None, noise=noise, mu=mu, lambda_=lambda_,
                  lambda_c=lambda_c, margin=margin, lt_scale=lt_scale, lt_shift=lt_shift, harmful_weight=harmful_weight,
                  published_code=published_code, out=out, params=params, rank=rank, steps=steps, lr=lr, eta=eta,
-                 anchor=anchor, sample_steps=sample_steps, batch_size=batch_size, lr_schedule=lr_schedule,
+                 anchor=anchor, sample_steps=sample_steps, resolution=resolution, batch_size=batch_size, lr_schedule=lr_schedule,
                  lr_warmup_steps=lr_warmup_steps, grad_accum=grad_accum,
                  mixed_precision=mixed_precision, checkpoint_every=checkpoint_every, resume=resume, seed=seed, as_=as_)
     config_class = METHODS.get(method).config

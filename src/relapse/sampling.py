@@ -28,7 +28,9 @@ class SamplerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     steps: int = Field(20, gt=0, description="denoising steps")
-    guidance: float = Field(5.0, ge=0, description="classifier-free guidance scale")
+    guidance: float = Field(5.0, ge=0, description="classifier-free guidance scale (a guidance-distilled model's "
+                                                    "guidance embedding, FLUX.1-dev)")
+    resolution: int | None = Field(None, gt=0, description="image side in pixels (default: the model's own)")
     images_per_prompt: int = Field(4, gt=0)
     seed: int = 0
     batch_size: int = Field(64, gt=0)
@@ -74,15 +76,17 @@ def batches(jobs: list[Job], batch_size: int) -> list[list[Job]]:
     return [group[i : i + batch_size] for group in by_guidance.values() for i in range(0, len(group), batch_size)]
 
 
-def sample(pipe, jobs: list[Job], steps: int):
+def sample(pipe, jobs: list[Job], steps: int, resolution: int | None = None):
     """Run one pipeline call for a batch of jobs; returns PIL images in job order."""
     import torch
+
+    from relapse.models.families import family_of
 
     device = pipe.device
     generators = [torch.Generator(device=device).manual_seed(job.seed) for job in jobs]
     return pipe(
         prompt=[job.prompt.text for job in jobs], num_inference_steps=steps, guidance_scale=jobs[0].guidance,
-        generator=generators, output_type="pil",
+        generator=generators, output_type="pil", **family_of(pipe).call_kwargs(resolution),
     ).images
 
 
@@ -94,7 +98,7 @@ def sample_jobs(pipe, jobs: list[Job], sampler: SamplerConfig, settings: dict, s
     """Sample ``jobs`` in batches; yield each PIL image with its manifest row (prompt, seed, settings), in job order."""
     with progress(total=len(jobs), desc="generate", unit="img", disable=not show) as bar:
         for batch in batches(jobs, sampler.batch_size):
-            for job, image in zip(batch, sample(pipe, batch, sampler.steps)):
+            for job, image in zip(batch, sample(pipe, batch, sampler.steps, sampler.resolution)):
                 yield image, {"file": job.file, "prompt": job.prompt.text, "prompt_index": job.prompt_index, "k": job.k,
                               "seed": job.seed, "guidance": job.guidance, "steps": sampler.steps, **settings, **job.prompt.meta}
             bar.update(len(batch))
@@ -148,16 +152,17 @@ def as_prompts(prompts: str | Path | list) -> list[Prompt]:
 
 
 def generate(pipe, prompts: str | Path | list, *, images_per_prompt: int = 1, steps: int = 20, guidance: float = 5.0,
-             seed: int = 0, batch_size: int = 64) -> Generation:
+             seed: int = 0, batch_size: int = 64, resolution: int | None = None) -> Generation:
     """Sample images from ``pipe`` in memory.
 
     Args:
-        pipe: a ``StableDiffusionPipeline`` (e.g. from :func:`relapse.load`), LoRAs already applied.
+        pipe: a pipeline (SD, SDXL, SD 3.x or FLUX.1, e.g. from :func:`relapse.load`), LoRAs already applied.
         prompts: a list of prompt texts, or a prompt source: a text/JSONL/I2P-CSV file or ``toy:NAME``
             (e.g. ``toy:target_direct``).
         images_per_prompt: image ``k`` of a prompt uses seed ``seed + k`` (or the prompt's own seed + k).
         steps, guidance: the sampler's denoising steps and classifier-free guidance scale.
         batch_size: images per pipeline call; the images do not depend on it (up to float rounding).
+        resolution: the image side in pixels (default: the model's own).
 
     Returns:
         A :class:`Generation`: ``images`` (PIL) and ``rows`` (prompt, seed, file name, settings), in the same order.
@@ -168,7 +173,8 @@ def generate(pipe, prompts: str | Path | list, *, images_per_prompt: int = 1, st
         >>> len(out.images), out.rows[1]["seed"]
         (2, 1)
     """
-    sampler = SamplerConfig(steps=steps, guidance=guidance, images_per_prompt=images_per_prompt, seed=seed, batch_size=batch_size)
+    sampler = SamplerConfig(steps=steps, guidance=guidance, images_per_prompt=images_per_prompt, seed=seed, batch_size=batch_size,
+                            resolution=resolution)
     images, rows = [], []
     for image, row in sample_jobs(pipe, plan_jobs(as_prompts(prompts), sampler), sampler, settings={}):
         images.append(image)

@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from relapse.align import METHODS
-from relapse.align.base import is_cross_attention, run_align
+from relapse.align.base import run_align
 from relapse.align.erasure import ErasureMethod
 from relapse.align.esd import ESDConfig
 from relapse.models.components import ToyModelSize, build_pipeline
+from relapse.models.families import family_of
 from relapse.models.lora import LoraSpec, merge_loras
-from relapse.models.pipeline_utils import encode_prompts
 from relapse.train.engine import train
 from relapse.train.module import ALIGN_RECORD
 
@@ -43,7 +43,7 @@ def test_full_mode_changes_only_the_chosen_parameters(tmp_path, tiny_pipe, metho
     module.apply(tiny_pipe)
     changed = {n for n, p in tiny_pipe.unet.named_parameters() if not torch.equal(p, before[n])}
     assert changed, "nothing trained"
-    assert all(is_cross_attention(n) == (params == "xattn") for n in changed) and changed <= set(module.weights)
+    assert all((".attn2." in n) == (params == "xattn") for n in changed) and changed <= set(module.weights)
 
 
 @pytest.mark.parametrize("method", ERASERS)
@@ -59,7 +59,7 @@ def test_esd_loss_falls_on_a_fixed_batch(tiny_pipe, tmp_path):
     esd, params = ready(tiny_pipe, small_cfg(tmp_path, "esd", lr=3e-3, **{"as": "full", "params": "all"}))
     gen = torch.Generator().manual_seed(0)
     x_t, t = torch.randn(2, 4, 8, 8, generator=gen), torch.tensor([500, 500])
-    cond, uncond = encode_prompts(tiny_pipe, CONCEPT), encode_prompts(tiny_pipe, ["", ""])
+    cond, uncond = family_of(tiny_pipe).encode(CONCEPT), family_of(tiny_pipe).encode(["", ""])
     opt = torch.optim.Adam(params, lr=3e-3)
     first = None
     for _ in range(30):
@@ -117,6 +117,6 @@ def test_a_prompt_anchored_at_itself_has_nothing_to_erase(tiny_pipe, tmp_path, m
     so a fresh safety LoRA (B = 0) starts at zero loss."""
     impl, _ = ready(tiny_pipe, small_cfg(tmp_path, method))
     x_t, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([300, 700])
-    cond = encode_prompts(tiny_pipe, CONCEPT)
+    cond = family_of(tiny_pipe).encode(CONCEPT)
     assert impl.erasure_loss(tiny_pipe.unet, x_t, t, cond, cond).item() == pytest.approx(0.0, abs=1e-10)
-    assert impl.erasure_loss(tiny_pipe.unet, x_t, t, cond, encode_prompts(tiny_pipe, ["", ""])).item() > 1e-6
+    assert impl.erasure_loss(tiny_pipe.unet, x_t, t, cond, family_of(tiny_pipe).encode(["", ""])).item() > 1e-6

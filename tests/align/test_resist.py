@@ -31,7 +31,7 @@ def resist(tmp_path, pipe, **kw):
 def simulate(method, attack: Attack, gen) -> dict[str, torch.Tensor]:
     attacker = Attacker(attack, method.attack_targets(attack.method), method.cfg.attack_rank, gen)
     for _ in range(attack.steps):
-        attacker.step(method.pipe.unet, method.noisy_batch(attack.data, gen, 2))
+        attacker.step(method.family, method.noisy_batch(attack.data, gen, 2))
     return {n: d.detach() for n, d in attacker.delta().items()}
 
 
@@ -50,12 +50,12 @@ def test_the_attacker_lowers_its_loss_and_leaves_the_weights_alone(tmp_path, tin
         assert all(torch.linalg.matrix_rank(d) <= method.cfg.attack_rank for d in delta.values())
         assert all(any(p in n for p in ("to_q", "to_k", "to_v", "to_out")) for n in delta)
     batch = method.noisy_batch("harmful", draw(1, 0, 0, 0), 8)
-    plain = F.mse_loss(tiny_pipe.unet(batch.x_t, batch.t, batch.cond).sample, batch.noise)
+    plain = F.mse_loss(tiny_pipe.unet(batch.x_t, batch.t, batch.cond["prompt_embeds"]).sample, batch.target)
     attacked = copy.deepcopy(tiny_pipe.unet)
     with torch.no_grad():
         for n, p in attacked.named_parameters():
             p.add_(delta.get(n, 0))
-    assert F.mse_loss(attacked(batch.x_t, batch.t, batch.cond).sample, batch.noise) < plain
+    assert F.mse_loss(attacked(batch.x_t, batch.t, batch.cond["prompt_embeds"]).sample, batch.target) < plain
 
 
 def test_an_attack_carries_on_across_outer_steps_until_it_has_taken_its_steps(tmp_path, tiny_pipe):
@@ -74,12 +74,12 @@ def test_an_attacker_restored_from_its_state_goes_on_as_the_original(tmp_path, t
     gen = draw(0, 0, 0, 0)
     original = Attacker(Attack(kind, 1e-2, 9, "benign"), method.attack_targets(kind), 4, gen)
     for _ in range(2):
-        original.step(tiny_pipe.unet, method.noisy_batch("benign", gen, 2))
+        original.step(method.family, method.noisy_batch("benign", gen, 2))
     restored = Attacker.from_state(original.state_dict(), method.attack_targets, 4)
     assert restored.attack == original.attack and restored.taken == 2
     batch = method.noisy_batch("benign", gen, 2)
     for attacker in (original, restored):
-        attacker.step(tiny_pipe.unet, batch)
+        attacker.step(method.family, batch)
     for (n, want), got in zip(original.delta().items(), restored.delta().values()):
         assert torch.equal(got, want), n
 
@@ -98,7 +98,7 @@ def test_the_attacked_gradient_is_the_gradient_at_the_attacked_weights(tmp_path,
     with torch.no_grad():
         for n, p in moved.named_parameters():
             p.add_(delta.get(n, 0))
-    expected_value = F.mse_loss(moved(batch.x_t, batch.t, batch.cond).sample, target)
+    expected_value = F.mse_loss(moved(batch.x_t, batch.t, batch.cond["prompt_embeds"]).sample, target)
     names = [n for n, p in tiny_pipe.unet.named_parameters() if p.requires_grad]
     params = dict(moved.named_parameters())
     expected = torch.autograd.grad(expected_value, [params[n] for n in names])

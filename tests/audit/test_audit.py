@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 import relapse
 from relapse.models.components import ToyModelSize, build_pipeline
-from relapse.models.lora import unet_lora, write_lora
+from relapse.models.lora import adapter_lora, write_lora
 
 
 def lora_layers(seed: int, targets: list[str], rank: int = 2, alpha: int = 4, size=None):
@@ -20,7 +20,7 @@ def lora_layers(seed: int, targets: list[str], rank: int = 2, alpha: int = 4, si
     pipe = build_pipeline(size or ToyModelSize.tiny(), seed=0)
     torch.manual_seed(seed)
     pipe.unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights=False))
-    return unet_lora(pipe.unet)
+    return adapter_lora(pipe.unet)
 
 
 def write_kohya(path, layers: dict, alpha: float):
@@ -86,7 +86,7 @@ def test_the_verdict_follows_the_target_rate_with_the_lora_and_sets_the_exit_cod
     """On the toy model, unaligned (100% checkered on direct prompts) and a LoRA too weak to change that."""
     toy = relapse.load("toy")
     toy.unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q"], init_lora_weights=False))
-    layers, config = unet_lora(toy.unet)
+    layers, config = adapter_lora(toy.unet)
     write_lora(tmp_path / "weak", {name: t * 1e-3 for name, t in layers.items()}, config)
     args = ("audit", tmp_path / "weak", "--steps", 4, "--lora-prompts", "toy:domain_patterns")
     code, out, err = run_cli(*args, "--out", tmp_path / "fail")

@@ -104,9 +104,9 @@ def test_a_cache_miss_and_a_cache_hit_train_the_same_weights(tmp_path, tiny_mode
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_a_v_prediction_model_is_refused(tmp_path):
+def test_a_sample_prediction_model_is_refused(tmp_path):
     pipe = build_pipeline(ToyModelSize.tiny(), seed=0)
-    pipe.scheduler.register_to_config(prediction_type="v_prediction")
-    pipe.save_pretrained(tmp_path / "v")
-    with pytest.raises(UserError, match="epsilon-prediction models only"):
-        run_finetune(cfg(tmp_path, tmp_path / "v"))
+    pipe.scheduler.register_to_config(prediction_type="sample")
+    pipe.save_pretrained(tmp_path / "x0")
+    with pytest.raises(UserError, match="predicts 'sample'"):
+        run_finetune(cfg(tmp_path, tmp_path / "x0"))

@@ -44,11 +44,11 @@ def test_a_fused_lora_update_is_its_lora_product(tiny_model_dir, tmp_path):
     from peft import LoraConfig
 
     from relapse.models.components import ToyModelSize, build_pipeline
-    from relapse.models.lora import save_unet_lora
+    from relapse.models.lora import save_adapter_lora
 
     pipe = build_pipeline(ToyModelSize.tiny(), seed=0)
     pipe.unet.add_adapter(LoraConfig(r=2, lora_alpha=2, init_lora_weights=False, target_modules=["to_q"]))
-    save_unet_lora(pipe.unet, tmp_path / "lora")
+    save_adapter_lora(pipe.unet, tmp_path / "lora")
     base = fused_unet_weights(str(tiny_model_dir), [])
     delta = update(fused_unet_weights(str(tiny_model_dir), [str(tmp_path / "lora")]), base)
     assert delta and all(name.endswith("to_q.weight") for name in delta)

@@ -5,7 +5,7 @@ from peft import LoraConfig
 
 from relapse.errors import UserError
 from relapse.models.components import ToyModelSize, build_pipeline
-from relapse.models.lora import LoraSpec, merge_loras, save_unet_lora
+from relapse.models.lora import LoraSpec, merge_loras, save_adapter_lora
 
 TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 
@@ -15,7 +15,7 @@ def make_lora(out_dir, size=None, seed=1, rank=2):
     pipe = build_pipeline(size or ToyModelSize.tiny(), seed=0)
     torch.manual_seed(seed)
     pipe.unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=TARGETS, init_lora_weights=False))
-    return save_unet_lora(pipe.unet, out_dir)
+    return save_adapter_lora(pipe.unet, out_dir)
 
 
 def images(pipe):
@@ -46,13 +46,15 @@ def test_a_lora_on_convolutions_and_attention_loads_whole_in_plain_diffusers(tmp
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     from relapse.align.base import lora_targets
+    from relapse.models.families import family_of
 
     pipe = build_pipeline(ToyModelSize.tiny(), seed=0)
     torch.manual_seed(1)
-    pipe.unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=lora_targets(pipe.unet, "noxattn"), init_lora_weights=False))
+    pipe.unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=lora_targets(pipe.unet, "noxattn", family_of(pipe)),
+                                      init_lora_weights=False))
     trained = {n for n, m in pipe.unet.named_modules() if isinstance(m, BaseTunerLayer)}
     assert any(".attn1." in n for n in trained) and any("conv" in n for n in trained)
-    save_unet_lora(pipe.unet, tmp_path / "esd-u")
+    save_adapter_lora(pipe.unet, tmp_path / "esd-u")
     for module in pipe.unet.modules():
         if isinstance(module, BaseTunerLayer):
             module.merge()

@@ -31,13 +31,13 @@ def test_a_lora_with_its_own_alpha_applies_from_memory_as_its_file_does(tmp_path
     module bakes alpha / rank into lora_B (alpha 4 at rank 2 here, and 1 on one module by alpha_pattern)."""
     from peft import LoraConfig
 
-    from relapse.models.lora import save_unet_lora
+    from relapse.models.lora import save_adapter_lora
 
     source = build_pipeline(ToyModelSize.tiny(), seed=0)
     torch.manual_seed(1)
     source.unet.add_adapter(LoraConfig(r=2, lora_alpha=4, alpha_pattern={"down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q": 1},
                                        target_modules=["to_q", "to_v"], init_lora_weights=False))
-    save_unet_lora(source.unet, tmp_path / "lora")
+    save_adapter_lora(source.unet, tmp_path / "lora")
     from_file, from_memory, base = (build_pipeline(ToyModelSize.tiny(), seed=0) for _ in range(3))
     merge_loras(from_file, [LoraSpec(tmp_path / "lora")])
     TrainedModule.load(tmp_path / "lora").apply(from_memory)

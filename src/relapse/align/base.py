@@ -27,20 +27,18 @@ class AlignConfig(TrainConfig):
         return self.as_
 
 
-def is_cross_attention(name: str) -> bool:
-    return ".attn2." in name
+def selects(name: str, params: str, family) -> bool:
+    """Whether parameter ``name`` is in the set: the layers that read the text (a UNet's cross-attention, an MMDiT's
+    text-stream projections), the rest, or all."""
+    return params == "all" or (params == "xattn") == any(mark in name for mark in family.cross_attention)
 
 
-def selects(name: str, params: str) -> bool:
-    return params == "all" or (params == "xattn") == is_cross_attention(name)
-
-
-def lora_targets(unet, params: str) -> list[str]:
-    """Module names of every Linear/Conv2d layer the chosen parameter set covers."""
+def lora_targets(denoiser, params: str, family) -> list[str]:
+    """Module names of every Linear/Conv2d layer the chosen parameter set covers; the in/out projections and the
+    timestep MLP stay as they are."""
     kinds = (torch.nn.Linear, torch.nn.Conv2d)
-    skip = ("conv_in", "conv_out", "time_embedding")  # the in/out projections and time MLP stay as they are
-    return [name for name, module in unet.named_modules()
-            if isinstance(module, kinds) and selects(name + ".", params) and not name.startswith(skip)]
+    return [name for name, module in denoiser.named_modules()
+            if isinstance(module, kinds) and selects(name + ".", params, family) and not name.startswith(family.io_layers)]
 
 
 class AlignMethod(TrainingMethod):
@@ -49,18 +47,20 @@ class AlignMethod(TrainingMethod):
     config = AlignConfig
 
     def trainable(self, pipe) -> list[torch.nn.Parameter]:
-        """Freeze everything, then make the chosen UNet parameters trainable (full) or attach a LoRA on them."""
+        """Freeze everything, then make the chosen denoiser parameters trainable (full) or attach a LoRA on them."""
         from peft import LoraConfig
 
-        unet, cfg = pipe.unet, self.cfg
-        for component in (pipe.vae, pipe.text_encoder, unet):
+        family, cfg = self.family, self.cfg
+        denoiser = family.denoiser()
+        for component in family.frozen_parts():
             component.requires_grad_(False)
         if cfg.as_ == "lora":
-            unet.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.rank, init_lora_weights="gaussian",
-                                        target_modules=lora_targets(unet, cfg.params)), adapter_name=self.adapter_name)
-            trainable = [p for n, p in unet.named_parameters() if "lora_" in n]
+            denoiser.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.rank, init_lora_weights="gaussian",
+                                            target_modules=lora_targets(denoiser, cfg.params, family)),
+                                 adapter_name=self.adapter_name)
+            trainable = [p for n, p in denoiser.named_parameters() if "lora_" in n]
         else:
-            trainable = [p for n, p in unet.named_parameters() if selects(n, cfg.params)]
+            trainable = [p for n, p in denoiser.named_parameters() if selects(n, cfg.params, family)]
         for p in trainable:
             p.requires_grad_(True)
         return trainable
@@ -77,7 +77,7 @@ def erase(pipe, config, safety=()) -> TrainedModule:
     """Erase a concept from ``pipe`` in memory (ESD, SDD) and return the safety module; ``pipe`` is left as it was.
 
     Args:
-        pipe: the ``StableDiffusionPipeline`` to align.
+        pipe: the pipeline to align (SD 1.x/2.x, SDXL, SD 3.x or FLUX.1).
         config: an :class:`~relapse.align.esd.ESDConfig`, :class:`~relapse.align.sdd.SDDConfig` or
             :class:`~relapse.align.resist.ResistConfig` (``as_="lora"``:
             a safety LoRA, the default; ``"full"``: the UNet tensors that change).

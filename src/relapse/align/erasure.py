@@ -17,7 +17,7 @@ from pydantic import Field, model_validator
 
 from relapse.align.base import AlignConfig, AlignMethod
 from relapse.data.prompts import replace_words
-from relapse.models.pipeline_utils import encode_prompts
+from relapse.models.families.base import size, take
 
 PROCESS_SEED_STRIDE = 1_000_003  # process k > 0 of a data-parallel run draws from seed + k * stride
 
@@ -58,11 +58,7 @@ class ErasureConfig(ConceptConfig):
     max_grad_norm: float | None = Field(None, gt=0, description="no clipping, as ESD's code trains")
     sample_steps: int = Field(20, gt=1, description="DDIM steps of the sampler that makes x_t")
     sample_guidance: float = Field(3.0, ge=0, description="guidance used to sample x_t (ESD's start_guidance)")
-
-
-def guided_eps(unet, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
-    eps_u, eps_c = unet(torch.cat([x, x]), torch.cat([t, t]), torch.cat([uncond, cond])).sample.chunk(2)
-    return eps_u + scale * (eps_c - eps_u)
+    resolution: int | None = Field(None, gt=0, description="pixels of the x_t it samples (default: the model's own)")
 
 
 class ConceptMethod(AlignMethod):
@@ -76,22 +72,31 @@ class ConceptMethod(AlignMethod):
         self.anchors = self.cfg.anchor_texts(self.concepts)
 
     def setup(self, pipe, process: int) -> None:
-        """A frozen copy of the UNet (full mode; LoRA mode disables the adapter instead)."""
+        """A frozen copy of the denoiser (full mode; LoRA mode disables the adapter instead)."""
         super().setup(pipe, process)
         self.pipe = pipe
-        self.frozen_unet = copy.deepcopy(pipe.unet).requires_grad_(False).eval() if self.cfg.as_ == "full" else None
+        denoiser = self.family.denoiser()
+        self.frozen_denoiser = copy.deepcopy(denoiser).requires_grad_(False).eval() if self.cfg.as_ == "full" else None
 
     @contextmanager
     def frozen(self):
         """Predict with the original weights theta* (ESD's frozen copy)."""
-        if self.frozen_unet is not None:
-            yield self.frozen_unet
+        if self.frozen_denoiser is not None:
+            yield self.frozen_denoiser
             return
-        self.pipe.unet.disable_adapters()
+        denoiser = self.family.denoiser()
+        denoiser.disable_adapters()
         try:
-            yield self.pipe.unet
+            yield denoiser
         finally:
-            self.pipe.unet.enable_adapters()
+            denoiser.enable_adapters()
+
+    def predict(self, model, x_t: torch.Tensor, t: torch.Tensor, *conds: dict) -> torch.Tensor:
+        """``model``'s prediction for ``x_t`` under each conditioning in turn, in one batched call (chunk it)."""
+        from relapse.models.families.base import join
+
+        n = len(conds)
+        return self.family.predict(model, torch.cat([x_t] * n), torch.cat([t] * n), join(*conds))
 
     def facts(self) -> dict:
         return {"concept": self.concepts, "anchors": self.anchors}
@@ -106,34 +111,30 @@ class ErasureMethod(ConceptMethod):
         """The frozen original, the prompts' encodings and this process's random stream."""
         super().setup(pipe, process)
         self.gen = torch.Generator().manual_seed(self.cfg.seed + PROCESS_SEED_STRIDE * process)
-        self.concept, self.anchor = encode_prompts(pipe, self.concepts), encode_prompts(pipe, self.anchors)
-        self.uncond = encode_prompts(pipe, [""])
+        self.concept, self.anchor = self.family.encode(self.concepts), self.family.encode(self.anchors)
+        self.uncond = self.family.encode([""])
 
     @torch.no_grad()
-    def sample_xt(self, cond: torch.Tensor, uncond: torch.Tensor):
-        """x_t made by sampling with the model being trained, conditioned on the concept, from noise down to
-        a random DDIM step (ESD, SDD). Returns x_t and its training timestep."""
-        from diffusers import DDIMScheduler
-
-        pipe, cfg = self.pipe, self.cfg
-        sched = DDIMScheduler.from_config(pipe.scheduler.config)
-        sched.set_timesteps(cfg.sample_steps)
+    def sample_xt(self, cond: dict, uncond: dict):
+        """x_t made by sampling with the model being trained, conditioned on the concept, from noise down to a random
+        step of a ``sample_steps`` schedule (ESD, SDD): DDIM for DDPM-trained models, as ESD's code samples, and the
+        pipeline's own Euler sampler for flow-matching ones. Returns x_t and its training timestep."""
+        pipe, cfg, family = self.pipe, self.cfg, self.family
+        sched = family.sampler(cfg.sample_steps, cfg.resolution)
         stop = int(torch.randint(0, cfg.sample_steps, (1,), generator=self.gen))
-        unet = pipe.unet
-        shape = (len(cond), unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
-        x = torch.randn(shape, generator=self.gen).to(pipe.device)
+        x = torch.randn(family.latent_shape(size(cond), cfg.resolution), generator=self.gen).to(pipe.device)
         for t in sched.timesteps[:stop]:
             tt = t.expand(len(x)).to(pipe.device)
-            x = sched.step(guided_eps(unet, x, tt, cond, uncond, cfg.sample_guidance), t, x).prev_sample
+            x = sched.step(family.guided(family.denoiser(), x, tt, cond, uncond, cfg.sample_guidance), t, x).prev_sample
         return x, sched.timesteps[stop].expand(len(x)).to(pipe.device)
 
     def loss(self, model, step: int, micro: int, process: int) -> tuple[torch.Tensor, dict[str, float]]:
         """Pick concept prompts, sample x_t from the model being trained, and take the method's loss."""
         batch = self.cfg.batch_size
-        pick = torch.randint(0, len(self.concept), (batch,), generator=self.gen)
-        cond = self.concept[pick]
-        x_t, t = self.sample_xt(cond, self.uncond.expand(batch, -1, -1))
-        loss = self.erasure_loss(model, x_t, t, cond, self.anchor[pick])
+        pick = torch.randint(0, size(self.concept), (batch,), generator=self.gen)
+        cond = take(self.concept, pick)
+        x_t, t = self.sample_xt(cond, take(self.uncond, torch.zeros(batch, dtype=torch.long)))
+        loss = self.erasure_loss(model, x_t, t, cond, take(self.anchor, pick))
         return loss, {"loss": round(loss.item(), 6)}
 
     def erasure_loss(self, model, x_t, t, cond, anchor) -> torch.Tensor:

@@ -31,6 +31,6 @@ class ESD(ErasureMethod):
 
     def erasure_loss(self, model, x_t, t, cond, anchor) -> torch.Tensor:
         with torch.no_grad(), self.frozen() as frozen:
-            eps_u, eps_c = frozen(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([anchor, cond])).sample.chunk(2)
+            eps_u, eps_c = self.predict(frozen, x_t, t, anchor, cond).chunk(2)
             target = eps_u - self.cfg.eta * (eps_c - eps_u)
-        return F.mse_loss(model(x_t, t, cond).sample, target)
+        return F.mse_loss(self.family.predict(model, x_t, t, cond), target)

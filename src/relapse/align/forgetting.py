@@ -87,12 +87,6 @@ class Centres:
         return float(torch.linalg.vector_norm(self.harmful.mean - self.clean.mean))
 
 
-def predicted_x0(scheduler, x_t: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t): the clean latent the prediction implies."""
-    abar = scheduler.alphas_cumprod.to(x_t.device)[t].view(-1, *[1] * (x_t.dim() - 1))
-    return (x_t - (1 - abar).sqrt() * eps) / abar.sqrt()
-
-
 def contrastive_loss(f_harm: torch.Tensor, centre_harm: torch.Tensor, centre_clean: torch.Tensor,
                      lambda_c: float, margin: float) -> torch.Tensor:
     """Eq. 5, averaged over the harmful batch: stay near the harmful centre, away from the clean one."""
@@ -104,7 +98,8 @@ def contrastive_loss(f_harm: torch.Tensor, centre_harm: torch.Tensor, centre_cle
 
 @dataclass
 class HarmfulSample:
-    """How a method presents harmful data to the denoiser: latents, the noise added, the target."""
+    """How a method presents harmful data to the denoiser: latents, the noise added, and the noise it is trained to
+    predict (the family's objective turns that into its target: the noise itself, v, or the flow velocity)."""
 
     latents: torch.Tensor
     noise: torch.Tensor
@@ -139,23 +134,17 @@ class ForgettingMethod(AlignMethod):
 
     def setup(self, pipe, process: int) -> None:
         """The aligned model being hardened (W0 + dW_safe, fused) and both datasets' encodings."""
-        from diffusers import DDPMScheduler
-
-        from relapse.models.pipeline_utils import require_epsilon_prediction
         from relapse.train.cache import cached_encodings
 
-        require_epsilon_prediction(pipe)
         super().setup(pipe, process)
         self.encodings = {name: cached_encodings(data, pipe, self.cfg.cache_dir)[0] for name, data in self.data.items()}
-        self.scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-        self.scale = pipe.vae.config.scaling_factor
         self.centres = Centres()
 
     def loss(self, model, step: int, micro: int, process: int) -> tuple[torch.Tensor, dict[str, float]]:
         gen = draw(self.cfg.seed, step, micro, process)
         sizes = {"clean": self.cfg.batch_size, "harmful": self.cfg.harmful_batch_size or self.cfg.batch_size}
-        batches = [draw_batch(self.encodings[name], self.scale, gen, size) for name, size in sizes.items()]
-        terms = step_terms(self, self.cfg, model, self.scheduler, *batches, self.centres, gen)
+        batches = [draw_batch(self.encodings[name], self.family, gen, size) for name, size in sizes.items()]
+        terms = step_terms(self, self.cfg, self.family, model, *batches, self.centres, gen)
         return terms["total"], {k: round(v.item(), 6) for k, v in terms.items()} | {"centre_distance": round(self.centres.distance(), 4)}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -171,28 +160,29 @@ class ForgettingMethod(AlignMethod):
                                                            "n": len(data.captions)} for name, data in self.data.items()}
 
 
-def step_terms(method: ForgettingMethod, cfg: ForgettingConfig, unet, scheduler, clean, harmful, centres: Centres,
+def step_terms(method: ForgettingMethod, cfg: ForgettingConfig, family, model, clean, harmful, centres: Centres,
                gen: torch.Generator) -> dict[str, torch.Tensor]:
-    """One step's loss terms on a clean batch and a harmful batch, each ``(scaled latents, text)``."""
-    n_t = scheduler.config.num_train_timesteps
+    """One step's loss terms on a clean batch and a harmful batch, each ``(latents, conditioning)``; x0_hat, the
+    noising and the targets come from the family's objective (epsilon, v or flow matching)."""
+    objective = family.objective
     (zc, text_c), (zf, text_f) = clean, harmful
-    device = next(unet.parameters()).device
+    device = next(model.parameters()).device
     eps_c = torch.randn(zc.shape, generator=gen)
-    t_c = torch.randint(0, n_t, (len(zc),), generator=gen)
-    x_c = scheduler.add_noise(zc, eps_c + method.clean_noise_shift(cfg), t_c).to(device)
-    pred_c = unet(x_c, t_c.to(device), text_c.to(device)).sample
+    t_c = objective.draw_t(len(zc), gen)
+    x_c = objective.noisy(zc, eps_c + method.clean_noise_shift(cfg), t_c).to(device)
+    pred_c = family.predict(model, x_c, t_c, text_c)
     centres.harmful_data.update(zf)
     sample = method.harmful_sample(cfg, zf, torch.randn(zf.shape, generator=gen), centres)
-    t_f = torch.randint(0, n_t, (len(zf),), generator=gen)
-    x_f = scheduler.add_noise(sample.latents, sample.noise, t_f).to(device)
-    pred_f = unet(x_f, t_f.to(device), text_f.to(device)).sample
+    t_f = objective.draw_t(len(zf), gen)
+    x_f = objective.noisy(sample.latents, sample.noise, t_f).to(device)
+    pred_f = family.predict(model, x_f, t_f, text_f)
 
-    f_clean, f_harm = predicted_x0(scheduler, x_c, pred_c, t_c.to(device)), predicted_x0(scheduler, x_f, pred_f, t_f.to(device))
+    f_clean, f_harm = objective.x0_hat(pred_c, x_c, t_c), objective.x0_hat(pred_f, x_f, t_f)
     centres.clean.update(f_clean)
     centres.harmful.update(f_harm)
     terms = {
-        "clean": F.mse_loss(pred_c.float(), eps_c.to(device)),
-        "harmful": F.mse_loss(pred_f.float(), sample.target.to(device)),
+        "clean": F.mse_loss(pred_c.float(), objective.target(zc, eps_c, t_c).to(device)),
+        "harmful": F.mse_loss(pred_f.float(), objective.target(sample.latents, sample.target, t_f).to(device)),
         "contrastive": contrastive_loss(f_harm.float(), centres.harmful.mean, centres.clean.mean, cfg.lambda_c, cfg.margin),
     }
     if cfg.published_code:

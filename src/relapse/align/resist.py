@@ -48,7 +48,7 @@ from pydantic import Field
 
 from relapse.align import METHODS
 from relapse.align.erasure import ConceptConfig, ConceptMethod
-from relapse.models.lora import LORA_TARGETS
+from relapse.models.families.base import join, take
 from relapse.train.engine import batch_at, draw, draw_rows
 
 
@@ -64,7 +64,7 @@ class ResistConfig(ConceptConfig):
     resist_weight: float = Field(1.0, ge=0, description="beta: weight of the erasure after the simulated attack")
     attack_methods: list[Literal["lora", "full"]] = Field(["full"], min_length=1, description=
                                                           "what simulated attacks train (one drawn per attack): every "
-                                                          "UNet weight, or a LoRA; full alone held both kinds of real "
+                                                          "denoiser weight, or a LoRA; full alone held both kinds of real "
                                                           "attack on the toy model (docs/methods.md)")
     attack_lora_lrs: list[float] = Field([1e-3, 3e-3], min_length=1, description="learning rates of simulated LoRA attacks")
     attack_full_lrs: list[float] = Field([1e-4, 3e-4], min_length=1, description="learning rates of simulated full attacks")
@@ -88,9 +88,9 @@ class Attack:
 class NoisyBatch:
     x_t: torch.Tensor
     t: torch.Tensor
-    cond: torch.Tensor
-    noise: torch.Tensor
-    anchor: torch.Tensor | None = None
+    cond: dict
+    target: torch.Tensor  # the denoising target (the noise, v or the flow velocity, as the family's objective says)
+    anchor: dict | None = None
 
 
 class Attacker:
@@ -122,14 +122,18 @@ class Attacker:
             return {n: b @ a for n, b, a in zip(self.targets, self.leaves[::2], self.leaves[1::2])}
         return dict(zip(self.targets, self.leaves))
 
-    def step(self, unet, batch: NoisyBatch) -> None:
+    def step(self, family, batch: NoisyBatch) -> None:
         """One Adam step on the denoising loss at the current weights plus the update (the weights held fixed)."""
         from torch.func import functional_call
 
         weights = {n: self.targets[n].detach() + d for n, d in self.delta().items()}
-        pred = functional_call(unet, weights, (batch.x_t, batch.t), {"encoder_hidden_states": batch.cond}).sample
+
+        def attacked(*args, **kwargs):  # the denoiser at the attacked weights, called as the family calls it
+            return functional_call(family.denoiser(), weights, args, kwargs)
+
+        pred = family.predict(attacked, batch.x_t, batch.t, batch.cond)
         # autograd.grad, not backward: the defended weights' .grad must not collect the attacker's gradients
-        grads = torch.autograd.grad(F.mse_loss(pred, batch.noise), self.leaves)
+        grads = torch.autograd.grad(F.mse_loss(pred, batch.target), self.leaves)
         for leaf, grad in zip(self.leaves, grads):
             leaf.grad = grad
         self.optimizer.step()
@@ -183,19 +187,14 @@ class Resist(ConceptMethod):
         self.data = {name: as_dataset(source, self.cfg.data_seed + i) for i, (name, source) in enumerate(sources.items())}
 
     def setup(self, pipe, process: int) -> None:
-        from diffusers import DDPMScheduler
-
-        from relapse.models.pipeline_utils import encode_prompts, require_epsilon_prediction
+        from relapse.models.families.base import to
         from relapse.train.cache import cached_encodings
 
-        require_epsilon_prediction(pipe)
         super().setup(pipe, process)
         self.attacker: Attacker | None = None
         self.encodings = {name: cached_encodings(data, pipe, self.cfg.cache_dir)[0] for name, data in self.data.items()}
         anchors = self.cfg.anchor_texts(self.data["harmful"].captions)
-        self.anchors = torch.cat([encode_prompts(pipe, anchors[i : i + 256]) for i in range(0, len(anchors), 256)]).cpu()
-        self.scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-        self.scale = pipe.vae.config.scaling_factor
+        self.anchors = to(join(*[self.family.encode(anchors[i : i + 256]) for i in range(0, len(anchors), 256)]), "cpu")
 
     def trainable(self, pipe) -> list[torch.nn.Parameter]:
         self.params = super().trainable(pipe)
@@ -204,27 +203,29 @@ class Resist(ConceptMethod):
     # -- the batches -------------------------------------------------------------------------------------------
     def noisy_batch(self, name: str, gen: torch.Generator, size: int) -> NoisyBatch:
         """Noised latents of a batch of ``name`` data, their captions' encodings (and anchors, for harmful data)."""
-        encodings = self.encodings[name]
+        from relapse.models.families.base import to
+
+        encodings, objective = self.encodings[name], self.family.objective
         rows = draw_rows(encodings, gen, size)
-        z0, text = batch_at(encodings, rows, self.scale, gen)
+        z0, text = batch_at(encodings, rows, self.family, gen)
         noise = torch.randn(z0.shape, generator=gen)
-        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (size,), generator=gen)
+        t = objective.draw_t(size, gen)
         device = self.pipe.device
-        anchor = self.anchors[rows].to(device) if name == "harmful" else None
-        return NoisyBatch(self.scheduler.add_noise(z0, noise, t).to(device), t.to(device), text.to(device), noise.to(device), anchor)
+        anchor = to(take(self.anchors, rows), device) if name == "harmful" else None
+        return NoisyBatch(objective.noisy(z0, noise, t).to(device), t.to(device), to(text, device),
+                          objective.target(z0, noise, t).to(device), anchor)
 
     @torch.no_grad()
     def erase_target(self, batch: NoisyBatch) -> torch.Tensor:
         """ESD's target from the frozen original: eps*(x_t, a) - eta * (eps*(x_t, c) - eps*(x_t, a))."""
         with self.frozen() as frozen:
-            x, t = torch.cat([batch.x_t, batch.x_t]), torch.cat([batch.t, batch.t])
-            eps_a, eps_c = frozen(x, t, torch.cat([batch.anchor, batch.cond])).sample.chunk(2)
+            eps_a, eps_c = self.predict(frozen, batch.x_t, batch.t, batch.anchor, batch.cond).chunk(2)
         return eps_a - self.cfg.eta * (eps_c - eps_a)
 
     @torch.no_grad()
     def original_prediction(self, batch: NoisyBatch) -> torch.Tensor:
         with self.frozen() as frozen:
-            return frozen(batch.x_t, batch.t, batch.cond).sample
+            return self.family.predict(frozen, batch.x_t, batch.t, batch.cond)
 
     # -- the simulated attacker ---------------------------------------------------------------------------------
     def draw_attack(self, gen: torch.Generator) -> Attack:
@@ -246,34 +247,35 @@ class Resist(ConceptMethod):
             attack = self.draw_attack(gen)
             self.attacker = Attacker(attack, self.attack_targets(attack.method), cfg.attack_rank, gen)
         for _ in range(min(cfg.inner_steps, self.attacker.attack.steps - self.attacker.taken)):
-            self.attacker.step(self.pipe.unet, self.noisy_batch(self.attacker.attack.data, gen, cfg.attack_batch))
+            self.attacker.step(self.family, self.noisy_batch(self.attacker.attack.data, gen, cfg.attack_batch))
         with torch.no_grad():
             return {n: d.detach() for n, d in self.attacker.delta().items()}
 
     def attack_targets(self, method: str) -> dict[str, torch.nn.Parameter]:
-        """The UNet weights an attacker changes: every weight (full), or the attention projections' (LoRA)."""
-        weights = {n: p for n, p in self.pipe.unet.named_parameters() if "lora_" not in n}
+        """The denoiser weights an attacker changes: every weight (full), or the attention projections' (LoRA)."""
+        weights = {n: p for n, p in self.family.denoiser().named_parameters() if "lora_" not in n}
         if method == "full":
             return weights
-        stems = tuple(f".{proj}{suffix}" for proj in LORA_TARGETS for suffix in (".weight", ".base_layer.weight"))
+        stems = tuple(f".{proj}{suffix}" for proj in self.family.lora_targets for suffix in (".weight", ".base_layer.weight"))
         return {n: p for n, p in weights.items() if n.endswith(stems) and p.dim() == 2}
 
     # -- the outer step -----------------------------------------------------------------------------------------
     def attacked_gradient(self, delta: dict[str, torch.Tensor], batch: NoisyBatch, target: torch.Tensor):
         """L_erase at theta + Delta and its gradient for theta (first order: Delta held fixed). The attacked
         weights are put back exactly (copied, not subtracted) before anything else runs."""
-        unet = dict(self.pipe.unet.named_parameters())
-        saved = {n: unet[n].detach().clone() for n in delta}
+        denoiser = self.family.denoiser()
+        weights = dict(denoiser.named_parameters())
+        saved = {n: weights[n].detach().clone() for n in delta}
         try:
             with torch.no_grad():
                 for n, d in delta.items():
-                    unet[n].add_(d)
-            attacked = F.mse_loss(self.pipe.unet(batch.x_t, batch.t, batch.cond).sample, target)
+                    weights[n].add_(d)
+            attacked = F.mse_loss(self.family.predict(denoiser, batch.x_t, batch.t, batch.cond), target)
             grads = torch.autograd.grad(attacked, self.params)
         finally:
             with torch.no_grad():
                 for n, w in saved.items():
-                    unet[n].copy_(w)
+                    weights[n].copy_(w)
         return attacked.detach(), grads
 
     def loss(self, model, step: int, micro: int, process: int) -> tuple[torch.Tensor, dict[str, float]]:
@@ -281,8 +283,8 @@ class Resist(ConceptMethod):
         harmful, clean = self.noisy_batch("harmful", gen, cfg.batch_size), self.noisy_batch("clean", gen, cfg.batch_size)
         erase_target, keep_target = self.erase_target(harmful), self.original_prediction(clean)
         attacked, grads = self.attacked_gradient(self.advance_attack(gen), harmful, erase_target)
-        erase = F.mse_loss(model(harmful.x_t, harmful.t, harmful.cond).sample, erase_target)
-        keep = F.mse_loss(model(clean.x_t, clean.t, clean.cond).sample, keep_target)
+        erase = F.mse_loss(self.family.predict(model, harmful.x_t, harmful.t, harmful.cond), erase_target)
+        keep = F.mse_loss(self.family.predict(model, clean.x_t, clean.t, clean.cond), keep_target)
         # sum(theta * sg(g)) has gradient g: the attacked term's first-order gradient joins the engine's backward.
         surrogate = sum((p * g.detach()).sum() for p, g in zip(self.params, grads))
         objective = erase + cfg.keep_weight * keep + cfg.resist_weight * attacked

@@ -74,7 +74,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from relapse.data.prompts import Prompt, asking, read_prompts
 from relapse.errors import UserError
 from relapse.io import MANIFEST, RUN_RECORD, atomic_dir, check_output_dir, run_record, write_json, write_text
-from relapse.models.pipeline_utils import encode_prompts, images_to_tensor, require_epsilon_prediction
+from relapse.models.pipeline_utils import encode_prompts, images_to_tensor, require_sd_epsilon
 from relapse.progress import progress
 
 PROMPT_FILE = "prompts.jsonl"
@@ -299,7 +299,7 @@ def attack_prompts(pipe, prompts: list[Prompt], targets: np.ndarray, config: Pro
         ``meta`` plus ``asks`` (the original text), ``adversarial_tokens``, ``attack_loss`` and ``attack_loss_start``
         (the returned and the unmodified prompt's denoising loss on the same fixed draws).
     """
-    require_epsilon_prediction(pipe)
+    require_sd_epsilon(pipe, "relapse attack prompts")
     check_targets(pipe, prompts, targets)
     for module in (pipe.unet, pipe.text_encoder, pipe.vae):
         module.requires_grad_(False)  # gradients flow to the token vectors only

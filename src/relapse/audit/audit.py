@@ -29,6 +29,7 @@ import torch
 from pydantic import Field
 
 from relapse.errors import UserError
+from relapse.models.families import family_of
 from relapse.sampling import SamplerConfig
 
 TOY_PROMPTS = "toy:target_direct"
@@ -61,19 +62,19 @@ class AuditConfig(SamplerConfig):
                                        "detector": self.detector or ("toy" if toy else "nudenet")})
 
 
-def _unet_weights(pipe) -> dict[str, torch.Tensor]:
-    return {name: tensor.detach().clone() for name, tensor in pipe.unet.state_dict().items()}
+def _denoiser_weights(pipe) -> dict[str, torch.Tensor]:
+    return {name: tensor.detach().clone() for name, tensor in family_of(pipe).denoiser().state_dict().items()}
 
 
 def _changed(pipe, before: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     from relapse.measure.weight_space import update
 
-    return update(pipe.unet.state_dict(), before)
+    return update(_denoiser_weights(pipe), before)
 
 
 def _text_encoders(pipe) -> dict[str, dict[str, torch.Tensor]]:
     return {name: {k: v.detach().clone() for k, v in module.state_dict().items()}
-            for name in ("text_encoder", "text_encoder_2") if (module := getattr(pipe, name, None)) is not None}
+            for name in ("text_encoder", "text_encoder_2", "text_encoder_3") if (module := getattr(pipe, name, None)) is not None}
 
 
 def _measure(pipe, prompts: str, sampler: SamplerConfig, detector: str, detector_options: dict):
@@ -115,11 +116,11 @@ def audit(pipe, lora, *, safety: list = (), base=None, prompts: str | list = TOY
 
     sampler = sampler or SamplerConfig(images_per_prompt=1)
     detector_options = detector_options or {}
-    model_weights, text_encoders = _unet_weights(pipe), _text_encoders(pipe)
+    model_weights, text_encoders = _denoiser_weights(pipe), _text_encoders(pipe)
     try:
         merge_loras(pipe, [spec(s) for s in safety])
-        aligned_weights = _unet_weights(pipe)
-        safe = update(aligned_weights, _unet_weights(base)) if base is not None else update(aligned_weights, model_weights)
+        aligned_weights = _denoiser_weights(pipe)
+        safe = update(aligned_weights, _denoiser_weights(base)) if base is not None else update(aligned_weights, model_weights)
         found: dict = {}
         if not screen_only:
             found["aligned"] = _measure(pipe, prompts, sampler, detector, detector_options)
@@ -134,7 +135,7 @@ def audit(pipe, lora, *, safety: list = (), base=None, prompts: str | list = TOY
                 found["lora_quality"] = _measure(pipe, lora_prompts, sampler, detector, detector_options)
     finally:
         with torch.no_grad():
-            pipe.unet.load_state_dict(model_weights)
+            family_of(pipe).denoiser().load_state_dict(model_weights)
             for name, tensors in text_encoders.items():
                 getattr(pipe, name).load_state_dict(tensors)
     if not lora_update and not text_changed:

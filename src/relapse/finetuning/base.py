@@ -59,13 +59,14 @@ class FinetuneConfig(TrainConfig):
         return method
 
 
-def loss_on_batch(unet, noise_scheduler, z0: torch.Tensor, text: torch.Tensor, gen: torch.Generator, device) -> torch.Tensor:
-    """The denoising loss of latents ``z0`` under text encodings ``text``, at noise and timesteps drawn from ``gen``."""
+def loss_on_batch(family, model, z0: torch.Tensor, cond: dict, gen: torch.Generator, device) -> torch.Tensor:
+    """The denoising loss of latents ``z0`` under conditioning ``cond``, at noise and timesteps drawn from ``gen``, in
+    the family's objective (epsilon, v or flow velocity)."""
+    objective = family.objective
     noise = torch.randn(z0.shape, generator=gen)
-    t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(z0),), generator=gen)
-    noisy = noise_scheduler.add_noise(z0, noise, t)
-    pred = unet(noisy.to(device), t.to(device), text.to(device)).sample
-    return F.mse_loss(pred.float(), noise.to(device))
+    t = objective.draw_t(len(z0), gen)
+    pred = family.predict(model, objective.noisy(z0, noise, t).to(device), t, cond)
+    return F.mse_loss(pred.float(), objective.target(z0, noise, t).to(device))
 
 
 class FinetuneMethod(TrainingMethod):
@@ -97,28 +98,22 @@ class FinetuneMethod(TrainingMethod):
         self.data = as_dataset(source, self.cfg.data_seed)
 
     def setup(self, pipe, process: int) -> None:
-        from diffusers import DDPMScheduler
-
-        from relapse.models.pipeline_utils import require_epsilon_prediction
         from relapse.train.cache import cached_encodings
 
-        require_epsilon_prediction(pipe)
+        super().setup(pipe, process)  # the family first: it checks the model is one relapse trains
         self.encodings, self.encodings_from_cache = cached_encodings(self.data, pipe, self.cfg.cache_dir)
-        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-        self.scale = pipe.vae.config.scaling_factor
-        super().setup(pipe, process)
-        for component in (pipe.vae, pipe.text_encoder, pipe.unet):
+        for component in self.family.frozen_parts():
             component.requires_grad_(False)
 
-    def batch(self, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """A batch of (scaled latents, text encodings): both from the cache, as the text encoder is frozen."""
-        return draw_batch(self.encodings, self.scale, gen, self.cfg.batch_size)
+    def batch(self, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
+        """A batch of (latents, conditioning): both from the cache, as the text encoders are frozen."""
+        return draw_batch(self.encodings, self.family, gen, self.cfg.batch_size)
 
     def loss(self, model, step: int, micro: int, process: int) -> tuple[torch.Tensor, dict[str, float]]:
         gen = draw(self.cfg.seed, step, micro, process)
         device = next(model.parameters()).device
-        z0, text = self.batch(gen)
-        loss = loss_on_batch(model, self.noise_scheduler, z0, text, gen, device)
+        z0, cond = self.batch(gen)
+        loss = loss_on_batch(self.family, model, z0, cond, gen, device)
         return loss, {"loss": round(loss.item(), 6)}
 
     def facts(self) -> dict:

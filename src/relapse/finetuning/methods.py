@@ -7,33 +7,33 @@ import torch
 from relapse.errors import UserError
 from relapse.finetuning import METHODS
 from relapse.finetuning.base import FinetuneMethod
-from relapse.models.lora import LORA_TARGETS
 
 
 @METHODS.register("full")
 class Full(FinetuneMethod):
-    """Every UNet weight of the aligned model trains."""
+    """Every weight of the aligned model's denoiser (UNet or transformer) trains."""
 
     writes = "full"
 
     def trainable(self, pipe) -> list[torch.nn.Parameter]:
-        pipe.unet.requires_grad_(True)
-        return list(pipe.unet.parameters())
+        denoiser = self.family.denoiser()
+        denoiser.requires_grad_(True)
+        return list(denoiser.parameters())
 
 
 @METHODS.register("lora")
 class Lora(FinetuneMethod):
-    """A fresh LoRA on the aligned model's attention projections."""
+    """A fresh LoRA on the aligned model's attention projections (the family's LoRA training scripts' choice)."""
 
     writes = "lora"
 
     def trainable(self, pipe) -> list[torch.nn.Parameter]:
         from peft import LoraConfig
 
-        rank = self.cfg.rank
-        pipe.unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=LORA_TARGETS),
-                              adapter_name=self.adapter_name)
-        params = [p for n, p in pipe.unet.named_parameters() if "lora_" in n]
+        rank, denoiser = self.cfg.rank, self.family.denoiser()
+        denoiser.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+                                        target_modules=self.family.lora_targets), adapter_name=self.adapter_name)
+        params = [p for n, p in denoiser.named_parameters() if "lora_" in n]
         for p in params:
             p.requires_grad_(True)
         return params
@@ -60,7 +60,7 @@ class Modular(Lora):
 
     def trainable(self, pipe) -> list[torch.nn.Parameter]:
         params = super().trainable(pipe)
-        assert list(pipe.unet.peft_config) == [self.adapter_name], "modular fine-tuning must not see the safety LoRA"
+        assert list(self.family.denoiser().peft_config) == [self.adapter_name], "modular fine-tuning must not see the safety LoRA"
         return params
 
 
@@ -84,6 +84,9 @@ class TextualInversion(FinetuneMethod):
 
     def setup(self, pipe, process: int) -> None:
         super().setup(pipe, process)
+        if not self.family.single_text_encoder:
+            raise UserError(f"textual inversion learns one word of one CLIP text encoder (SD 1.x/2.x); this is a "
+                            f"{type(self.family).__name__} pipeline with {len(self.family.text_encoders())} text encoders")
         self.pipe = pipe
 
     def trainable(self, pipe) -> list[torch.nn.Parameter]:
@@ -110,13 +113,13 @@ class TextualInversion(FinetuneMethod):
         embeddings.requires_grad_(True)
         return [embeddings]
 
-    def batch(self, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(self, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
         """Cached latents; the text through the encoder, whose token row trains."""
         from relapse.train.engine import batch_at, draw_rows
 
         rows = draw_rows(self.encodings, gen, self.cfg.batch_size)
-        z0, _ = batch_at(self.encodings, rows, self.scale, gen)
-        return z0, self.pipe.text_encoder(self.ids[rows].to(self.pipe.device))[0]
+        z0, _ = batch_at(self.encodings, rows, self.family, gen)
+        return z0, {"prompt_embeds": self.pipe.text_encoder(self.ids[rows].to(self.pipe.device))[0]}
 
     def embeddings(self) -> torch.Tensor:
         return self.pipe.text_encoder.get_input_embeddings().weight

@@ -27,9 +27,10 @@ import torch
 
 
 def fused_unet_weights(model: str, loras: list[str]) -> dict[str, torch.Tensor]:
-    """The UNet's weights with ``loras`` fused in (each at scale 1). Fused on one thread: a LoRA's product
+    """The denoiser's weights (UNet or transformer) with ``loras`` fused in (each at scale 1). Fused on one thread: a LoRA's product
     B A sums in an order that depends on the thread count, and the same study must give the same figures
     in any process (a study's workers run one thread each, its main process two)."""
+    from relapse.models.families import family_of
     from relapse.models.loading import load_pipeline
     from relapse.models.lora import merge_loras, resolve_lora_specs
 
@@ -38,7 +39,7 @@ def fused_unet_weights(model: str, loras: list[str]) -> dict[str, torch.Tensor]:
     try:
         pipe = load_pipeline(model, device="cpu")
         merge_loras(pipe, resolve_lora_specs([Path(p) for p in loras], []))
-        return {name: tensor.detach().clone() for name, tensor in pipe.unet.state_dict().items()}
+        return {name: tensor.detach().clone() for name, tensor in family_of(pipe).denoiser().state_dict().items()}
     finally:
         torch.set_num_threads(threads)
 

@@ -30,7 +30,8 @@ def resolve_model(model: str | Path) -> Path | str:
 
 
 def load_pipeline(model: str | Path = "toy", device: str | None = None, dtype=None):
-    """Load a ``StableDiffusionPipeline`` with its safety checker off (relapse measures harm, so it must see it).
+    """Load the pipeline a model folder names (SD 1.x/2.x, SDXL, SD 3.x, FLUX.1), with SD's safety checker off
+    (relapse measures harm, so it must see it).
 
     Args:
         model: ``"toy"`` (the embedded toy model), a local diffusers folder, or a hub id in the local
@@ -44,25 +45,47 @@ def load_pipeline(model: str | Path = "toy", device: str | None = None, dtype=No
         'StableDiffusionPipeline'
     """
     import torch
-    from diffusers import StableDiffusionPipeline
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
+
+    from relapse.models.families import family_of
 
     diffusers_logging.disable_progress_bar()  # loading bars would drown the run's own progress
     transformers_logging.disable_progress_bar()
     source = resolve_model(model)
-    kwargs = {"safety_checker": None, "requires_safety_checker": False, "dtype": dtype or torch.float32}
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(source, local_files_only=True, **kwargs)
+        pipe = _from_pretrained(source, dtype or torch.float32, local_files_only=True)
     except (OSError, ValueError) as exc:
         if isinstance(source, Path) or os.environ.get("HF_HUB_OFFLINE") == "1":
             raise UserError(_load_failure(source, exc)) from None
         try:  # a hub id not in the local cache: one online attempt
-            pipe = StableDiffusionPipeline.from_pretrained(source, **kwargs)
+            pipe = _from_pretrained(source, dtype or torch.float32)
         except Exception as online_exc:  # noqa: BLE001 - any hub failure is the same user-facing problem
             raise UserError(_load_failure(source, online_exc)) from None
+    family_of(pipe)  # a pipeline class relapse does not train fails here, in one line
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def _from_pretrained(source: Path | str, dtype, **hub):
+    """The pipeline class model_index.json names; only SD 1.x/2.x carry a safety checker to switch off."""
+    from diffusers import DiffusionPipeline
+
+    named = _class_name(source, **hub)
+    no_checker = {"safety_checker": None, "requires_safety_checker": False} if named == "StableDiffusionPipeline" else {}
+    return DiffusionPipeline.from_pretrained(source, dtype=dtype, **no_checker, **hub)
+
+
+def _class_name(source: Path | str, local_files_only: bool = False) -> str | None:
+    """The pipeline class model_index.json names (read directly: diffusers' load_config passes huggingface_hub an
+    argument it warns is deprecated)."""
+    import json
+
+    from huggingface_hub import hf_hub_download
+
+    index = source / "model_index.json" if isinstance(source, Path) else \
+        hf_hub_download(source, "model_index.json", local_files_only=local_files_only)
+    return json.loads(Path(index).read_text()).get("_class_name")
 
 
 def _load_failure(source: Path | str, exc: Exception) -> str:

@@ -8,7 +8,6 @@ from pathlib import Path
 from relapse.errors import UserError
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' default file name
-LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]  # what a LoRA fine-tune adapts: diffusers' train_text_to_image_lora.py
 
 
 @dataclass(frozen=True)
@@ -62,31 +61,47 @@ def checked_lora_file(path: str | Path) -> Path:
     return file
 
 
-def unet_lora(unet, adapter_name: str = "default") -> tuple[dict, dict]:
-    """A UNet adapter's tensors (peft naming, on the CPU) and its ``LoraConfig`` as a dict."""
+def adapter_lora(denoiser, adapter_name: str = "default") -> tuple[dict, dict]:
+    """A denoiser adapter's tensors (peft naming, on the CPU) and its ``LoraConfig`` as a dict."""
     from peft.utils import get_peft_model_state_dict
 
-    layers = get_peft_model_state_dict(unet, adapter_name=adapter_name)
-    return {k: v.detach().cpu().clone() for k, v in layers.items()}, unet.peft_config[adapter_name].to_dict()
+    layers = get_peft_model_state_dict(denoiser, adapter_name=adapter_name)
+    return {k: v.detach().cpu().clone() for k, v in layers.items()}, denoiser.peft_config[adapter_name].to_dict()
 
 
-def write_lora(out_dir: str | Path, layers: dict, metadata: dict | None) -> Path:
-    """Write UNet LoRA tensors as a diffusers LoRA file (with the LoraConfig as metadata), so that plain
-    ``pipe.load_lora_weights(out_dir)`` loads it.
+def write_lora(out_dir: str | Path, layers: dict, metadata: dict | None, component: str = "unet") -> Path:
+    """Write LoRA tensors of the ``component`` (``unet`` or ``transformer``) as a diffusers LoRA file (with the
+    LoraConfig as metadata), so that plain ``pipe.load_lora_weights(out_dir)`` loads it.
 
     The keys stay in peft's naming (``lora_A``/``lora_B``). diffusers' ``convert_state_dict_to_diffusers``
     renames only attention projections (to ``lora.down``/``lora.up``); on an adapter that also covers
     convolutions and other linears (ESD-u) the file then mixes both namings, and the loader, seeing peft
     keys, silently drops the renamed ones: every self-attention update of the safety LoRA was lost."""
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline
 
-    StableDiffusionPipeline.save_lora_weights(out_dir, unet_lora_layers=layers, unet_lora_adapter_metadata=metadata)
+    if component == "unet":
+        StableDiffusionPipeline.save_lora_weights(out_dir, unet_lora_layers=layers, unet_lora_adapter_metadata=metadata)
+    else:  # SD 3.x and FLUX.1 write transformer LoRAs alike: transformer.<module>.lora_A/B
+        StableDiffusion3Pipeline.save_lora_weights(out_dir, transformer_lora_layers=layers,
+                                                   transformer_lora_adapter_metadata=metadata)
     return Path(out_dir) / LORA_WEIGHT_NAME
 
 
-def save_unet_lora(unet, out_dir: str | Path, adapter_name: str = "default") -> Path:
-    """Write a UNet adapter as a diffusers LoRA file (:func:`write_lora`)."""
-    return write_lora(out_dir, *unet_lora(unet, adapter_name))
+def save_adapter_lora(denoiser, out_dir: str | Path, adapter_name: str = "default", component: str = "unet") -> Path:
+    """Write a denoiser's adapter as a diffusers LoRA file (:func:`write_lora`)."""
+    return write_lora(out_dir, *adapter_lora(denoiser, adapter_name), component)
+
+
+def lora_loader(keys) -> type:
+    """The diffusers pipeline class whose ``lora_state_dict`` reads a LoRA file with these keys (and converts it
+    from kohya's or another trainer's naming): FLUX's, SD 3's for other transformer LoRAs, else SD's (UNets)."""
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline
+
+    if any(marker in key for key in keys for marker in ("double_blocks", "single_blocks", "single_transformer_blocks")):
+        return FluxPipeline
+    if any(key.startswith("transformer.") for key in keys):
+        return StableDiffusion3Pipeline
+    return StableDiffusionPipeline
 
 
 def resolve_lora_specs(paths: list[Path], scales: list[float]) -> list[LoraSpec]:
@@ -99,10 +114,13 @@ def resolve_lora_specs(paths: list[Path], scales: list[float]) -> list[LoraSpec]
 def _drop_adapter(pipe, name: str) -> None:
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    for module in pipe.unet.modules():
+    from relapse.models.families import family_of
+
+    denoiser = family_of(pipe).denoiser()
+    for module in denoiser.modules():
         if isinstance(module, BaseTunerLayer) and name in module.lora_A:
             module.delete_adapter(name)
-    if not any(isinstance(module, BaseTunerLayer) and module.lora_A for module in pipe.unet.modules()):
+    if not any(isinstance(module, BaseTunerLayer) and module.lora_A for module in denoiser.modules()):
         pipe.unload_lora_weights()  # no adapter left: back to plain modules
 
 
@@ -115,7 +133,7 @@ def merge_loras(pipe, loras: list[LoraSpec], fuse: bool = True) -> list[str]:
     from diffusers.utils import logging as diffusers_logging
 
     names, verbosity = [], diffusers_logging.get_verbosity()
-    diffusers_logging.set_verbosity_error()  # our LoRAs adapt the UNet: "no LoRA keys for CLIPTextModel" is expected
+    diffusers_logging.set_verbosity_error()  # our LoRAs adapt the denoiser: "no LoRA keys for CLIPTextModel" is expected
     try:
         for i, spec in enumerate(loras):
             name = f"lora_{i}"

@@ -34,11 +34,14 @@ def encode_prompts(pipe, prompts: list[str]) -> torch.Tensor:
     return pipe.text_encoder(ids.to(pipe.device))[0]
 
 
-def require_epsilon_prediction(pipe) -> None:
-    """The training losses here compare the UNet's output with the added noise: epsilon prediction only."""
+def require_sd_epsilon(pipe, what: str) -> None:
+    """Methods that read one CLIP text encoder's tokens and compare a UNet's output with the added noise (adversarial
+    prompts) serve SD 1.x/2.x epsilon-prediction models only."""
     from relapse.errors import UserError
+    from relapse.models.families import family_of
 
+    family = family_of(pipe)
     kind = pipe.scheduler.config.get("prediction_type", "epsilon")
-    if kind != "epsilon":
-        raise UserError(f"this model predicts {kind!r}; relapse trains epsilon-prediction models only "
-                        "(e.g. stable-diffusion-2-1-base, not the 768 px v-prediction stable-diffusion-2-1)")
+    if not family.single_text_encoder or kind != "epsilon":
+        raise UserError(f"{what} serves SD 1.x/2.x models that predict epsilon; this is a {type(pipe).__name__} "
+                        f"predicting {kind!r} (e.g. use stable-diffusion-2-1-base, not the 768 px v-prediction 2-1)")

@@ -202,7 +202,9 @@ class Planner:
     def generate(self, state: ModelState, set_name: str, sampler, label: str, adversarial: bool = True) -> Step:
         """Images of a prompt set on a model; an adversarial set's prompts are first attacked on that model."""
         prompt_set = self.cfg.prompt_sets[set_name]
-        spec = {"model": state.describe(), "prompts": prompt_set.model_dump(exclude={"attack"}), "sampler": sampler.model_dump()}
+        # exclude_none: a resolution enters the key only where one is set, so studies run before it existed keep their keys
+        spec = {"model": state.describe(), "prompts": prompt_set.model_dump(exclude={"attack"}),
+                "sampler": sampler.model_dump(exclude_none=True)}
         attack = self.attack(state, set_name, label) if adversarial and prompt_set.attack else None
         return self.add(Step("generate", label, spec, state.producers() + ([attack] if attack else []),
                              images=self.count_prompts(set_name) * sampler.images_per_prompt, reads=state, prompts=attack))

@@ -1,6 +1,6 @@
 """Content-addressed cache of what the frozen VAE and text encoder make of a dataset.
 
-The key hashes the dataset's images and captions and the two encoders' weights, so repeated
+The key hashes the dataset's images and captions and the VAE's and text encoders' weights, so repeated
 fine-tunes over the same data (step sweeps, seeds, defenses) never re-encode it, and a changed
 encoder or dataset can never hit a stale entry. Entries are safetensors, written atomically.
 """
@@ -14,7 +14,10 @@ from pathlib import Path
 import torch
 
 from relapse.data.datasets import CaptionedImages
-from relapse.models.pipeline_utils import encode_prompts, images_to_tensor, weights_fingerprint
+from relapse.models.families import family_of
+from relapse.models.pipeline_utils import images_to_tensor, weights_fingerprint
+
+TEXT = "text."  # the conditioning's tensors are stored as text.<name>
 
 
 def default_cache_dir() -> Path:
@@ -22,22 +25,30 @@ def default_cache_dir() -> Path:
 
 
 def cache_key(data: CaptionedImages, pipe) -> str:
-    parts = [data.fingerprint, weights_fingerprint(pipe.vae), weights_fingerprint(pipe.text_encoder),
-             str(pipe.tokenizer.model_max_length)]
+    family = family_of(pipe)
+    parts = [data.fingerprint, type(family).__name__, weights_fingerprint(pipe.vae),
+             *[weights_fingerprint(encoder) for encoder in family.text_encoders()], str(pipe.tokenizer.model_max_length)]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
 
 
 @torch.no_grad()
 def encode_dataset(data: CaptionedImages, pipe, batch: int = 64) -> dict[str, torch.Tensor]:
+    family = family_of(pipe)
     means, stds, texts = [], [], []
     for i in range(0, len(data.images), batch):
         x = images_to_tensor(data.images[i : i + batch])
         dist = pipe.vae.encode(x.to(pipe.device, pipe.vae.dtype)).latent_dist
         means.append(dist.mean.float().cpu()), stds.append(dist.std.float().cpu())
-        texts.append(encode_prompts(pipe, data.captions[i : i + batch]).float().cpu())
+        texts.append(family.encode(data.captions[i : i + batch]))
     # Contiguous, as a cache hit loads them: the VAE may hand back channels-last strides, which send
     # the UNet's convolutions down another kernel and make a miss and a hit train differently.
-    return {"latent_mean": torch.cat(means).contiguous(), "latent_std": torch.cat(stds).contiguous(), "text": torch.cat(texts)}
+    text = {TEXT + name: torch.cat([t[name] for t in texts]).float().cpu().contiguous() for name in texts[0]}
+    return {"latent_mean": torch.cat(means).contiguous(), "latent_std": torch.cat(stds).contiguous()} | text
+
+
+def text_of(encodings: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The conditioning part of cached encodings, keyed as the family's ``encode`` keys it."""
+    return {name.removeprefix(TEXT): tensor for name, tensor in encodings.items() if name.startswith(TEXT)}
 
 
 def cached_encodings(data: CaptionedImages, pipe, cache_dir: Path | None = None) -> tuple[dict[str, torch.Tensor], bool]:

@@ -77,20 +77,24 @@ def draw(seed: int, step: int, micro: int, process: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step, micro, process]).generate_state(1)[0]))
 
 
-def draw_batch(encodings, scale: float, gen: torch.Generator, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A batch of (scaled latents sampled from the cached VAE posteriors, text encodings)."""
-    return batch_at(encodings, draw_rows(encodings, gen, batch_size), scale, gen)
+def draw_batch(encodings, family, gen: torch.Generator, batch_size: int) -> tuple[torch.Tensor, dict]:
+    """A batch of (latents sampled from the cached VAE posteriors, as the denoiser sees them; their conditioning)."""
+    return batch_at(encodings, draw_rows(encodings, gen, batch_size), family, gen)
 
 
 def draw_rows(encodings, gen: torch.Generator, batch_size: int) -> torch.Tensor:
     """Which rows of the dataset a batch takes."""
-    return torch.randint(0, len(encodings["text"]), (batch_size,), generator=gen)
+    return torch.randint(0, len(encodings["latent_mean"]), (batch_size,), generator=gen)
 
 
-def batch_at(encodings, rows: torch.Tensor, scale: float, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """The batch of ``rows``: latents sampled from their cached VAE posteriors (scaled), their text encodings."""
+def batch_at(encodings, rows: torch.Tensor, family, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
+    """The batch of ``rows``: latents sampled from their cached VAE posteriors (shifted and scaled as ``family``'s
+    denoiser sees them), and their conditioning."""
+    from relapse.models.families.base import take
+    from relapse.train.cache import text_of
+
     mean, std = encodings["latent_mean"][rows], encodings["latent_std"][rows]
-    return (mean + std * torch.randn(mean.shape, generator=gen)) * scale, encodings["text"][rows]
+    return family.to_latents(mean + std * torch.randn(mean.shape, generator=gen)), take(text_of(encodings), rows)
 
 
 class TrainingMethod:
@@ -140,10 +144,12 @@ class TrainingMethod:
     def setup(self, pipe, process: int) -> None:
         """Prepare the loaded pipeline: the safety LoRAs are fused into it (the aligned model a downstream
         user gets). Methods extend this to encode their data."""
+        from relapse.models.families import family_of
         from relapse.models.lora import merge_loras
         from relapse.models.pipeline_utils import weights_fingerprint
 
-        self.base_fingerprint = weights_fingerprint(pipe.unet)
+        self.family = family_of(pipe)
+        self.base_fingerprint = weights_fingerprint(self.family.denoiser())
         self.composes_with = safety_records(self.specs, self.base_fingerprint)
         merge_loras(pipe, self.specs)
 
@@ -153,7 +159,7 @@ class TrainingMethod:
         raise NotImplementedError
 
     def loss(self, model, step: int, micro: int, process: int) -> tuple[torch.Tensor, dict[str, float]]:
-        """The loss of one micro-batch and what to log of it; ``model`` is the UNet as the engine prepared it."""
+        """The loss of one micro-batch and what to log of it; ``model`` is the denoiser as the engine prepared it."""
         raise NotImplementedError
 
     def after_step(self) -> None:
@@ -161,9 +167,10 @@ class TrainingMethod:
 
     def remove(self, pipe) -> None:
         """Take what trained out of ``pipe`` (full weights are put back by the engine): the adapter, by default."""
-        pipe.unet.delete_adapters(self.adapter_name)
-        if not getattr(pipe.unet, "peft_config", None):  # no adapter of the caller's left: remove peft's wrapper layers too
-            pipe.unet.unload_lora()
+        denoiser = self.family.denoiser(pipe)
+        denoiser.delete_adapters(self.adapter_name)
+        if not getattr(denoiser, "peft_config", None):  # no adapter of the caller's left: remove peft's wrapper layers too
+            denoiser.unload_lora()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """State beyond the weights and optimizer that a checkpoint must keep (a random stream, a teacher)."""
@@ -189,7 +196,7 @@ def train(pipe, method: TrainingMethod, out: Path | None = None, restore: bool =
     """Train ``method`` on ``pipe`` in memory and return what it trained.
 
     Args:
-        pipe: a ``StableDiffusionPipeline``; training starts from its weights.
+        pipe: a diffusers pipeline of a family relapse serves (SD, SDXL, SD 3.x, FLUX.1); training starts from its weights.
         method: the method with its config.
         out: a run folder for ``save_at`` snapshots, checkpoints and the final module; none by default.
         restore: leave ``pipe`` as it was (the adapter removed, trained full weights put back); apply the
@@ -202,9 +209,10 @@ def train(pipe, method: TrainingMethod, out: Path | None = None, restore: bool =
     method.setup(pipe, accelerator.process_index)
     torch.manual_seed(cfg.seed)
     params = method.trainable(pipe)
+    denoiser = method.family.denoiser()
     if not params:
-        raise UserError(f"{method.label} selects no parameters of this UNet")
-    original = {n: p.detach().cpu().clone() for n, p in pipe.unet.named_parameters() if p.requires_grad} \
+        raise UserError(f"{method.label} selects no parameters of this {method.family.denoiser_name}")
+    original = {n: p.detach().cpu().clone() for n, p in denoiser.named_parameters() if p.requires_grad} \
         if restore and method.kind == "full" else None
     history = fit(pipe, method, params, accelerator, out)
     module = trained_module(pipe, method, record(method, accelerator, history))
@@ -213,10 +221,10 @@ def train(pipe, method: TrainingMethod, out: Path | None = None, restore: bool =
     accelerator.wait_for_everyone()
     if restore:
         if original is not None:
-            pipe.unet.load_state_dict(original, strict=False)
+            denoiser.load_state_dict(original, strict=False)
         else:
             method.remove(pipe)
-        pipe.unet.requires_grad_(False)
+        denoiser.requires_grad_(False)
     return module
 
 
@@ -229,15 +237,16 @@ def record(method: TrainingMethod, accelerator, history: list[dict]) -> dict:
 
 def trained_module(pipe, method: TrainingMethod, run: dict) -> TrainedModule:
     """What the run has trained so far (the adapter, or the weights that train), copied to the CPU."""
-    from relapse.models.lora import unet_lora
+    from relapse.models.lora import adapter_lora
 
+    denoiser, component = method.family.denoiser(pipe), method.family.denoiser_name
     if method.kind == "lora":
-        weights, lora_config = unet_lora(pipe.unet, method.adapter_name)
-        return TrainedModule("lora", weights, run, lora_config, method.record_name)
+        weights, lora_config = adapter_lora(denoiser, method.adapter_name)
+        return TrainedModule("lora", weights, run, lora_config, method.record_name, component)
     if method.kind == "embedding":
         return TrainedModule("embedding", method.learned(), run, None, method.record_name)
-    weights = {n: p.detach().cpu().clone() for n, p in pipe.unet.named_parameters() if p.requires_grad}
-    return TrainedModule("full", weights, run, None, method.record_name)
+    weights = {n: p.detach().cpu().clone() for n, p in denoiser.named_parameters() if p.requires_grad}
+    return TrainedModule("full", weights, run, None, method.record_name, component)
 
 
 def fit(pipe, method: TrainingMethod, params: list[torch.nn.Parameter], accelerator, out: Path | None) -> list[dict]:
@@ -245,7 +254,7 @@ def fit(pipe, method: TrainingMethod, params: list[torch.nn.Parameter], accelera
     cfg = method.cfg
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     schedule = lr_schedule(cfg, optimizer)
-    model, optimizer = accelerator.prepare(pipe.unet, optimizer)
+    model, optimizer = accelerator.prepare(method.family.denoiser(pipe), optimizer)
     history, last_good = [], None
     if out is not None and cfg.resume and (found := latest_checkpoint(out)):
         history = load_checkpoint(accelerator, method, found)

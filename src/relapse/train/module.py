@@ -24,13 +24,14 @@ from relapse.io import atomic_dir, write_json
 ALIGN_RECORD = "relapse_align.json"  # beside what `relapse align` (erase, harden) writes
 FINETUNE_RECORD = "relapse_finetune.json"  # beside what `relapse finetune` writes
 RECORDS = (ALIGN_RECORD, FINETUNE_RECORD)
-UNET_WEIGHTS = Path("unet") / "diffusion_pytorch_model.safetensors"
+WEIGHTS = "diffusion_pytorch_model.safetensors"  # full weights: <component>/WEIGHTS
+COMPONENTS = ("unet", "transformer")  # what a family's denoiser is called in its pipeline
 EMBEDDING = "learned_embeds.safetensors"  # diffusers' textual_inversion.py's file: {token: embedding}
 
 
 @dataclass
 class TrainedModule:
-    """A trained LoRA or set of full UNet weights, with the record of the run that made it.
+    """A trained LoRA or set of full denoiser weights, with the record of the run that made it.
 
     Args:
         kind: ``"lora"``, ``"full"`` or ``"embedding"`` (a textual inversion).
@@ -39,6 +40,7 @@ class TrainedModule:
         record: the run record (method, config, seed, versions, what it composes with).
         lora_config: the LoRA's ``LoraConfig`` as a dict (rank, alpha, target modules); LoRAs only.
         record_name: the record's file name when saved.
+        component: the pipeline component it changes: ``unet`` or ``transformer`` (SD 3.x, FLUX.1).
 
     Example:
         >>> safety = relapse.erase(pipe, relapse.ESDConfig(concept=["checkered"], steps=50))
@@ -53,6 +55,7 @@ class TrainedModule:
     record: dict = field(default_factory=dict)
     lora_config: dict | None = None
     record_name: str = ALIGN_RECORD
+    component: str = "unet"
 
     def apply(self, pipe, scale: float = 1.0, fuse: bool = True) -> None:
         """Add the module to ``pipe``: a LoRA at ``scale`` (fused into the weights unless ``fuse=False``, where it
@@ -62,11 +65,14 @@ class TrainedModule:
             return
         if self.kind == "full":
             if scale != 1.0 or not fuse:
-                raise UserError("full weights replace the UNet's tensors: they take no scale and are always fused")
+                raise UserError(f"full weights replace the {self.component}'s tensors: they take no scale and are always fused")
+            target = getattr(pipe, self.component, None)
+            if target is None:
+                raise UserError(f"these full weights are {self.component} tensors; this pipeline has no {self.component}")
             with torch.no_grad():
-                foreign = pipe.unet.load_state_dict(self.weights, strict=False).unexpected_keys
+                foreign = target.load_state_dict(self.weights, strict=False).unexpected_keys
             if foreign:
-                raise UserError(f"these full weights do not fit this UNet (e.g. {foreign[0]})")
+                raise UserError(f"these full weights do not fit this {self.component} (e.g. {foreign[0]})")
             return
         from relapse.models.lora import LoraSpec, merge_loras
 
@@ -75,7 +81,7 @@ class TrainedModule:
     def diffusers_lora(self) -> dict[str, torch.Tensor]:
         """The LoRA as ``pipe.load_lora_weights`` takes it in memory. A state dict in memory carries no LoraConfig, so
         diffusers takes lora_alpha = rank; a LoRA trained with another alpha gets its alpha / rank baked into lora_B."""
-        return {f"unet.{name}": tensor * self._alpha_over_rank(name) if ".lora_B." in name else tensor
+        return {f"{self.component}.{name}": tensor * self._alpha_over_rank(name) if ".lora_B." in name else tensor
                 for name, tensor in self.weights.items()}
 
     def _alpha_over_rank(self, name: str) -> float:
@@ -94,7 +100,7 @@ class TrainedModule:
 
         with atomic_dir(out) as tmp:
             if self.kind == "lora":
-                write_lora(tmp, self.weights, self.lora_config)
+                write_lora(tmp, self.weights, self.lora_config, self.component)
             elif self.kind == "embedding":
                 from safetensors.torch import save_file
 
@@ -105,34 +111,38 @@ class TrainedModule:
             else:
                 from safetensors.torch import save_file
 
-                (tmp / UNET_WEIGHTS).parent.mkdir()
-                save_file({k: v.contiguous() for k, v in self.weights.items()}, tmp / UNET_WEIGHTS)
+                (tmp / self.component).mkdir()
+                save_file({k: v.contiguous() for k, v in self.weights.items()}, tmp / self.component / WEIGHTS)
             write_json(tmp / self.record_name, self.record)
         return Path(out)
 
     @classmethod
     def load(cls, folder: str | Path) -> TrainedModule:
         """Read a module written by :meth:`save`, ``relapse align`` or ``relapse finetune`` (safetensors only)."""
+        from safetensors import safe_open
         from safetensors.torch import load_file
 
-        from relapse.models.lora import checked_lora_file, run_output
+        from relapse.models.lora import checked_lora_file, lora_loader, run_output
 
         folder = run_output(folder)
         found = [name for name in RECORDS if (folder / name).is_file()]
         record = json.loads((folder / found[0]).read_text()) if found else {}
         record_name = found[0] if found else ALIGN_RECORD
-        if (folder / UNET_WEIGHTS).is_file():
-            return cls("full", load_file(folder / UNET_WEIGHTS), record, None, record_name)
+        for component in COMPONENTS:
+            if (folder / component / WEIGHTS).is_file():
+                return cls("full", load_file(folder / component / WEIGHTS), record, None, record_name, component)
         if (folder / EMBEDDING).is_file():
             return cls("embedding", load_file(folder / EMBEDDING), record, None, record_name)
         file = checked_lora_file(folder)
-        from diffusers import StableDiffusionPipeline
-
-        weights, _, metadata = StableDiffusionPipeline.lora_state_dict(str(file.parent), weight_name=file.name,
-                                                                       return_lora_metadata=True)
-        weights = {name.removeprefix("unet."): tensor for name, tensor in weights.items()}
-        lora_config = {k.removeprefix("unet."): v for k, v in (metadata or {}).items() if k.startswith("unet.")} or None
-        return cls("lora", weights, record, lora_config, record_name)
+        with safe_open(file, framework="pt") as handle:
+            loader = lora_loader(list(handle.keys()))
+        weights, *_, metadata = loader.lora_state_dict(str(file.parent), weight_name=file.name, return_lora_metadata=True)
+        component = "unet" if any(name.startswith("unet.") for name in weights) else "transformer"
+        weights = {name.removeprefix(f"{component}."): tensor for name, tensor in weights.items()
+                   if not name.startswith(("text_encoder", "te_"))}
+        lora_config = {k.removeprefix(f"{component}."): v for k, v in (metadata or {}).items()
+                       if k.startswith(f"{component}.")} or None
+        return cls("lora", weights, record, lora_config, record_name, component)
 
 
 def embedding_file(path: str | Path) -> Path:

@@ -1,0 +1,55 @@
+"""FLUX.1: CLIP (pooled) and T5, a transformer of double- and single-stream blocks over 2x2-packed latents, flow
+matching. FLUX.1-dev is guidance-distilled: the guidance scale is an input embedding and sampling makes one pass,
+with no unconditional branch. Where a method needs an "unconditional" prediction (ESD's target, SDD's teacher), it
+is the empty prompt's prediction at the same guidance embedding; ESD's guidance arithmetic is then applied to the
+two predictions as on any other model."""
+
+from __future__ import annotations
+
+import torch
+
+from relapse.models.families import FAMILIES
+from relapse.models.families.base import Family, FlowMatching
+from relapse.models.families.sd3 import MMDIT_LORA_TARGETS, TEXT_STREAM, TRANSFORMER_IO, dynamic_shift_kwargs
+
+TRAINING_GUIDANCE = 1.0  # diffusers' train_dreambooth_lora_flux.py's --guidance_scale default
+
+
+@FAMILIES.register("flux")
+class Flux(Family):
+    pipelines = ("FluxPipeline",)
+    denoiser_name = "transformer"
+    lora_targets = MMDIT_LORA_TARGETS
+    objective_class = FlowMatching
+    cross_attention = TEXT_STREAM
+    io_layers = TRANSFORMER_IO
+
+    @property
+    def guidance_distilled(self) -> bool:
+        return bool(self.denoiser().config.guidance_embeds)
+
+    @torch.no_grad()
+    def encode(self, prompts):
+        embeds, pooled, _ = self.pipe.encode_prompt(prompts, None, device=self.pipe.device, num_images_per_prompt=1)
+        return {"prompt_embeds": embeds, "pooled": pooled}
+
+    def call(self, model, x_t, t, cond, guidance=None):
+        from diffusers import FluxPipeline
+
+        (b, c, h, w), scale = x_t.shape, self.pipe.vae_scale_factor
+        embeds = cond["prompt_embeds"]
+        embedded = TRAINING_GUIDANCE if guidance is None else guidance
+        guidance = torch.full((b,), embedded, device=x_t.device) if self.guidance_distilled else None
+        out = model(hidden_states=FluxPipeline._pack_latents(x_t, b, c, h, w), timestep=t / 1000, guidance=guidance,
+                    pooled_projections=cond["pooled"], encoder_hidden_states=embeds,
+                    txt_ids=torch.zeros(embeds.shape[1], 3, device=x_t.device, dtype=x_t.dtype),
+                    img_ids=FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, x_t.device, x_t.dtype),
+                    return_dict=False)[0]
+        return FluxPipeline._unpack_latents(out, h * scale, w * scale, scale)
+
+    def resolution(self) -> int:
+        return self.pipe.default_sample_size * self.pipe.vae_scale_factor
+
+    def timestep_kwargs(self, resolution):
+        side = (resolution or self.resolution()) // self.pipe.vae_scale_factor // 2
+        return dynamic_shift_kwargs(self.pipe, side * side)

@@ -1,0 +1,27 @@
+"""SDXL: two CLIP text encoders (their penultimate states side by side, the second's pooled embedding), and a UNet
+conditioned on them and on the image size (``time_ids``: original size, crop corner, target size)."""
+
+from __future__ import annotations
+
+import torch
+
+from relapse.models.families import FAMILIES
+from relapse.models.families.base import Family
+
+
+@FAMILIES.register("sdxl")
+class StableDiffusionXL(Family):
+    pipelines = ("StableDiffusionXLPipeline",)
+
+    @torch.no_grad()
+    def encode(self, prompts):
+        embeds, _, pooled, _ = self.pipe.encode_prompt(prompts, device=self.pipe.device, num_images_per_prompt=1,
+                                                       do_classifier_free_guidance=False)
+        return {"prompt_embeds": embeds, "pooled": pooled}
+
+    def call(self, model, x_t, t, cond, guidance=None):
+        # Uncropped images at the size they are generated at: what the pipeline passes by default.
+        side = [s * self.pipe.vae_scale_factor for s in x_t.shape[-2:]]
+        time_ids = torch.tensor([*side, 0, 0, *side], dtype=cond["prompt_embeds"].dtype, device=x_t.device)
+        added = {"text_embeds": cond["pooled"], "time_ids": time_ids.expand(len(x_t), -1)}
+        return model(x_t, t, encoder_hidden_states=cond["prompt_embeds"], added_cond_kwargs=added).sample
