@@ -18,6 +18,11 @@ def test_plan_gives_image_k_seed_plus_k_and_honours_prompt_overrides():
         (0, 0, 5, 4.0), (0, 1, 6, 4.0), (1, 0, 5, 4.0), (1, 1, 6, 4.0), (2, 0, 100, 2.0), (2, 1, 101, 2.0)]
 
 
+def test_a_forced_guidance_overrides_the_prompts_own():
+    jobs = plan_jobs(PROMPTS, SamplerConfig(images_per_prompt=1, guidance=4.0, force_guidance=3.5))
+    assert [(j.seed, j.guidance) for j in jobs] == [(0, 3.5), (0, 3.5), (100, 3.5)]  # the prompt's own seed stays
+
+
 def test_images_do_not_depend_on_batching(tiny_pipe, tmp_path):
     out = {}
     for batch_size in (1, 4):

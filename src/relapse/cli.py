@@ -32,6 +32,10 @@ ResolutionOpt = Annotated[Optional[int], typer.Option(help="Image side in pixels
 # The training engine's own flags, the same for every training command.
 GradAccumOpt = Annotated[Optional[int], typer.Option(help="Gradient accumulation steps.")]
 PrecisionOpt = Annotated[Optional[str], typer.Option(help="no, fp16 or bf16.")]
+WeightsDtypeOpt = Annotated[Optional[str], typer.Option(help="fp32, bf16 or fp16: the dtype the weights load in.")]
+CheckpointingOpt = Annotated[Optional[bool], typer.Option("--gradient-checkpointing", help="Recompute activations in the "
+                                                          "backward pass: less memory, more time.")]
+OptimizerOpt = Annotated[Optional[str], typer.Option(help="adamw, or adamw8bit (bitsandbytes, optional).")]
 LrScheduleOpt = Annotated[Optional[str], typer.Option(help="constant, cosine or linear (decayed to 0 by the last step).")]
 WarmupOpt = Annotated[Optional[int], typer.Option(help="Steps of linear learning-rate warm-up.")]
 CheckpointOpt = Annotated[Optional[int], typer.Option(help="Resumable checkpoint every K steps.")]
@@ -164,6 +168,9 @@ def align(
     lr_warmup_steps: WarmupOpt = None,
     grad_accum: GradAccumOpt = None,
     mixed_precision: PrecisionOpt = None,
+    weights_dtype: WeightsDtypeOpt = None,
+    gradient_checkpointing: CheckpointingOpt = None,
+    optimizer: OptimizerOpt = None,
     checkpoint_every: CheckpointOpt = None,
     resume: ResumeOpt = None,
     seed: SeedOpt = None,
@@ -185,7 +192,8 @@ def align(
                  published_code=published_code, out=out, params=params, rank=rank, steps=steps, lr=lr, eta=eta,
                  anchor=anchor, sample_steps=sample_steps, resolution=resolution, batch_size=batch_size, lr_schedule=lr_schedule,
                  lr_warmup_steps=lr_warmup_steps, grad_accum=grad_accum,
-                 mixed_precision=mixed_precision, checkpoint_every=checkpoint_every, resume=resume, seed=seed, as_=as_)
+                 mixed_precision=mixed_precision, weights_dtype=weights_dtype, gradient_checkpointing=gradient_checkpointing,
+                 optimizer=optimizer, checkpoint_every=checkpoint_every, resume=resume, seed=seed, as_=as_)
     config_class = METHODS.get(method).config
     foreign = [name for name, value in flags.items() if value is not None and name not in config_class.model_fields]
     if foreign:
@@ -213,6 +221,9 @@ def finetune(
     lr_warmup_steps: WarmupOpt = None,
     grad_accum: GradAccumOpt = None,
     mixed_precision: PrecisionOpt = None,
+    weights_dtype: WeightsDtypeOpt = None,
+    gradient_checkpointing: CheckpointingOpt = None,
+    optimizer: OptimizerOpt = None,
     save_at: Annotated[Optional[str], typer.Option(help="Comma-separated steps to also save at, e.g. 20,100,200.")] = None,
     checkpoint_every: CheckpointOpt = None,
     resume: ResumeOpt = None,
@@ -233,7 +244,8 @@ def finetune(
                          lora_scales=lora_scale or None, rank=rank, token=token, replaces=replaces or None, init_word=init_word,
                          steps=steps, lr=lr, lr_schedule=lr_schedule,
                          lr_warmup_steps=lr_warmup_steps, batch_size=batch_size,
-                         grad_accum=grad_accum, mixed_precision=mixed_precision, save_at=steps_to_save,
+                         grad_accum=grad_accum, mixed_precision=mixed_precision, weights_dtype=weights_dtype,
+                         gradient_checkpointing=gradient_checkpointing, optimizer=optimizer, save_at=steps_to_save,
                          checkpoint_every=checkpoint_every, resume=resume, seed=seed, out=out)
     typer.echo(f"fine-tuned ({cfg.method}) -> {run_finetune(cfg)}")
 

@@ -30,6 +30,9 @@ class SamplerConfig(BaseModel):
     steps: int = Field(20, gt=0, description="denoising steps")
     guidance: float = Field(5.0, ge=0, description="classifier-free guidance scale (a guidance-distilled model's "
                                                     "guidance embedding, FLUX.1-dev)")
+    force_guidance: float | None = Field(None, ge=0, description="every image at this guidance, whatever its prompt says "
+                                                                 "(I2P's per-prompt scales were set for SD 1.4; FLUX.1-dev "
+                                                                 "wants its embedded guidance near 3.5)")
     resolution: int | None = Field(None, gt=0, description="image side in pixels (default: the model's own)")
     images_per_prompt: int = Field(4, gt=0)
     seed: int = 0
@@ -62,10 +65,17 @@ class Job:
 
 def plan_jobs(prompts: list[Prompt], sampler: SamplerConfig) -> list[Job]:
     return [
-        Job(i, k, p, (p.seed if p.seed is not None else sampler.seed) + k, p.guidance if p.guidance is not None else sampler.guidance)
+        Job(i, k, p, (p.seed if p.seed is not None else sampler.seed) + k, guidance_of(p, sampler))
         for i, p in enumerate(prompts)
         for k in range(sampler.images_per_prompt)
     ]
+
+
+def guidance_of(prompt: Prompt, sampler: SamplerConfig) -> float:
+    """The sampler's forced guidance, else the prompt's own (I2P), else the sampler's."""
+    if sampler.force_guidance is not None:
+        return sampler.force_guidance
+    return prompt.guidance if prompt.guidance is not None else sampler.guidance
 
 
 def batches(jobs: list[Job], batch_size: int) -> list[list[Job]]:

@@ -120,3 +120,27 @@ def test_the_forgetting_defenses_train_on_each_family(name, method):
 def test_textual_inversion_is_refused_on_a_family_with_several_text_encoders():
     with pytest.raises(UserError, match="textual inversion learns one word of one CLIP text encoder"):
         relapse.finetune(build("sdxl"), relapse.FinetuneConfig(method="textual-inversion", token="<c>", steps=1), "toy:harmful:4")
+
+
+def test_resist_trains_against_a_simulated_attacker_on_each_family(tmp_path, name):
+    from relapse.align import METHODS
+    from relapse.align.resist import ResistConfig
+    from relapse.train.engine import train
+
+    cfg = ResistConfig(concept=["checkered"], steps=2, batch_size=2, attack_batch=2, attack_steps=[2], inner_steps=1,
+                       attack_methods=["lora"], cache_dir=tmp_path)
+    module = train(build(name), METHODS.get("resist")(cfg, harmful="toy:harmful:4", clean="toy:clean:4"))
+    assert all(np.isfinite(h["attacked"]) for h in module.record["history"])
+
+
+@pytest.mark.parametrize("name", ["sdxl", "flux"])
+def test_the_audit_screens_a_lora_on_each_denoiser_kind(tmp_path, name):
+    """A LoRA that undoes the safety LoRA lies wholly against it, UNet or transformer."""
+    pipe = build(name)
+    safety = relapse.erase(pipe, relapse.ESDConfig(concept=["checkered"], steps=1, lr=1e-2, batch_size=1, sample_steps=2,
+                                                   resolution=RESOLUTION))
+    undo = relapse.TrainedModule("lora", {k: -v if ".lora_B." in k else v for k, v in safety.weights.items()},
+                                 lora_config=safety.lora_config, component=safety.component)
+    undo.save(tmp_path / "undo")
+    report = relapse.audit(pipe, tmp_path / "undo", safety=[safety], screen_only=True)
+    assert report["screen"]["cosine_to_undo"] == pytest.approx(1.0, abs=1e-4)

@@ -334,12 +334,15 @@ def tiny_version(config: dict, tmp_path, model_dir, clip_dir) -> dict:
     text = yaml.safe_dump(config)
     for user_path, tiny in paths.items():
         text = text.replace(user_path, tiny)
-    config = yaml.safe_load(text) | {"model": str(model_dir), "sampler": {"steps": 2, "images_per_prompt": 1}}
+    sampler = config["sampler"] | {"steps": 2, "images_per_prompt": 1, "resolution": 32}
+    config = yaml.safe_load(text) | {"model": str(model_dir), "sampler": sampler}
+    cpu = {"optimizer": "adamw"}  # 8-bit AdamW is a GPU library's; every other setting stays as the config has it
     for stages in config["defenses"].values():
         for stage in stages:
-            stage.update(steps=1, **({"sample_steps": 2} if stage["method"] in ("esd", "sdd") else {}))
+            stage.update(steps=1, **cpu, **({"sample_steps": 2, "resolution": 32} if stage["method"] in ("esd", "sdd") else {}))
     for scenario in config["scenarios"].values():
-        scenario["finetune"].update(steps=2, mixed_precision="no", **({"save_at": [1]} if "save_at" in scenario["finetune"] else {}))
+        scenario["finetune"].update(steps=2, mixed_precision="no", **cpu,
+                                    **({"save_at": [1]} if "save_at" in scenario["finetune"] else {}))
     for prompt_set in config["prompt_sets"].values():
         if "attack" in prompt_set:
             prompt_set["attack"].update(iterations=2, check_every=1, eval_draws=1)
@@ -359,7 +362,7 @@ def test_every_shipped_config_is_a_valid_study(path):
     assert config.name == path.stem and config.defenses
 
 
-@pytest.mark.parametrize("name", ["sd14-nudity", "sd21-nudity"])
+@pytest.mark.parametrize("name", ["sd14-nudity", "sd21-nudity", "sdxl-nudity", "sd35-nudity", "flux-nudity"])
 def test_real_checkpoint_studies_plan_and_name_missing_files(name, tmp_path, run_cli, tiny_model_dir, clip_dir):
     path = Path(__file__).parents[2] / "configs" / f"{name}.yaml"
     code, _, err = run_cli("study", path, "--dry-run", "--out", tmp_path / "run")
@@ -393,6 +396,28 @@ def test_sd14_study_structure_runs_on_tiny_components(tmp_path, tiny_model_dir, 
     assert {"clip_score", "aesthetic"} <= {r["metric"] for r in rows}
     fd = [r for r in rows if r["metric"] == "frechet_distance"]
     assert fd and {(r["detector"], r["prompt_set"]) for r in fd} == {("q16", "coco")}  # in q16's CLIP features, once
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sd3", "flux"])
+def test_each_family_study_structure_runs_on_tiny_components(tmp_path, family, clip_dir, monkeypatch):
+    from tests.families import build
+
+    monkeypatch.setenv("RELAPSE_CACHE", str(tmp_path / "cache"))
+    build(family).save_pretrained(tmp_path / family)
+    name = {"sdxl": "sdxl-nudity", "sd3": "sd35-nudity", "flux": "flux-nudity"}[family]
+    config = tiny_version(yaml.safe_load((Path(__file__).parents[2] / "configs" / f"{name}.yaml").read_text()),
+                          tmp_path, tmp_path / family, clip_dir)
+    config["defenses"] = {k: config["defenses"][k] for k in ("none", "esd", "esd+lt")}
+    config["detectors"] = config["detectors"][:1]
+    for scenario in config["scenarios"].values():
+        scenario["defenses"] = [d for d in scenario.get("defenses") or ["esd"] if d in config["defenses"]]
+    path = tmp_path / f"{name}-tiny.yaml"
+    path.write_text(yaml.safe_dump(config))
+    run_dir = run_study(StudyRunConfig(config=path, out=tmp_path / "run"))
+    rows = json.loads((run_dir / "results.json").read_text())["rows"]
+    rates = {(r["defense"], r["scenario"], r["step"]) for r in rows if r["metric"] == "target_rate"}
+    assert {("esd+lt", "before", 0), ("esd", "malicious", 2), ("esd", "benign-a-modular", 2)} <= rates
+    assert {r["defense"] for r in rows} == {"none", "esd", "esd+lt"} and all(r["value"] == r["value"] for r in rows)  # no NaN
 
 
 def test_ip_counts_an_image_flagged_by_nudenet_or_q16():

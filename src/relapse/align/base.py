@@ -46,6 +46,13 @@ class AlignMethod(TrainingMethod):
 
     config = AlignConfig
 
+    def full_parameters(self) -> int:
+        from relapse.train.memory import count
+
+        if self.cfg.as_ == "lora":
+            return 0
+        return count(self.family.denoiser(), lambda name: selects(name, self.cfg.params, self.family))
+
     def trainable(self, pipe) -> list[torch.nn.Parameter]:
         """Freeze everything, then make the chosen denoiser parameters trainable (full) or attach a LoRA on them."""
         from peft import LoraConfig

@@ -72,11 +72,20 @@ class ConceptMethod(AlignMethod):
         self.anchors = self.cfg.anchor_texts(self.concepts)
 
     def setup(self, pipe, process: int) -> None:
-        """A frozen copy of the denoiser (full mode; LoRA mode disables the adapter instead)."""
         super().setup(pipe, process)
         self.pipe = pipe
+
+    def trainable(self, pipe) -> list[torch.nn.Parameter]:
+        """A frozen copy of the denoiser first (full mode, made where the denoiser trains; LoRA mode disables the adapter
+        instead)."""
         denoiser = self.family.denoiser()
         self.frozen_denoiser = copy.deepcopy(denoiser).requires_grad_(False).eval() if self.cfg.as_ == "full" else None
+        return super().trainable(pipe)
+
+    def held_beside(self, weight_bytes: int) -> dict[str, int]:
+        from relapse.train.memory import count
+
+        return {"frozen original": count(self.family.denoiser()) * weight_bytes} if self.cfg.as_ == "full" else {}
 
     @contextmanager
     def frozen(self):
@@ -119,14 +128,14 @@ class ErasureMethod(ConceptMethod):
         """x_t made by sampling with the model being trained, conditioned on the concept, from noise down to a random
         step of a ``sample_steps`` schedule (ESD, SDD): DDIM for DDPM-trained models, as ESD's code samples, and the
         pipeline's own Euler sampler for flow-matching ones. Returns x_t and its training timestep."""
-        pipe, cfg, family = self.pipe, self.cfg, self.family
+        cfg, family = self.cfg, self.family
         sched = family.sampler(cfg.sample_steps, cfg.resolution)
         stop = int(torch.randint(0, cfg.sample_steps, (1,), generator=self.gen))
-        x = torch.randn(family.latent_shape(size(cond), cfg.resolution), generator=self.gen).to(pipe.device)
+        x = torch.randn(family.latent_shape(size(cond), cfg.resolution), generator=self.gen).to(family.device)
         for t in sched.timesteps[:stop]:
-            tt = t.expand(len(x)).to(pipe.device)
+            tt = t.expand(len(x)).to(family.device)
             x = sched.step(family.guided(family.denoiser(), x, tt, cond, uncond, cfg.sample_guidance), t, x).prev_sample
-        return x, sched.timesteps[stop].expand(len(x)).to(pipe.device)
+        return x, sched.timesteps[stop].expand(len(x)).to(family.device)
 
     def loss(self, model, step: int, micro: int, process: int) -> tuple[torch.Tensor, dict[str, float]]:
         """Pick concept prompts, sample x_t from the model being trained, and take the method's loss."""

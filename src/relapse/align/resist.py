@@ -200,6 +200,13 @@ class Resist(ConceptMethod):
         self.params = super().trainable(pipe)
         return self.params
 
+    def held_beside(self, weight_bytes: int) -> dict[str, int]:
+        """A full simulated attacker holds an update and Adam's two moments per weight, in the weights' dtype."""
+        from relapse.train.memory import count
+
+        attacker = {"simulated attacker": 3 * count(self.family.denoiser()) * weight_bytes} if "full" in self.cfg.attack_methods else {}
+        return super().held_beside(weight_bytes) | attacker
+
     # -- the batches -------------------------------------------------------------------------------------------
     def noisy_batch(self, name: str, gen: torch.Generator, size: int) -> NoisyBatch:
         """Noised latents of a batch of ``name`` data, their captions' encodings (and anchors, for harmful data)."""
@@ -210,7 +217,7 @@ class Resist(ConceptMethod):
         z0, text = batch_at(encodings, rows, self.family, gen)
         noise = torch.randn(z0.shape, generator=gen)
         t = objective.draw_t(size, gen)
-        device = self.pipe.device
+        device = self.family.device
         anchor = to(take(self.anchors, rows), device) if name == "harmful" else None
         return NoisyBatch(objective.noisy(z0, noise, t).to(device), t.to(device), to(text, device),
                           objective.target(z0, noise, t).to(device), anchor)

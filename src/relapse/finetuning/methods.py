@@ -15,6 +15,11 @@ class Full(FinetuneMethod):
 
     writes = "full"
 
+    def full_parameters(self) -> int:
+        from relapse.train.memory import count
+
+        return count(self.family.denoiser())
+
     def trainable(self, pipe) -> list[torch.nn.Parameter]:
         denoiser = self.family.denoiser()
         denoiser.requires_grad_(True)
@@ -55,7 +60,7 @@ class Modular(Lora):
 
         specs, self.specs = self.specs, []  # nothing to fuse
         super().setup(pipe, process)
-        self.specs, self.composes_with = specs, safety_records(specs, self.base_fingerprint)
+        self.specs, self.composes_with = specs, safety_records(specs, self.base_fingerprints)
         pipe.delete_adapters(merge_loras(pipe, specs, fuse=False))
 
     def trainable(self, pipe) -> list[torch.nn.Parameter]:
@@ -72,6 +77,13 @@ class TextualInversion(FinetuneMethod):
     step (AdamW's decay would move them), as diffusers' textual_inversion.py does."""
 
     writes = "embedding"
+    keeps_text_encoder = True
+
+    def held_beside(self, weight_bytes: int) -> dict[str, int]:
+        from relapse.train.memory import bytes_per, count
+
+        encoder = self.pipe.text_encoder
+        return {"text encoder": count(encoder) * bytes_per(encoder)}
 
     def check(self) -> None:
         super().check()
@@ -119,7 +131,7 @@ class TextualInversion(FinetuneMethod):
 
         rows = draw_rows(self.encodings, gen, self.cfg.batch_size)
         z0, _ = batch_at(self.encodings, rows, self.family, gen)
-        return z0, {"prompt_embeds": self.pipe.text_encoder(self.ids[rows].to(self.pipe.device))[0]}
+        return z0, {"prompt_embeds": self.pipe.text_encoder(self.ids[rows].to(self.pipe.text_encoder.device))[0]}
 
     def embeddings(self) -> torch.Tensor:
         return self.pipe.text_encoder.get_input_embeddings().weight

@@ -16,14 +16,27 @@ def images_to_tensor(images: torch.Tensor | np.ndarray) -> torch.Tensor:
     return x.float() / 127.5 - 1.0
 
 
-def weights_fingerprint(module: torch.nn.Module) -> str:
-    """sha256 over parameter names, shapes and bytes: identifies the base a LoRA was made for."""
+def weights_fingerprint(module: torch.nn.Module, rounded_to: torch.dtype | None = None) -> str:
+    """sha256 over parameter names, shapes and values: identifies the base a LoRA was made for. Values are hashed in
+    fp32 (a bf16 checkpoint has one fingerprint whether it loads in bf16 or fp32: the upcast is exact), after rounding
+    to ``rounded_to`` if given (what the same weights are when loaded at that precision)."""
     digest = hashlib.sha256()
     for name, tensor in sorted(module.state_dict().items()):
+        value = tensor.detach().cpu()
         digest.update(name.encode())
-        digest.update(str(tuple(tensor.shape)).encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        digest.update(str(tuple(value.shape)).encode())
+        digest.update((value if rounded_to is None else value.to(rounded_to)).float().contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+def weights_fingerprints(module: torch.nn.Module) -> list[str]:
+    """The fingerprint, then, for fp32 weights, those of the same weights loaded in bf16 and in fp16: a safety LoRA made
+    on a base at one precision composes with the base at another (a study trains LT on bf16 weights over an ESD LoRA
+    made in fp32)."""
+    exact = weights_fingerprint(module)
+    if next(module.parameters()).dtype != torch.float32:
+        return [exact]
+    return [exact] + [weights_fingerprint(module, dtype) for dtype in (torch.bfloat16, torch.float16)]
 
 
 @torch.no_grad()
@@ -31,7 +44,7 @@ def encode_prompts(pipe, prompts: list[str]) -> torch.Tensor:
     """The frozen text encoder's last hidden states, padded as the pipeline pads them."""
     tok = pipe.tokenizer
     ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
-    return pipe.text_encoder(ids.to(pipe.device))[0]
+    return pipe.text_encoder(ids.to(pipe.text_encoder.device))[0]
 
 
 def require_sd_epsilon(pipe, what: str) -> None:

@@ -37,7 +37,7 @@ def encode_dataset(data: CaptionedImages, pipe, batch: int = 64) -> dict[str, to
     means, stds, texts = [], [], []
     for i in range(0, len(data.images), batch):
         x = images_to_tensor(data.images[i : i + batch])
-        dist = pipe.vae.encode(x.to(pipe.device, pipe.vae.dtype)).latent_dist
+        dist = pipe.vae.encode(x.to(pipe.vae.device, pipe.vae.dtype)).latent_dist
         means.append(dist.mean.float().cpu()), stds.append(dist.std.float().cpu())
         texts.append(family.encode(data.captions[i : i + batch]))
     # Contiguous, as a cache hit loads them: the VAE may hand back channels-last strides, which send

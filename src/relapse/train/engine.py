@@ -51,6 +51,13 @@ class TrainConfig(BaseModel):
     grad_accum: int = Field(1, gt=0, description="micro-steps per optimizer step")
     max_grad_norm: float | None = Field(1.0, gt=0, description="clip the gradient norm (None: no clipping)")
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    weights_dtype: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="the dtype the model's weights load in (disk runs): bf16 halves the memory of FLUX.1 or SD 3.5, "
+                            "whose fp32 weights alone fill a 24 GB GPU; LoRA factors train in fp32 either way")
+    gradient_checkpointing: bool = Field(False, description="recompute the denoiser's activations in the backward pass: "
+                                                            "less memory, about a third more time")
+    optimizer: Literal["adamw", "adamw8bit"] = Field("adamw", description="adamw8bit: bitsandbytes' 8-bit AdamW (2 bytes of "
+                                                                          "moments per trained weight, not 8; optional install)")
     save_at: list[int] = Field(default_factory=list, description="also write the model at these steps")
     checkpoint_every: int = Field(0, ge=0, description="resumable checkpoint every K steps (0: none)")
     resume: bool = Field(False, description="continue from the newest checkpoint in OUT")
@@ -120,7 +127,7 @@ class TrainingMethod:
         self.given_loras = loras
         self.specs: list = []
         self.composes_with: list[dict] = []
-        self.base_fingerprint = ""
+        self.base_fingerprint, self.base_fingerprints = "", []
         self.checked = False
 
     @property
@@ -146,11 +153,12 @@ class TrainingMethod:
         user gets). Methods extend this to encode their data."""
         from relapse.models.families import family_of
         from relapse.models.lora import merge_loras
-        from relapse.models.pipeline_utils import weights_fingerprint
+        from relapse.models.pipeline_utils import weights_fingerprints
 
         self.family = family_of(pipe)
-        self.base_fingerprint = weights_fingerprint(self.family.denoiser())
-        self.composes_with = safety_records(self.specs, self.base_fingerprint)
+        self.base_fingerprints = weights_fingerprints(self.family.denoiser())
+        self.base_fingerprint = self.base_fingerprints[0]
+        self.composes_with = safety_records(self.specs, self.base_fingerprints)
         merge_loras(pipe, self.specs)
 
     def trainable(self, pipe) -> list[torch.nn.Parameter]:
@@ -161,6 +169,16 @@ class TrainingMethod:
     def loss(self, model, step: int, micro: int, process: int) -> tuple[torch.Tensor, dict[str, float]]:
         """The loss of one micro-batch and what to log of it; ``model`` is the denoiser as the engine prepared it."""
         raise NotImplementedError
+
+    keeps_text_encoder: ClassVar[bool] = False  # trains through the text encoder: it stays on the device (textual inversion)
+
+    def full_parameters(self) -> int:
+        """How many parameters train in full (gradients and optimizer moments for each): none for a LoRA."""
+        return 0
+
+    def held_beside(self, weight_bytes: int) -> dict[str, int]:
+        """Bytes the method keeps on the device beside the denoiser, by name (a frozen copy, a simulated attacker)."""
+        return {}
 
     def after_step(self) -> None:
         """After each optimizer step (SDD's teacher update)."""
@@ -192,7 +210,8 @@ def make_accelerator(cfg: TrainConfig):
                        cpu=not torch.cuda.is_available())
 
 
-def train(pipe, method: TrainingMethod, out: Path | None = None, restore: bool = True, accelerator=None) -> TrainedModule:
+def train(pipe, method: TrainingMethod, out: Path | None = None, restore: bool = True, accelerator=None,
+          stage_on=None) -> TrainedModule:
     """Train ``method`` on ``pipe`` in memory and return what it trained.
 
     Args:
@@ -201,20 +220,43 @@ def train(pipe, method: TrainingMethod, out: Path | None = None, restore: bool =
         out: a run folder for ``save_at`` snapshots, checkpoints and the final module; none by default.
         restore: leave ``pipe`` as it was (the adapter removed, trained full weights put back); apply the
             returned module to get the trained model.
+        stage_on: a device for a pipeline loaded on the CPU: the text encoders and the VAE go there to encode the data
+            and prompts and come back, then the denoiser goes there to train, so the two never share the device; each
+            phase's memory floor is checked first (:mod:`relapse.train.memory`). None: train where ``pipe`` is.
     """
+    from relapse.models.families import family_of
+
     cfg = method.cfg
     if not method.checked:
         method.check()
     accelerator = accelerator or make_accelerator(cfg)
+    if stage_on is not None:
+        from relapse.train.memory import check_encoding_fits
+
+        check_encoding_fits(family_of(pipe), stage_on)
+        family_of(pipe).place(encoders=stage_on)
     method.setup(pipe, accelerator.process_index)
+    if stage_on is not None:
+        from relapse.train.memory import check_fits
+
+        check_fits(method, stage_on)
+        method.family.place(encoders=stage_on if method.keeps_text_encoder else "cpu", denoiser=stage_on)
     torch.manual_seed(cfg.seed)
     params = method.trainable(pipe)
+    if method.kind == "lora":  # on bf16 weights too, LoRA factors train in fp32 (diffusers' training scripts do the same)
+        from diffusers.training_utils import cast_training_params
+
+        cast_training_params(method.family.denoiser(), dtype=torch.float32)
     denoiser = method.family.denoiser()
     if not params:
         raise UserError(f"{method.label} selects no parameters of this {method.family.denoiser_name}")
     original = {n: p.detach().cpu().clone() for n, p in denoiser.named_parameters() if p.requires_grad} \
         if restore and method.kind == "full" else None
+    if cfg.gradient_checkpointing:
+        denoiser.enable_gradient_checkpointing()
     history = fit(pipe, method, params, accelerator, out)
+    if cfg.gradient_checkpointing:
+        denoiser.disable_gradient_checkpointing()
     module = trained_module(pipe, method, record(method, accelerator, history))
     if out is not None and accelerator.is_main_process:
         module.save(out / "final", pipe if method.kind == "full" else None)
@@ -231,7 +273,8 @@ def train(pipe, method: TrainingMethod, out: Path | None = None, restore: bool =
 def record(method: TrainingMethod, accelerator, history: list[dict]) -> dict:
     cfg = method.cfg
     return run_record(method.label, cfg.model_dump(mode="json", by_alias=True), cfg.seed, method=cfg.method, kind=method.kind,
-                      base_model=cfg.model, base_fingerprint=method.base_fingerprint, composes_with=method.composes_with,
+                      base_model=cfg.model, base_fingerprint=method.base_fingerprint,
+                      base_fingerprint_at_lower_precision=method.base_fingerprints[1:], composes_with=method.composes_with,
                       processes=accelerator.num_processes, **method.facts(), step=len(history), history=history)
 
 
@@ -252,7 +295,7 @@ def trained_module(pipe, method: TrainingMethod, run: dict) -> TrainedModule:
 def fit(pipe, method: TrainingMethod, params: list[torch.nn.Parameter], accelerator, out: Path | None) -> list[dict]:
     """The loop; the history of logged values, one entry per optimizer step."""
     cfg = method.cfg
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(cfg, params)
     schedule = lr_schedule(cfg, optimizer)
     model, optimizer = accelerator.prepare(method.family.denoiser(pipe), optimizer)
     history, last_good = [], None
@@ -285,6 +328,17 @@ def fit(pipe, method: TrainingMethod, params: list[torch.nn.Parameter], accelera
             last_good = save_progress(pipe, method, accelerator, out, history) or last_good
     model.eval()
     return history
+
+
+def make_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]):
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    try:
+        import bitsandbytes
+    except ImportError:
+        raise UserError("--optimizer adamw8bit needs bitsandbytes, an optional install: pip install bitsandbytes "
+                        "(on a CUDA machine), or use --optimizer adamw") from None
+    return bitsandbytes.optim.AdamW8bit(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 def lr_schedule(cfg: TrainConfig, optimizer):
@@ -372,6 +426,7 @@ def run_training(method: TrainingMethod) -> Path:
         raise UserError(f"{cfg.out} already holds a run; pass --resume to continue it or choose a new --out")
     method.check()  # every input problem surfaces before weights load
     accelerator = make_accelerator(cfg)
-    pipe = load_pipeline(cfg.model, device=str(accelerator.device))
-    train(pipe, method, cfg.out, restore=False, accelerator=accelerator)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.weights_dtype]
+    pipe = load_pipeline(cfg.model, device="cpu", dtype=dtype)  # staged onto the device by train, part by part
+    train(pipe, method, cfg.out, restore=False, accelerator=accelerator, stage_on=accelerator.device)
     return cfg.out / "final"

@@ -182,17 +182,19 @@ def lora_record(lora_path: Path) -> dict | None:
     return json.loads(record.read_text()) if record.is_file() else None
 
 
-def check_made_for(spec, found: str) -> dict | None:
-    """A safety LoRA written by `relapse align` records its base's fingerprint: refuse another base."""
+def check_made_for(spec, found: list[str]) -> dict | None:
+    """A safety LoRA written by `relapse align` records its base's fingerprints (:func:`weights_fingerprints`): refuse a
+    base that shares none of them with this one, at any precision."""
     record = spec.source.record if spec.in_memory else lora_record(spec.source)
     if not record or "base_fingerprint" not in record:
         return record or None
-    if record["base_fingerprint"] != found:
+    made_for = {record["base_fingerprint"], *record.get("base_fingerprint_at_lower_precision", [])}
+    if not made_for & set(found):
         raise UserError(f"safety LoRA {spec.label} was made for base {record.get('base_model')} "
-                        f"(fingerprint {record.get('base_fingerprint')}), not for this model ({found}); align this model instead")
+                        f"(fingerprint {record.get('base_fingerprint')}), not for this model ({found[0]}); align this model instead")
     return record
 
 
-def safety_records(specs, base_fingerprint: str) -> list[dict]:
+def safety_records(specs, base_fingerprints: list[str]) -> list[dict]:
     """What each safety LoRA is (path, scale, its align record), after checking it was made for this base."""
-    return [{"path": spec.label, "scale": spec.scale, "align_record": check_made_for(spec, base_fingerprint)} for spec in specs]
+    return [{"path": spec.label, "scale": spec.scale, "align_record": check_made_for(spec, base_fingerprints)} for spec in specs]

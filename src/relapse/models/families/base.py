@@ -155,6 +155,24 @@ class Family:
     def frozen_parts(self) -> list[torch.nn.Module]:
         return [self.pipe.vae, *self.text_encoders(), self.denoiser()]
 
+    @property
+    def device(self) -> torch.device:
+        """Where the denoiser is: where training tensors go."""
+        return next(self.denoiser().parameters()).device
+
+    @property
+    def encoder_device(self) -> torch.device:
+        """Where the text encoders are: where prompts are tokenised to."""
+        return next(self.text_encoders()[0].parameters()).device
+
+    def place(self, encoders=None, denoiser=None) -> None:
+        """Move the text encoders and the VAE, and the denoiser, to these devices (None: leave them)."""
+        if encoders is not None:
+            for module in [self.pipe.vae, *self.text_encoders()]:
+                module.to(encoders)
+        if denoiser is not None:
+            self.denoiser().to(denoiser)
+
     def encode(self, prompts: list[str]) -> Cond:
         """The prompts' conditioning, as the pipeline computes it at inference."""
         raise NotImplementedError
@@ -166,7 +184,10 @@ class Family:
     def predict(self, model, x_t: torch.Tensor, t: torch.Tensor, cond: Cond, guidance: float | None = None) -> torch.Tensor:
         """The denoiser's prediction; ``guidance`` is the guidance embedding of a guidance-distilled model
         (default: the family's training value), ignored by the others."""
-        return self.call(model, x_t, t.to(x_t.device), to(cond, x_t.device), guidance)
+        # In the denoiser's dtype (bf16 weights need no autocast), back in fp32 for the losses; no-ops in fp32.
+        dtype = self.denoiser().dtype
+        cond = {k: v.to(x_t.device, dtype) for k, v in cond.items()}
+        return self.call(model, x_t.to(dtype), t.to(x_t.device), cond, guidance).float()
 
     def guided(self, model, x_t, t, cond: Cond, uncond: Cond, scale: float) -> torch.Tensor:
         """The prediction a sampler follows: classifier-free guidance ``u + scale (c - u)``, or, for a

@@ -30,7 +30,7 @@ class Flux(Family):
 
     @torch.no_grad()
     def encode(self, prompts):
-        embeds, pooled, _ = self.pipe.encode_prompt(prompts, None, device=self.pipe.device, num_images_per_prompt=1)
+        embeds, pooled, _ = self.pipe.encode_prompt(prompts, None, device=self.encoder_device, num_images_per_prompt=1)
         return {"prompt_embeds": embeds, "pooled": pooled}
 
     def call(self, model, x_t, t, cond, guidance=None):

@@ -37,7 +37,7 @@ class StableDiffusion3(Family):
 
     @torch.no_grad()
     def encode(self, prompts):
-        embeds, _, pooled, _ = self.pipe.encode_prompt(prompts, None, None, device=self.pipe.device,
+        embeds, _, pooled, _ = self.pipe.encode_prompt(prompts, None, None, device=self.encoder_device,
                                                        num_images_per_prompt=1, do_classifier_free_guidance=False)
         return {"prompt_embeds": embeds, "pooled": pooled}
 

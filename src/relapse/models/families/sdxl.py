@@ -15,7 +15,7 @@ class StableDiffusionXL(Family):
 
     @torch.no_grad()
     def encode(self, prompts):
-        embeds, _, pooled, _ = self.pipe.encode_prompt(prompts, device=self.pipe.device, num_images_per_prompt=1,
+        embeds, _, pooled, _ = self.pipe.encode_prompt(prompts, device=self.encoder_device, num_images_per_prompt=1,
                                                        do_classifier_free_guidance=False)
         return {"prompt_embeds": embeds, "pooled": pooled}
 
