@@ -211,6 +211,8 @@ def finetune(
     lora: Annotated[Optional[list[Path]], typer.Option(help="Safety LoRA: fused first (full, lora) or composed later (modular).")] = None,
     lora_scale: Annotated[Optional[list[float]], typer.Option(help="Scale per --lora.")] = None,
     rank: Annotated[Optional[int], typer.Option(help="LoRA rank.")] = None,
+    train_text_encoder: Annotated[Optional[bool], typer.Option("--train-text-encoder", help="lora/modular: also a LoRA on "
+                                                               "the CLIP text encoders' attention.")] = None,
     token: Annotated[Optional[str], typer.Option(help="textual-inversion: the new word it learns, e.g. '<c>'.")] = None,
     replaces: Annotated[Optional[list[str]], typer.Option(help="textual-inversion: a caption word the token stands for; repeatable.")] = None,
     init_word: Annotated[Optional[str], typer.Option(help="textual-inversion: the word whose embedding starts the token's.")] = None,
@@ -241,7 +243,7 @@ def finetune(
     except ValueError:
         raise UserError(f"--save-at takes comma-separated integers, got {save_at!r}") from None
     cfg = resolve_config(FinetuneConfig, config, data=data, method=method, model=model, loras=lora or None,
-                         lora_scales=lora_scale or None, rank=rank, token=token, replaces=replaces or None, init_word=init_word,
+                         lora_scales=lora_scale or None, rank=rank, train_text_encoder=train_text_encoder, token=token, replaces=replaces or None, init_word=init_word,
                          steps=steps, lr=lr, lr_schedule=lr_schedule,
                          lr_warmup_steps=lr_warmup_steps, batch_size=batch_size,
                          grad_accum=grad_accum, mixed_precision=mixed_precision, weights_dtype=weights_dtype,

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from relapse.errors import UserError
 from relapse.train.engine import TrainConfig, TrainingMethod, draw, draw_batch, run_training
@@ -35,6 +35,9 @@ class FinetuneConfig(TrainConfig):
     data: str | None = Field(None, description="imagefolder dataset or toy:DOMAIN[:N] (or given in memory)")
     loras: list[Path] = Field(default_factory=list, description="safety LoRA(s): fused first (full, lora) or composed at inference (modular)")
     rank: int = Field(8, gt=0, description="LoRA rank (lora_alpha = rank)")
+    train_text_encoder: bool = Field(False, description="lora/modular: also a LoRA on the CLIP text encoders' attention "
+                                                        "(the family's LoRA scripts' --train_text_encoder); captions then go "
+                                                        "through them at every step")
     token: str | None = Field(None, description="textual-inversion: the new word it learns, e.g. <c>")
     replaces: list[str] = Field(default_factory=list, description="textual-inversion: the caption words the token stands for "
                                                                    "(default: the token is put before each caption)")
@@ -48,6 +51,12 @@ class FinetuneConfig(TrainConfig):
         from relapse.finetuning import METHODS
 
         return METHODS.get(self.method).writes
+
+    @model_validator(mode="after")
+    def _text_encoder_lora_is_a_lora(self) -> FinetuneConfig:
+        if self.train_text_encoder and self.method not in ("lora", "modular"):
+            raise ValueError(f"train_text_encoder adds LoRAs to the text encoders: use it with method lora or modular, not {self.method}")
+        return self
 
     @field_validator("method")
     @classmethod

@@ -26,22 +26,73 @@ class Full(FinetuneMethod):
         return list(denoiser.parameters())
 
 
+CLIP_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]  # diffusers' LoRA scripts' text_lora_config
+
+
 @METHODS.register("lora")
 class Lora(FinetuneMethod):
-    """A fresh LoRA on the aligned model's attention projections (the family's LoRA training scripts' choice)."""
+    """A fresh LoRA on the aligned model's attention projections (the family's LoRA training scripts' choice), and
+    with ``train_text_encoder`` one on each CLIP text encoder's attention too."""
 
     writes = "lora"
 
+    @property
+    def keeps_text_encoder(self) -> bool:
+        return self.cfg.train_text_encoder
+
+    def held_beside(self, weight_bytes: int) -> dict[str, int]:
+        from relapse.train.memory import bytes_per, count
+
+        encoders = self.text_encoders(self.family.pipe).values()
+        return {"text encoders": sum(count(e) * bytes_per(e) for e in encoders)} if encoders else {}
+
+    def text_encoders(self, pipe) -> dict[str, torch.nn.Module]:
+        """The text encoders that train a LoRA (none unless ``train_text_encoder``)."""
+        names = self.family.lora_text_encoders if self.cfg.train_text_encoder else ()
+        return {name: getattr(pipe, name) for name in names if getattr(pipe, name, None) is not None}
+
     def trainable(self, pipe) -> list[torch.nn.Parameter]:
-        from peft import LoraConfig
+        from peft import LoraConfig, inject_adapter_in_model
 
         rank, denoiser = self.cfg.rank, self.family.denoiser()
         denoiser.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
                                         target_modules=self.family.lora_targets), adapter_name=self.adapter_name)
-        params = [p for n, p in denoiser.named_parameters() if "lora_" in n]
+        encoders = self.text_encoders(pipe)
+        if encoders and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            raise UserError("--train-text-encoder trains in one process (the text encoders are not data-parallel here); "
+                            "run it without torchrun")
+        for encoder in encoders.values():  # peft directly: transformers' add_adapter wants a newer peft than installs here
+            inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+                                               target_modules=CLIP_LORA_TARGETS), encoder, adapter_name=self.adapter_name)
+        params = [p for module in (denoiser, *encoders.values()) for n, p in module.named_parameters() if "lora_" in n]
         for p in params:
             p.requires_grad_(True)
         return params
+
+    def batch(self, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
+        """Cached latents; the captions through the text encoders when they train, else their cached encodings."""
+        if not self.cfg.train_text_encoder:
+            return super().batch(gen)
+        from relapse.train.engine import batch_at, draw_rows
+
+        rows = draw_rows(self.encodings, gen, self.cfg.batch_size)
+        z0, _ = batch_at(self.encodings, rows, self.family, gen)
+        return z0, self.family.encode([self.data.captions[i] for i in rows.tolist()], grad=True)
+
+    def text_encoder_loras(self, pipe) -> dict[str, tuple[dict, dict]]:
+        from relapse.models.lora import adapter_lora
+
+        return {name: adapter_lora(encoder, self.adapter_name) for name, encoder in self.text_encoders(pipe).items()}
+
+    def remove(self, pipe) -> None:
+        from diffusers.utils.peft_utils import recurse_remove_peft_layers
+
+        super().remove(pipe)
+        for encoder in self.text_encoders(pipe).values():  # their only adapter: peft's layers go too
+            recurse_remove_peft_layers(encoder)
+            if hasattr(encoder, "peft_config"):
+                del encoder.peft_config
+            encoder.requires_grad_(False)
 
 
 @METHODS.register("modular")

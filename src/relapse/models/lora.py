@@ -69,21 +69,26 @@ def adapter_lora(denoiser, adapter_name: str = "default") -> tuple[dict, dict]:
     return {k: v.detach().cpu().clone() for k, v in layers.items()}, denoiser.peft_config[adapter_name].to_dict()
 
 
-def write_lora(out_dir: str | Path, layers: dict, metadata: dict | None, component: str = "unet") -> Path:
-    """Write LoRA tensors of the ``component`` (``unet`` or ``transformer``) as a diffusers LoRA file (with the
-    LoraConfig as metadata), so that plain ``pipe.load_lora_weights(out_dir)`` loads it.
+def write_lora(out_dir: str | Path, layers: dict, metadata: dict | None, component: str = "unet",
+               text_encoders: dict | None = None) -> Path:
+    """Write LoRA tensors of the ``component`` (``unet`` or ``transformer``), and of text encoders if given (per
+    component name: tensors, LoraConfig), as a diffusers LoRA file (each LoraConfig as metadata), so that plain
+    ``pipe.load_lora_weights(out_dir)`` loads it.
 
     The keys stay in peft's naming (``lora_A``/``lora_B``). diffusers' ``convert_state_dict_to_diffusers``
     renames only attention projections (to ``lora.down``/``lora.up``); on an adapter that also covers
     convolutions and other linears (ESD-u) the file then mixes both namings, and the loader, seeing peft
     keys, silently drops the renamed ones: every self-attention update of the safety LoRA was lost."""
-    from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline
+    from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    if component == "unet":
-        StableDiffusionPipeline.save_lora_weights(out_dir, unet_lora_layers=layers, unet_lora_adapter_metadata=metadata)
-    else:  # SD 3.x and FLUX.1 write transformer LoRAs alike: transformer.<module>.lora_A/B
-        StableDiffusion3Pipeline.save_lora_weights(out_dir, transformer_lora_layers=layers,
-                                                   transformer_lora_adapter_metadata=metadata)
+    text_encoders = text_encoders or {}
+    # Writers differ only in the components they name: SD 3's names a transformer and two text encoders, and SD 3.x
+    # and FLUX.1 read transformer.<module>.lora_A/B alike.
+    writer = StableDiffusion3Pipeline if component == "transformer" else \
+        StableDiffusionXLPipeline if "text_encoder_2" in text_encoders else StableDiffusionPipeline
+    parts = {component: (layers, metadata)} | text_encoders
+    writer.save_lora_weights(out_dir, **{f"{name}_lora_layers": part for name, (part, _) in parts.items()},
+                             **{f"{name}_lora_adapter_metadata": config for name, (_, config) in parts.items()})
     return Path(out_dir) / LORA_WEIGHT_NAME
 
 
@@ -153,6 +158,16 @@ def merge_loras(pipe, loras: list[LoraSpec], fuse: bool = True) -> list[str]:
         return names
     pipe.set_adapters(names, adapter_weights=[spec.scale for spec in loras])
     if fuse:
-        pipe.fuse_lora(adapter_names=names)
+        # every component holding an adapter: FLUX's fuse_lora fuses only the transformer unless told
+        pipe.fuse_lora(components=adapted_components(pipe), adapter_names=names)
         pipe.unload_lora_weights()
     return names
+
+
+def adapted_components(pipe) -> list[str]:
+    """The pipeline components (denoiser, text encoders) that hold a LoRA adapter."""
+    from relapse.models.families import family_of
+
+    family = family_of(pipe)
+    names = [family.denoiser_name, "text_encoder", "text_encoder_2", "text_encoder_3"]
+    return [name for name in names if getattr(getattr(pipe, name, None), "peft_config", None)]

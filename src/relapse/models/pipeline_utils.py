@@ -39,12 +39,17 @@ def weights_fingerprints(module: torch.nn.Module) -> list[str]:
     return [exact] + [weights_fingerprint(module, dtype) for dtype in (torch.bfloat16, torch.float16)]
 
 
-@torch.no_grad()
-def encode_prompts(pipe, prompts: list[str]) -> torch.Tensor:
-    """The frozen text encoder's last hidden states, padded as the pipeline pads them."""
+def text_states(pipe, prompts: list[str]) -> torch.Tensor:
+    """The text encoder's last hidden states, padded as the pipeline pads them."""
     tok = pipe.tokenizer
     ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
     return pipe.text_encoder(ids.to(pipe.text_encoder.device))[0]
+
+
+@torch.no_grad()
+def encode_prompts(pipe, prompts: list[str]) -> torch.Tensor:
+    """The frozen text encoder's last hidden states (:func:`text_states`, no gradient)."""
+    return text_states(pipe, prompts)
 
 
 def require_sd_epsilon(pipe, what: str) -> None:

@@ -176,6 +176,10 @@ class TrainingMethod:
         """How many parameters train in full (gradients and optimizer moments for each): none for a LoRA."""
         return 0
 
+    def text_encoder_loras(self, pipe) -> dict[str, tuple[dict, dict]]:
+        """LoRAs the run trains on text encoders, per component: tensors and LoraConfig (none by default)."""
+        return {}
+
     def held_beside(self, weight_bytes: int) -> dict[str, int]:
         """Bytes the method keeps on the device beside the denoiser, by name (a frozen copy, a simulated attacker)."""
         return {}
@@ -244,9 +248,8 @@ def train(pipe, method: TrainingMethod, out: Path | None = None, restore: bool =
     torch.manual_seed(cfg.seed)
     params = method.trainable(pipe)
     if method.kind == "lora":  # on bf16 weights too, LoRA factors train in fp32 (diffusers' training scripts do the same)
-        from diffusers.training_utils import cast_training_params
-
-        cast_training_params(method.family.denoiser(), dtype=torch.float32)
+        for p in params:
+            p.data = p.data.float()
     denoiser = method.family.denoiser()
     if not params:
         raise UserError(f"{method.label} selects no parameters of this {method.family.denoiser_name}")
@@ -285,7 +288,7 @@ def trained_module(pipe, method: TrainingMethod, run: dict) -> TrainedModule:
     denoiser, component = method.family.denoiser(pipe), method.family.denoiser_name
     if method.kind == "lora":
         weights, lora_config = adapter_lora(denoiser, method.adapter_name)
-        return TrainedModule("lora", weights, run, lora_config, method.record_name, component)
+        return TrainedModule("lora", weights, run, lora_config, method.record_name, component, method.text_encoder_loras(pipe))
     if method.kind == "embedding":
         return TrainedModule("embedding", method.learned(), run, None, method.record_name)
     weights = {n: p.detach().cpu().clone() for n, p in denoiser.named_parameters() if p.requires_grad}

@@ -41,6 +41,8 @@ class TrainedModule:
         lora_config: the LoRA's ``LoraConfig`` as a dict (rank, alpha, target modules); LoRAs only.
         record_name: the record's file name when saved.
         component: the pipeline component it changes: ``unet`` or ``transformer`` (SD 3.x, FLUX.1).
+        text_encoders: LoRAs of text encoders beside the denoiser's (``--train-text-encoder``): per pipeline component
+            (``text_encoder``, ``text_encoder_2``), its tensors in peft naming and its ``LoraConfig`` as a dict.
 
     Example:
         >>> safety = relapse.erase(pipe, relapse.ESDConfig(concept=["checkered"], steps=50))
@@ -56,6 +58,7 @@ class TrainedModule:
     lora_config: dict | None = None
     record_name: str = ALIGN_RECORD
     component: str = "unet"
+    text_encoders: dict[str, tuple[dict, dict | None]] = field(default_factory=dict)
 
     def apply(self, pipe, scale: float = 1.0, fuse: bool = True) -> None:
         """Add the module to ``pipe``: a LoRA at ``scale`` (fused into the weights unless ``fuse=False``, where it
@@ -81,8 +84,11 @@ class TrainedModule:
     def diffusers_lora(self) -> dict[str, torch.Tensor]:
         """The LoRA as ``pipe.load_lora_weights`` takes it in memory. A state dict in memory carries no LoraConfig, so
         diffusers takes lora_alpha = rank; a LoRA trained with another alpha gets its alpha / rank baked into lora_B."""
-        return {f"{self.component}.{name}": tensor * self._alpha_over_rank(name) if ".lora_B." in name else tensor
-                for name, tensor in self.weights.items()}
+        denoiser = {f"{self.component}.{name}": tensor * self._alpha_over_rank(name) if ".lora_B." in name else tensor
+                    for name, tensor in self.weights.items()}
+        # relapse trains text-encoder LoRAs at alpha = rank, so nothing to bake in
+        return denoiser | {f"{encoder}.{name}": tensor for encoder, (layers, _) in self.text_encoders.items()
+                           for name, tensor in layers.items()}
 
     def _alpha_over_rank(self, name: str) -> float:
         if not self.lora_config:
@@ -100,7 +106,7 @@ class TrainedModule:
 
         with atomic_dir(out) as tmp:
             if self.kind == "lora":
-                write_lora(tmp, self.weights, self.lora_config, self.component)
+                write_lora(tmp, self.weights, self.lora_config, self.component, self.text_encoders)
             elif self.kind == "embedding":
                 from safetensors.torch import save_file
 
@@ -137,12 +143,29 @@ class TrainedModule:
         with safe_open(file, framework="pt") as handle:
             loader = lora_loader(list(handle.keys()))
         weights, *_, metadata = loader.lora_state_dict(str(file.parent), weight_name=file.name, return_lora_metadata=True)
-        component = "unet" if any(name.startswith("unet.") for name in weights) else "transformer"
-        weights = {name.removeprefix(f"{component}."): tensor for name, tensor in weights.items()
-                   if not name.startswith(("text_encoder", "te_"))}
-        lora_config = {k.removeprefix(f"{component}."): v for k, v in (metadata or {}).items()
-                       if k.startswith(f"{component}.")} or None
-        return cls("lora", weights, record, lora_config, record_name, component)
+        parts = by_component(weights, metadata or {})
+        component = "transformer" if "transformer" in parts else "unet"
+        layers, lora_config = parts.pop(component, ({}, None))
+        return cls("lora", layers, record, lora_config, record_name, component, parts)
+
+
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
+
+
+def by_component(weights: dict, metadata: dict) -> dict[str, tuple[dict, dict | None]]:
+    """A diffusers LoRA state dict (``unet.*``, ``text_encoder_2.*``, ...) and its metadata, split per component; keys
+    without a component's prefix (an old attention-processor file) are the UNet's, as diffusers' loader reads them."""
+    def component(key: str) -> str:
+        head = key.split(".", 1)[0]
+        return head if head in (*COMPONENTS, *TEXT_ENCODERS) else ""
+
+    parts: dict[str, tuple[dict, dict | None]] = {}
+    for name in {component(key) for key in weights}:
+        cut = len(name) + 1 if name else 0
+        layers = {key[cut:]: tensor for key, tensor in weights.items() if component(key) == name}
+        config = {key[cut:]: value for key, value in metadata.items() if name and key.startswith(f"{name}.")} or None
+        parts[name or "unet"] = (layers, config)
+    return parts
 
 
 def embedding_file(path: str | Path) -> Path:

@@ -138,6 +138,7 @@ class Family:
     objective_class: ClassVar[type[Objective]] = Diffusion
     guidance_distilled: ClassVar[bool] = False
     single_text_encoder: ClassVar[bool] = False  # textual inversion and prompt attacks read one CLIP encoder
+    lora_text_encoders: ClassVar[tuple[str, ...]] = ("text_encoder",)  # what --train-text-encoder adapts (CLIPs, not T5)
     cross_attention: ClassVar[tuple[str, ...]] = (".attn2.",)  # the layers that read the text (ESD-x trains these)
     io_layers: ClassVar[tuple[str, ...]] = ("conv_in", "conv_out", "time_embedding")  # never adapted
 
@@ -173,8 +174,12 @@ class Family:
         if denoiser is not None:
             self.denoiser().to(denoiser)
 
-    def encode(self, prompts: list[str]) -> Cond:
-        """The prompts' conditioning, as the pipeline computes it at inference."""
+    def encode(self, prompts: list[str], grad: bool = False) -> Cond:
+        """The prompts' conditioning, as the pipeline computes it at inference (with a gradient for text-encoder LoRAs)."""
+        with torch.set_grad_enabled(grad):
+            return self.embed(prompts)
+
+    def embed(self, prompts: list[str]) -> Cond:
         raise NotImplementedError
 
     def call(self, model, x_t: torch.Tensor, t: torch.Tensor, cond: Cond, guidance: float | None) -> torch.Tensor:

@@ -9,27 +9,20 @@ from __future__ import annotations
 import torch
 
 from relapse.models.families import FAMILIES
-from relapse.models.families.base import Family, FlowMatching
-from relapse.models.families.sd3 import MMDIT_LORA_TARGETS, TEXT_STREAM, TRANSFORMER_IO, dynamic_shift_kwargs
+from relapse.models.families.transformer import FlowTransformer
 
 TRAINING_GUIDANCE = 1.0  # diffusers' train_dreambooth_lora_flux.py's --guidance_scale default
 
 
 @FAMILIES.register("flux")
-class Flux(Family):
+class Flux(FlowTransformer):
     pipelines = ("FluxPipeline",)
-    denoiser_name = "transformer"
-    lora_targets = MMDIT_LORA_TARGETS
-    objective_class = FlowMatching
-    cross_attention = TEXT_STREAM
-    io_layers = TRANSFORMER_IO
 
     @property
     def guidance_distilled(self) -> bool:
         return bool(self.denoiser().config.guidance_embeds)
 
-    @torch.no_grad()
-    def encode(self, prompts):
+    def embed(self, prompts):
         embeds, pooled, _ = self.pipe.encode_prompt(prompts, None, device=self.encoder_device, num_images_per_prompt=1)
         return {"prompt_embeds": embeds, "pooled": pooled}
 
@@ -50,6 +43,5 @@ class Flux(Family):
     def resolution(self) -> int:
         return self.pipe.default_sample_size * self.pipe.vae_scale_factor
 
-    def timestep_kwargs(self, resolution):
-        side = (resolution or self.resolution()) // self.pipe.vae_scale_factor // 2
-        return dynamic_shift_kwargs(self.pipe, side * side)
+    def token_side(self) -> int:
+        return 2  # latents are packed 2x2 into tokens

@@ -11,10 +11,10 @@ class StableDiffusion(Family):
     pipelines = ("StableDiffusionPipeline",)
     single_text_encoder = True
 
-    def encode(self, prompts):
-        from relapse.models.pipeline_utils import encode_prompts
+    def embed(self, prompts):
+        from relapse.models.pipeline_utils import text_states
 
-        return {"prompt_embeds": encode_prompts(self.pipe, prompts)}
+        return {"prompt_embeds": text_states(self.pipe, prompts)}
 
     def call(self, model, x_t, t, cond, guidance=None):
         return model(x_t, t, encoder_hidden_states=cond["prompt_embeds"]).sample

@@ -12,9 +12,9 @@ from relapse.models.families.base import Family
 @FAMILIES.register("sdxl")
 class StableDiffusionXL(Family):
     pipelines = ("StableDiffusionXLPipeline",)
+    lora_text_encoders = ("text_encoder", "text_encoder_2")  # train_text_to_image_lora_sdxl.py --train_text_encoder
 
-    @torch.no_grad()
-    def encode(self, prompts):
+    def embed(self, prompts):
         embeds, _, pooled, _ = self.pipe.encode_prompt(prompts, device=self.encoder_device, num_images_per_prompt=1,
                                                        do_classifier_free_guidance=False)
         return {"prompt_embeds": embeds, "pooled": pooled}
