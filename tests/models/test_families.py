@@ -144,3 +144,30 @@ def test_the_audit_screens_a_lora_on_each_denoiser_kind(tmp_path, name):
     undo.save(tmp_path / "undo")
     report = relapse.audit(pipe, tmp_path / "undo", safety=[safety], screen_only=True)
     assert report["screen"]["cosine_to_undo"] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_flux_erasure_predicts_at_its_target_guidance_and_fine_tunes_at_the_scripts(monkeypatch):
+    """FLUX.1-dev embeds its guidance: ESD samples x_t at sample_guidance and trains at target_guidance (ESD's FLUX
+    code: 1); a fine-tune trains at diffusers' FLUX LoRA script's 3.5."""
+    from relapse.models.families.flux import TRAINING_GUIDANCE, Flux
+
+    seen, call = [], Flux.call
+
+    def spy(self, model, x_t, t, cond, guidance=None):
+        seen.append(guidance)
+        return call(self, model, x_t, t, cond, guidance)
+
+    monkeypatch.setattr(Flux, "call", spy)
+    pipe = build("flux")
+    relapse.erase(pipe, relapse.ESDConfig(concept=["checkered"], steps=3, batch_size=1, sample_steps=4, sample_guidance=3.5,
+                                          resolution=RESOLUTION))
+    assert 1.0 in seen and set(seen) <= {1.0, 3.5}
+    seen.clear()
+    relapse.finetune(pipe, relapse.FinetuneConfig(method="lora", steps=1, batch_size=2), "toy:shapes:4")
+    assert set(seen) == {None} and TRAINING_GUIDANCE == 3.5
+
+
+def test_adversarial_prompts_refuse_a_family_with_several_text_encoders():
+    with pytest.raises(UserError, match="serves SD 1.x/2.x models"):
+        relapse.attack_prompts(build("sdxl"), [relapse.Prompt("a checkered red star")], np.zeros((1, 32, 32, 3), np.uint8),
+                               relapse.PromptAttackConfig())

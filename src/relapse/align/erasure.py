@@ -30,6 +30,9 @@ class ConceptConfig(AlignConfig):
     anchor: Literal["empty", "strip"] = Field(
         "empty", description="what the concept is steered toward: the empty prompt (ESD and SDD as published) or, "
                              "per concept prompt, the same prompt with the --concept words stripped")
+    target_guidance: float = Field(1.0, ge=0, description="guidance-distilled models (FLUX.1-dev): the guidance "
+                                                          "embedding of the predictions the erasure trains on (ESD's FLUX "
+                                                          "code: 1); other models have none")
 
     @model_validator(mode="after")
     def _names_a_concept(self) -> ConceptConfig:
@@ -101,11 +104,12 @@ class ConceptMethod(AlignMethod):
             denoiser.enable_adapters()
 
     def predict(self, model, x_t: torch.Tensor, t: torch.Tensor, *conds: dict) -> torch.Tensor:
-        """``model``'s prediction for ``x_t`` under each conditioning in turn, in one batched call (chunk it)."""
+        """``model``'s prediction for ``x_t`` under each conditioning in turn, in one batched call (chunk it), at the
+        erasure's guidance embedding."""
         from relapse.models.families.base import join
 
         n = len(conds)
-        return self.family.predict(model, torch.cat([x_t] * n), torch.cat([t] * n), join(*conds))
+        return self.family.predict(model, torch.cat([x_t] * n), torch.cat([t] * n), join(*conds), self.cfg.target_guidance)
 
     def facts(self) -> dict:
         return {"concept": self.concepts, "anchors": self.anchors}

@@ -33,4 +33,4 @@ class ESD(ErasureMethod):
         with torch.no_grad(), self.frozen() as frozen:
             eps_u, eps_c = self.predict(frozen, x_t, t, anchor, cond).chunk(2)
             target = eps_u - self.cfg.eta * (eps_c - eps_u)
-        return F.mse_loss(self.family.predict(model, x_t, t, cond), target)
+        return F.mse_loss(self.predict(model, x_t, t, cond), target)

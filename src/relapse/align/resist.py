@@ -232,7 +232,7 @@ class Resist(ConceptMethod):
     @torch.no_grad()
     def original_prediction(self, batch: NoisyBatch) -> torch.Tensor:
         with self.frozen() as frozen:
-            return self.family.predict(frozen, batch.x_t, batch.t, batch.cond)
+            return self.predict(frozen, batch.x_t, batch.t, batch.cond)
 
     # -- the simulated attacker ---------------------------------------------------------------------------------
     def draw_attack(self, gen: torch.Generator) -> Attack:
@@ -277,7 +277,7 @@ class Resist(ConceptMethod):
             with torch.no_grad():
                 for n, d in delta.items():
                     weights[n].add_(d)
-            attacked = F.mse_loss(self.family.predict(denoiser, batch.x_t, batch.t, batch.cond), target)
+            attacked = F.mse_loss(self.predict(denoiser, batch.x_t, batch.t, batch.cond), target)
             grads = torch.autograd.grad(attacked, self.params)
         finally:
             with torch.no_grad():
@@ -290,8 +290,8 @@ class Resist(ConceptMethod):
         harmful, clean = self.noisy_batch("harmful", gen, cfg.batch_size), self.noisy_batch("clean", gen, cfg.batch_size)
         erase_target, keep_target = self.erase_target(harmful), self.original_prediction(clean)
         attacked, grads = self.attacked_gradient(self.advance_attack(gen), harmful, erase_target)
-        erase = F.mse_loss(self.family.predict(model, harmful.x_t, harmful.t, harmful.cond), erase_target)
-        keep = F.mse_loss(self.family.predict(model, clean.x_t, clean.t, clean.cond), keep_target)
+        erase = F.mse_loss(self.predict(model, harmful.x_t, harmful.t, harmful.cond), erase_target)
+        keep = F.mse_loss(self.predict(model, clean.x_t, clean.t, clean.cond), keep_target)
         # sum(theta * sg(g)) has gradient g: the attacked term's first-order gradient joins the engine's backward.
         surrogate = sum((p * g.detach()).sum() for p, g in zip(self.params, grads))
         objective = erase + cfg.keep_weight * keep + cfg.resist_weight * attacked

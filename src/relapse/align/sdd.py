@@ -39,9 +39,9 @@ class SDD(ErasureMethod):
         with torch.no_grad():
             self.teacher.store(self.params)
             self.teacher.copy_to(self.params)
-            target = self.family.predict(self.family.denoiser(), x_t, t, anchor)
+            target = self.predict(self.family.denoiser(), x_t, t, anchor)
             self.teacher.restore(self.params)
-        return F.mse_loss(self.family.predict(model, x_t, t, cond), target)
+        return F.mse_loss(self.predict(model, x_t, t, cond), target)
 
     def after_step(self) -> None:
         self.teacher.step(self.params)

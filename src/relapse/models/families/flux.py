@@ -1,8 +1,9 @@
 """FLUX.1: CLIP (pooled) and T5, a transformer of double- and single-stream blocks over 2x2-packed latents, flow
 matching. FLUX.1-dev is guidance-distilled: the guidance scale is an input embedding and sampling makes one pass,
-with no unconditional branch. Where a method needs an "unconditional" prediction (ESD's target, SDD's teacher), it
-is the empty prompt's prediction at the same guidance embedding; ESD's guidance arithmetic is then applied to the
-two predictions as on any other model."""
+with no unconditional branch. Fine-tunes (and LT, NG, Resist's simulated attacker) train at embedded guidance 3.5, as
+diffusers' FLUX LoRA script does; erasure (ESD, SDD, Resist's erase and keep terms) takes its predictions at the
+config's ``target_guidance`` (1, as ESD's FLUX code), and where it needs an "unconditional" prediction it is the empty
+prompt's at that same embedding; ESD's guidance arithmetic then applies as on any other model."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 from relapse.models.families import FAMILIES
 from relapse.models.families.transformer import FlowTransformer
 
-TRAINING_GUIDANCE = 1.0  # diffusers' train_dreambooth_lora_flux.py's --guidance_scale default
+TRAINING_GUIDANCE = 3.5  # a fine-tune's, as diffusers' train_dreambooth_lora_flux.py trains (--guidance_scale)
 
 
 @FAMILIES.register("flux")
