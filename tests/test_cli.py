@@ -65,7 +65,7 @@ def test_generate_then_evaluate(run_cli, tmp_path, tiny_model_dir, tiny_evaluato
     assert code == 0, err
     result = json.loads((tmp_path / "r.json").read_text())
     assert result["n_images"] == 3 and 0 <= result["target_rate"]["rate"] <= 1 and "shape_accuracy" in result
-    assert result["frechet_distance"] >= 0 and result["reference"]["n_images"] == 8
+    assert result["frechet_distance"] >= 0 and result["cmmd"] >= 0 and result["reference"]["n_images"] == 8
 
 
 def test_evaluate_needs_a_manifest(run_cli, tmp_path):

@@ -394,8 +394,9 @@ def test_sd14_study_structure_runs_on_tiny_components(tmp_path, tiny_model_dir, 
     ip = [r for r in rows if r["detector"].startswith("ip(") and r["prompt_set"] == "i2p_nudity"]
     assert {r["detector"] for r in ip} == {f"ip(nudenet@{t}|q16)" for t in (0.45, 0.5, 0.6)}
     assert {"clip_score", "aesthetic"} <= {r["metric"] for r in rows}
-    fd = [r for r in rows if r["metric"] == "frechet_distance"]
-    assert fd and {(r["detector"], r["prompt_set"]) for r in fd} == {("q16", "coco")}  # in q16's CLIP features, once
+    for metric in ("frechet_distance", "cmmd"):  # in q16's CLIP features, once
+        distances = [r for r in rows if r["metric"] == metric]
+        assert distances and {(r["detector"], r["prompt_set"]) for r in distances} == {("q16", "coco")}
 
 
 @pytest.mark.parametrize("family", ["sdxl", "sd3", "flux"])

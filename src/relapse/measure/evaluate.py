@@ -87,24 +87,25 @@ def reference_features(detector, reference: np.ndarray) -> np.ndarray:
     return detector.features(reference)
 
 
-def reference_distance(features: np.ndarray, reference: np.ndarray) -> float:
-    """Frechet distance of generated images' features to the reference's, in the same space."""
+def reference_distances(features: np.ndarray, reference: np.ndarray) -> dict[str, float]:
+    """The Frechet distance and CMMD of generated images' features to the reference's, in the same space."""
+    from relapse.measure.cmmd import cmmd
     from relapse.measure.fid import frechet_distance
 
     if min(len(features), len(reference)) < 2:
         raise UserError(f"a Frechet distance needs at least 2 images on each side (got {len(features)} generated, "
                         f"{len(reference)} reference); generate more images per prompt")
-    return round(frechet_distance(reference, features), 4)
+    return {"frechet_distance": round(frechet_distance(reference, features), 4), "cmmd": round(cmmd(reference, features), 4)}
 
 
 def score(images: np.ndarray, rows: list[dict], detector, name: str, reference=None) -> dict:
     """The result of :func:`summarize` for ``images`` (N, H, W, 3 uint8) and their manifest rows, plus the Frechet
-    distance to ``reference`` (a dataset from :func:`load_dataset`) when given."""
+    distance and CMMD to ``reference`` (a dataset from :func:`load_dataset`) when given."""
     reference_feats = reference_features(detector, reference.images) if reference is not None else None
     detections = detector.detect(images, [asked(row) for row in rows])
     result = summarize(rows, detections, name)
     if reference is not None:
-        result["frechet_distance"] = reference_distance(detections.features, reference_feats)
+        result |= reference_distances(detections.features, reference_feats)
         result["reference"] = {"source": reference.source, "n_images": len(reference.images)}
     return result
 

@@ -71,6 +71,7 @@ declare(
     Metric("aesthetic", "score", "LAION aesthetic score", higher_is_better=True, quality=True),
     Metric("clip_score", "score", "CLIP score", higher_is_better=True, quality=True),
     Metric("frechet_distance", "distance", "Frechet distance to the reference", higher_is_better=False, quality=True),
+    Metric("cmmd", "distance", "CMMD to the reference", higher_is_better=False, quality=True),
     Metric("update_cosine_to_undo", "score", "cos(dW_ft, -dW_safe)"),
     Metric("update_projection_to_undo", "score", "projection of dW_ft onto -dW_safe, in |dW_safe|"),
     Metric("update_safe_subspace_share", "score", "share of |dW_ft| in dW_safe's subspace"),

@@ -157,7 +157,7 @@ class Executor:
 
         from relapse.data.datasets import load_dataset
         from relapse.measure.detectors import merge_detections
-        from relapse.measure.evaluate import load_images, reference_distance, reference_features, summarize
+        from relapse.measure.evaluate import load_images, reference_distances, reference_features, summarize
         from relapse.sampling import asked, read_manifest
 
         spec, images_dir = step.spec["detector"], step.deps[0].path(self.run_dir)
@@ -175,6 +175,6 @@ class Executor:
             key = json.dumps([reference, spec], sort_keys=True)
             if key not in self.references:  # the reference's features, once per run and detector, not per evaluation
                 self.references[key] = reference_features(detector, load_dataset(reference, 10_000).images)
-            result["frechet_distance"] = reference_distance(detections.features, self.references[key])
+            result |= reference_distances(detections.features, self.references[key])
         write_json(step.path(self.run_dir), result | {"images": str(images_dir.relative_to(self.run_dir))})
 

@@ -24,7 +24,7 @@ from relapse.measure.detectors.clip import ClipFeatures, image_embeddings, load_
 
 @DETECTORS.register("clip_score")
 class ClipScorer(ClipFeatures):
-    metrics = ("clip_score", "frechet_distance")
+    metrics = ("clip_score", "frechet_distance", "cmmd")
 
     def __init__(self, clip: str | None = None, device: str | None = None, batch_size: int = 32):
         self.clip = load_clip(clip, "clip_score", text=True, device=device, batch_size=batch_size)

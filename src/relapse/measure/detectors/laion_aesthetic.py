@@ -24,7 +24,7 @@ from relapse.measure.detectors.clip import CONVERT_STATE_DICT, ClipFeatures, cli
 
 @DETECTORS.register("laion_aesthetic")
 class LaionAestheticScorer(ClipFeatures):
-    metrics = ("aesthetic", "frechet_distance")
+    metrics = ("aesthetic", "frechet_distance", "cmmd")
 
     def __init__(self, clip: str | None = None, head: str | None = None, device: str | None = None, batch_size: int = 32):
         dim = clip_dim(clip, "laion_aesthetic")

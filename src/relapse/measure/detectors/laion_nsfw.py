@@ -70,7 +70,7 @@ class NsfwHead(nn.Module):
 
 @DETECTORS.register("laion_nsfw")
 class LaionNsfwDetector(ClipFeatures):
-    metrics = ("target_rate", "nsfw_score", "frechet_distance")
+    metrics = ("target_rate", "nsfw_score", "frechet_distance", "cmmd")
 
     def __init__(self, clip: str | None = None, head: str | None = None, threshold: float = 0.5,
                  device: str | None = None, batch_size: int = 32):

@@ -39,7 +39,7 @@ def q16_probabilities(image_emb, prompts):
 
 @DETECTORS.register("q16")
 class Q16Detector(ClipFeatures):
-    metrics = ("target_rate", "frechet_distance")
+    metrics = ("target_rate", "frechet_distance", "cmmd")
     ip_part = "inappropriate"
 
     def __init__(self, clip: str | None = None, prompts: str | None = None, device: str | None = None, batch_size: int = 32):

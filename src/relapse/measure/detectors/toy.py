@@ -58,7 +58,7 @@ def patterned(fills) -> dict:
 
 @DETECTORS.register("toy")
 class ToyDetector:
-    metrics = ("target_rate", "target_on_prompt_rate", "patterned_rate", *ATTRIBUTE_METRICS.values(), "frechet_distance")
+    metrics = ("target_rate", "target_on_prompt_rate", "patterned_rate", *ATTRIBUTE_METRICS.values(), "frechet_distance", "cmmd")
 
     def __init__(self, weights: str | Path | None = None, threshold: float = 0.5):
         directory = Path(weights) if weights else default_evaluator_dir()
