@@ -349,11 +349,16 @@ def study(
     resume: Annotated[bool, typer.Option("--resume", help="Continue a killed or finished run in --out.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan (steps, cached, images) without loading weights.")] = False,
     workers: Annotated[int, typer.Option("--workers", min=1, help="Steps run side by side, each in its own process.")] = 1,
+    executor: Annotated[str, typer.Option("--executor", help="local (--workers processes here) or ray (tasks of a Ray "
+                                                              "cluster; pip install 'relapse[ray]').")] = "local",
+    address: Annotated[Optional[str], typer.Option("--address", help="ray: the cluster to join (auto, ray://host:port); "
+                                                                      "default: start one on this machine.")] = None,
 ) -> None:
     """Run a resilience study: align -> fine-tune -> generate -> evaluate, each step once, cached by its inputs."""
     from relapse.study.run import StudyRunConfig, run_study
 
-    run_study(StudyRunConfig(config=config, out=out, resume=resume, dry_run=dry_run, workers=workers))
+    run_study(StudyRunConfig(config=config, out=out, resume=resume, dry_run=dry_run, workers=workers, executor=executor,
+                             address=address))
 
 
 @app.command()

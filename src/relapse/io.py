@@ -50,6 +50,18 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def publish(tmp: Path, path: Path) -> None:
+    """Rename a finished temporary folder into place. If the same study step's output is there already, another
+    writer of that step finished first (a task of a killed driver that its cluster had not yet stopped): a step's key
+    fixes its content, so that one stays and this one goes."""
+    try:
+        tmp.rename(path)
+    except OSError:
+        if not path.exists():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -68,9 +68,9 @@ def test_align_once_attacks_one_aligned_model_with_every_seed(study_yaml):
     assert len(once.cells) == len(replicated.cells)  # every seed still scores every cell
 
 
-def kill_study_after(study_yaml, run_dir, finished: int) -> None:
+def kill_study_after(study_yaml, run_dir, finished: int, *options: str) -> None:
     """Start `relapse study` in its own process group and SIGKILL the whole group once ``finished`` steps are done."""
-    command = [sys.executable, "-m", "relapse.cli", "study", str(study_yaml), "--out", str(run_dir)]
+    command = [sys.executable, "-m", "relapse.cli", "study", str(study_yaml), "--out", str(run_dir), *options]
     child = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     steps, deadline = run_dir / "steps", time.monotonic() + 240
     while child.poll() is None and time.monotonic() < deadline:
@@ -108,14 +108,42 @@ def test_study_resumes_after_kill_9_and_gives_the_same_rows(study_yaml, tmp_path
     evaluation = json.loads((straight / rows[0][0]["source"]).read_text())  # every row names its evaluation,
     assert (straight / evaluation["images"] / evaluation["per_image"][0]["file"]).is_file()  # which names its images
     side_by_side = run_study(StudyRunConfig(config=study_yaml, out=tmp_path / "workers", workers=2))
-    # steps in 2 processes of one thread: the same images, so the same evaluation rows; a fine-tune on one thread
-    # ends a hair away from one on two (float sums in another order), which the weight-space figures show
-    workers_rows = json.loads((side_by_side / "results.json").read_text())["rows"]
-    assert [r for r in workers_rows if r["detector"] != "weights"] == [r for r in rows[0] if r["detector"] != "weights"]
-    in_weights = [(a, b) for a, b in zip(workers_rows, rows[0]) if a["detector"] == "weights"]
-    assert in_weights and all(a | {"value": 0} == b | {"value": 0} and a["value"] == pytest.approx(b["value"], rel=1e-3) for a, b in in_weights)
+    assert_rows_of_one_process(side_by_side, straight)
     assert set(json.loads((side_by_side / "run.json").read_text())["seconds_by_kind"]) == {"align", "finetune", "generate", "evaluate",
                                                                                           "weights"}
+
+
+def assert_rows_of_one_process(run_dir, straight) -> None:
+    """Steps in processes of one thread: the same images, so the same evaluation rows; a fine-tune on one thread ends
+    a hair away from one on two (float sums in another order), which the weight-space figures show."""
+    rows, one = (json.loads((d / "results.json").read_text())["rows"] for d in (run_dir, straight))
+    assert [r for r in rows if r["detector"] != "weights"] == [r for r in one if r["detector"] != "weights"]
+    in_weights = [(a, b) for a, b in zip(rows, one) if a["detector"] == "weights"]
+    assert in_weights and all(a | {"value": 0} == b | {"value": 0} and a["value"] == pytest.approx(b["value"], rel=1e-3) for a, b in in_weights)
+
+
+def test_ray_resumes_a_killed_study_and_gives_the_rows_of_one_process(study_yaml, tmp_path):
+    """Each step a task of a Ray cluster started here (CPU only): a driver killed mid-run (with the cluster it
+    started) resumes under Ray with --resume, and every step having run on Ray, the rows are one process's."""
+    config = yaml.safe_load(study_yaml.read_text())
+    config["defenses"] = {"none": [], "esd": config["defenses"]["esd"]}  # fewer steps: Ray's start is the cost here
+    study_yaml.write_text(yaml.safe_dump(config))
+    straight = run_study(StudyRunConfig(config=study_yaml, out=tmp_path / "straight"))
+    killed = tmp_path / "killed"
+    kill_study_after(study_yaml, killed, 4, "--executor", "ray")
+    plan = build_plan(StudyConfig(**config))
+    assert 0 < sum(step.done(killed) for step in plan.steps) < len(plan.steps)
+    resumed = run_study(StudyRunConfig(config=study_yaml, out=killed, resume=True, executor="ray"))
+    assert_rows_of_one_process(resumed, straight)
+    assert json.loads((resumed / "run.json").read_text())["config"]["executor"] == "ray"
+
+
+def test_ray_without_ray_installed_says_how_to_install_it(study_yaml, tmp_path, run_cli, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)
+    code, _, err = run_cli("study", study_yaml, "--out", tmp_path / "run", "--executor", "ray")
+    assert code == 2 and "pip install 'relapse[ray]'" in err and len(err.strip().splitlines()) == 1
+    code, _, err = run_cli("study", study_yaml, "--out", tmp_path / "other", "--address", "auto")
+    assert code == 2 and "use it with --executor ray" in err
 
 
 def test_a_study_built_in_python_gives_the_rows_of_its_yaml_twin_and_can_run_silently(study_yaml, tmp_path, capsys):

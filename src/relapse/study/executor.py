@@ -11,7 +11,7 @@ import shutil
 import time
 from pathlib import Path
 
-from relapse.io import write_json
+from relapse.io import publish, write_json
 from relapse.study.plan import ModelState, Step
 
 
@@ -114,7 +114,7 @@ class Executor:
         if main:
             if world > 1:
                 merge_manifests(partial, world)
-            partial.rename(out)
+            publish(partial, out)
 
     @staticmethod
     def prompt_set(step: Step) -> list:

@@ -29,6 +29,7 @@ class StepKind:
 
     output: str  # run | folder | json
     first: int  # scheduling order among ready steps: training first (long, and each unlocks many steps)
+    device: bool  # runs the model (an accelerator where there is one), or only reads results (a CPU)
 
     def path(self, run_dir: Path, name: str) -> Path:
         return run_dir / "steps" / (name + (".json" if self.output == "json" else ""))
@@ -37,8 +38,9 @@ class StepKind:
         return (path / "final").is_dir() if self.output == "run" else path.exists()
 
 
-STEP_KINDS = {"align": StepKind("run", 0), "finetune": StepKind("run", 1), "attack": StepKind("folder", 2),
-              "generate": StepKind("folder", 2), "evaluate": StepKind("json", 3), "weights": StepKind("json", 3)}
+STEP_KINDS = {"align": StepKind("run", 0, True), "finetune": StepKind("run", 1, True), "attack": StepKind("folder", 2, True),
+              "generate": StepKind("folder", 2, True), "evaluate": StepKind("json", 3, False),
+              "weights": StepKind("json", 3, False)}
 
 
 @dataclass(eq=False)

@@ -29,6 +29,7 @@ from relapse.study.config import StudyConfig
 from relapse.study.executor import Executor, process_state
 from relapse.study.lock import run_lock
 from relapse.study.plan import Plan, build_plan
+from relapse.study.pools import POOLS
 from relapse.study.results import collect, write_results
 from relapse.study.scheduler import run_steps, step_times
 from relapse.study.summary import describe_plan, print_summary
@@ -42,6 +43,9 @@ class StudyRunConfig(BaseModel):
     resume: bool = False
     dry_run: bool = False
     workers: int = Field(1, ge=1, description="steps run at once, each in its own process (CPU: one thread each)")
+    executor: str = Field("local", description="where steps run side by side: local (--workers processes of this "
+                                               "machine) or ray (tasks of a Ray cluster; relapse[ray])")
+    address: str | None = Field(None, description="ray: the cluster to join (auto, ray://host:port); none starts one here")
 
 
 def prepare_run_dir(cfg: StudyConfig, run_dir: Path, resume: bool) -> None:
@@ -94,36 +98,43 @@ class Study:
     def default_out(self) -> Path:
         return Path("runs") / self.config.name
 
-    def run(self, out: str | Path | None = None, *, resume: bool = False, workers: int = 1) -> Path:
+    def run(self, out: str | Path | None = None, *, resume: bool = False, workers: int = 1, executor: str = "local",
+            address: str | None = None) -> Path:
         """Run every step not already finished in ``out`` (default ``runs/<name>``); write results.json,
         results.csv, report.html and run.json there, and return it.
 
         Args:
             resume: continue a run folder that holds this study (a killed run loses at most its steps in flight).
             workers: steps run side by side, each in its own process (on CPU, one thread each).
+            executor: ``local`` (``workers`` processes here) or ``ray`` (each step a task of the Ray cluster at
+                ``address``, or of one started here): :mod:`relapse.study.pools`.
         """
         start = time.perf_counter()
         run_dir = Path(out) if out is not None else self.default_out()
         plan = self.plan()
         processes = process_state()
         main = processes.is_main_process
-        if workers > 1 and processes.num_processes > 1:
-            raise UserError("--workers runs steps side by side in one launch; use it without accelerate launch / torchrun")
-        executor = Executor(run_dir)
+        if (workers > 1 or executor != "local") and processes.num_processes > 1:
+            raise UserError("--workers and --executor run steps side by side in one launch; use them without accelerate launch / torchrun")
+        POOLS.get(executor)  # an unknown executor fails before anything runs
+        if address is not None and executor != "ray":
+            raise UserError("--address names a Ray cluster: use it with --executor ray")
+        step_runner = Executor(run_dir)
         for spec in self.config.detectors:  # a missing weights file fails now, not after hours of fine-tuning
-            executor.detector(spec.settings())
+            step_runner.detector(spec.settings())
         with run_lock(run_dir) if main else nullcontext():  # one driver per run folder; the other processes follow it
             if main:
                 prepare_run_dir(self.config, run_dir, resume)
             processes.wait_for_everyone()
             todo = [s for s in plan.steps if not s.done(run_dir)]
             processes.wait_for_everyone()  # every process sees the same list before any step runs
-            seconds = run_steps(todo, executor, run_dir, workers, main)
+            seconds = run_steps(todo, step_runner, run_dir, workers, main, executor, address)
             if main:
                 rows = collect(plan, run_dir)
                 write_results(self.config, rows, run_dir)
                 source = self.config.source.path if self.config.source else None
-                invocation = {"config": str(source) if source else None, "out": str(run_dir), "resume": resume, "workers": workers}
+                invocation = {"config": str(source) if source else None, "out": str(run_dir), "resume": resume, "workers": workers,
+                              "executor": executor}
                 write_json(run_dir / RUN_RECORD, run_record("study", invocation, self.config.seeds, steps=len(plan.steps), ran=len(todo),
                                                             processes=processes.num_processes, **step_times(seconds),
                                                             wall_seconds=round(time.perf_counter() - start, 1)))
@@ -148,7 +159,7 @@ def run_study(run: StudyRunConfig) -> Path:
         print(describe_plan(plan, run_dir))
     if run.dry_run:
         return run_dir
-    study.run(run_dir, resume=run.resume, workers=run.workers)
+    study.run(run_dir, resume=run.resume, workers=run.workers, executor=run.executor, address=run.address)
     if main:
         print_summary(study.results())
         print(f"results in {run_dir}: results.json, results.csv, report.html")

@@ -1,21 +1,24 @@
-"""Which step runs when: in plan order here, or in worker processes as soon as the steps each one reads are
-finished; one study bar, each finished step on a line of its own, and the wall time of every step."""
+"""Which step runs when: in plan order here, or in a pool (worker processes, a Ray cluster: :mod:`relapse.study.pools`)
+as soon as the steps each one reads are finished; one study bar, each finished step on a line of its own, and the
+wall time of every step."""
 
 from __future__ import annotations
 
-import os
 from collections import Counter
 from pathlib import Path
 
 from relapse import progress
 from relapse.study.executor import Executor
 from relapse.study.plan import STEP_KINDS, Step
+from relapse.study.pools import POOLS
 
 
-def run_steps(todo: list[Step], executor: Executor, run_dir: Path, workers: int, main: bool) -> dict[Step, float]:
-    """Run the unfinished steps, in worker processes or here; return each one's wall time (for run.json)."""
-    if workers > 1:
-        return run_in_workers(todo, run_dir, workers)
+def run_steps(todo: list[Step], executor: Executor, run_dir: Path, workers: int, main: bool, pool: str = "local",
+              address: str | None = None) -> dict[Step, float]:
+    """Run the unfinished steps: in a pool (worker processes, or a Ray cluster), or here in plan order; return each
+    one's wall time (for run.json)."""
+    if pool != "local" or workers > 1:
+        return run_in_pool(todo, run_dir, POOLS.get(pool)(run_dir, workers, address))
     seconds = {}
     with study_bar(len(todo), disable=not main) as bar, progress.disabled():  # the study's bar is the one bar
         for step in todo:
@@ -29,58 +32,21 @@ def study_bar(total: int, disable: bool = False):
     return progress.progress(total=total, desc="study", unit="step", disable=disable)
 
 
-_worker: Executor | None = None  # one per worker process: it keeps its pipeline and detectors between steps
+def run_in_pool(todo: list[Step], run_dir: Path, pool) -> dict[Step, float]:
+    """Run each step as soon as the steps it reads are finished, ``pool.slots`` at a time (training first among the
+    ready ones)."""
+    from concurrent.futures import FIRST_COMPLETED, wait
 
-
-def die_with_parent(driver: int) -> None:
-    """Ask Linux to end this worker when the study's driver ends, however it ends: a driver stopped by a
-    signal runs no cleanup, and its orphaned workers would go on training into a run folder that a
-    resumed driver then writes too. (Elsewhere the workers end when they next read from the driver.)"""
-    import ctypes
-    import signal
-    import sys
-
-    if sys.platform.startswith("linux"):
-        pr_set_pdeathsig = 1
-        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
-    if os.getppid() != driver:  # the driver ended before the request was in place
-        os._exit(1)
-
-
-def start_worker(run_dir: Path, threads: int, driver: int) -> None:
-    global _worker
-    import torch
-
-    die_with_parent(driver)
-    progress.set_enabled(False)  # the parent draws the one bar
-    torch.set_num_threads(threads)
-    _worker = Executor(run_dir)
-
-
-def run_in_worker(step: Step) -> float:
-    return _worker.run(step)
-
-
-def run_in_workers(todo: list[Step], run_dir: Path, workers: int) -> dict[Step, float]:
-    """Run each step as soon as the steps it reads are finished, ``workers`` at a time.
-
-    On a small CPU machine, processes of one thread each finish more work than one process using every
-    core (the toy model's operations are too small to split well across threads)."""
-    import multiprocessing
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-
-    waiting, seconds = list(todo), {}
+    waiting, seconds, running = list(todo), {}, {}
     finished = {d.key for s in todo for d in s.deps if d.done(run_dir)}  # what an earlier run left
-    threads = max(1, (os.cpu_count() or 1) // workers)
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=start_worker,
-                             initargs=(run_dir, threads, os.getpid())) as pool, study_bar(len(todo)) as bar:
-        running = {}
+    with study_bar(len(todo)) as bar:
         try:
             while waiting or running:
                 ready = sorted((s for s in waiting if all(d.key in finished for d in s.deps)), key=lambda s: STEP_KINDS[s.kind].first)
-                for step in ready[: workers - len(running)]:
+                free = len(ready) if pool.slots is None else pool.slots - len(running)
+                for step in ready[:free]:
                     waiting.remove(step)
-                    running[pool.submit(run_in_worker, step)] = step
+                    running[pool.submit(step)] = step
                 if not running:
                     raise RuntimeError("study plan has steps whose inputs never finish")  # a planner bug, not user input
                 bar.set_postfix_str("running: " + ", ".join(s.kind for s in running.values()))
@@ -91,8 +57,9 @@ def run_in_workers(todo: list[Step], run_dir: Path, workers: int) -> dict[Step, 
                     finished.add(step.key)
                     bar.update()
         except BaseException:
-            pool.shutdown(wait=False, cancel_futures=True)  # finished steps are on disk; --resume picks up the rest
+            pool.close(abandon=True)  # finished steps are on disk; --resume picks up the rest
             raise
+    pool.close()
     return seconds
 
 
