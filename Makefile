@@ -12,7 +12,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet $(TORCH_SPEC)
-	$(PY) -m pip install --quiet -e ".[dev,nudenet,ray]"
+	$(PY) -m pip install --quiet -e ".[dev,nudenet,ray,tensorboard]"
 	touch $(STAMP)
 
 # The main job: the full toy study (configs/toy.yaml, 3 seeds), two steps at a time on a 2-core CPU.

@@ -36,6 +36,8 @@ WeightsDtypeOpt = Annotated[Optional[str], typer.Option(help="fp32, bf16 or fp16
 CheckpointingOpt = Annotated[Optional[bool], typer.Option("--gradient-checkpointing", help="Recompute activations in the "
                                                           "backward pass: less memory, more time.")]
 OptimizerOpt = Annotated[Optional[str], typer.Option(help="adamw, or adamw8bit (bitsandbytes, optional).")]
+TrackerOpt = Annotated[Optional[str], typer.Option(help="Also log the losses to this tracker (tensorboard, wandb, mlflow, "
+                                                        "aim, ...; into OUT/logs).")]
 LrScheduleOpt = Annotated[Optional[str], typer.Option(help="constant, cosine or linear (decayed to 0 by the last step).")]
 WarmupOpt = Annotated[Optional[int], typer.Option(help="Steps of linear learning-rate warm-up.")]
 CheckpointOpt = Annotated[Optional[int], typer.Option(help="Resumable checkpoint every K steps.")]
@@ -171,6 +173,7 @@ def align(
     weights_dtype: WeightsDtypeOpt = None,
     gradient_checkpointing: CheckpointingOpt = None,
     optimizer: OptimizerOpt = None,
+    tracker: TrackerOpt = None,
     checkpoint_every: CheckpointOpt = None,
     resume: ResumeOpt = None,
     seed: SeedOpt = None,
@@ -193,7 +196,7 @@ def align(
                  anchor=anchor, sample_steps=sample_steps, resolution=resolution, batch_size=batch_size, lr_schedule=lr_schedule,
                  lr_warmup_steps=lr_warmup_steps, grad_accum=grad_accum,
                  mixed_precision=mixed_precision, weights_dtype=weights_dtype, gradient_checkpointing=gradient_checkpointing,
-                 optimizer=optimizer, checkpoint_every=checkpoint_every, resume=resume, seed=seed, as_=as_)
+                 optimizer=optimizer, tracker=tracker, checkpoint_every=checkpoint_every, resume=resume, seed=seed, as_=as_)
     config_class = METHODS.get(method).config
     foreign = [name for name, value in flags.items() if value is not None and name not in config_class.model_fields]
     if foreign:
@@ -226,6 +229,7 @@ def finetune(
     weights_dtype: WeightsDtypeOpt = None,
     gradient_checkpointing: CheckpointingOpt = None,
     optimizer: OptimizerOpt = None,
+    tracker: TrackerOpt = None,
     save_at: Annotated[Optional[str], typer.Option(help="Comma-separated steps to also save at, e.g. 20,100,200.")] = None,
     checkpoint_every: CheckpointOpt = None,
     resume: ResumeOpt = None,
@@ -247,7 +251,7 @@ def finetune(
                          steps=steps, lr=lr, lr_schedule=lr_schedule,
                          lr_warmup_steps=lr_warmup_steps, batch_size=batch_size,
                          grad_accum=grad_accum, mixed_precision=mixed_precision, weights_dtype=weights_dtype,
-                         gradient_checkpointing=gradient_checkpointing, optimizer=optimizer, save_at=steps_to_save,
+                         gradient_checkpointing=gradient_checkpointing, optimizer=optimizer, tracker=tracker, save_at=steps_to_save,
                          checkpoint_every=checkpoint_every, resume=resume, seed=seed, out=out)
     typer.echo(f"fine-tuned ({cfg.method}) -> {run_finetune(cfg)}")
 

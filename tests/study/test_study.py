@@ -588,3 +588,18 @@ def test_an_adversarial_prompt_set_is_attacked_on_every_model_it_is_scored_on(st
 
 def plan_base(plan):
     return next(s for s in plan.steps if s.kind == "generate" and "(none, before" in s.label).reads
+
+
+def test_a_study_sends_its_rows_and_training_curves_to_the_tracker_it_names(study_yaml, tmp_path):
+    from tests.test_tracking import scalars
+
+    config = yaml.safe_load(study_yaml.read_text())
+    config |= {"defenses": {"none": [], "esd": config["defenses"]["esd"]}, "tracker": "tensorboard"}
+    study_yaml.write_text(yaml.safe_dump(config))
+    run_dir = run_study(StudyRunConfig(config=study_yaml, out=tmp_path / "run"))
+    rows = json.loads((run_dir / "results.json").read_text())["rows"]
+    logged = scalars(run_dir / "logs" / "study")
+    rate = next(r for r in rows if r["defense"] == "esd" and r["scenario"] == "before" and r["metric"] == "target_rate")
+    assert logged[f"esd/before/{rate['prompt_set']}/toy/target_rate/seed0"] == [(0, pytest.approx(rate["value"]))]
+    align = next(p for p in (run_dir / "steps").glob("align-*"))
+    assert "loss" in scalars(align / "logs")  # each training step's curve, beside its run

@@ -173,6 +173,10 @@ class Planner:
     def add(self, step: Step) -> Step:
         return self.steps.setdefault(step.key, step)
 
+    def with_tracker(self, config):
+        """A training step's config with the study's tracker (not in its key: where curves go changes no result)."""
+        return config.model_copy(update={"tracker": self.cfg.tracker}) if self.cfg.tracker else config
+
     def align_stage(self, name: str, stage, state: ModelState, seed: int) -> ModelState:
         from relapse.align.forgetting import ForgettingConfig
 
@@ -185,7 +189,7 @@ class Planner:
             raise UserError(f"defense {name}: erasure stage {stage.method} must come first (it runs on the base model)")
         step = self.add(Step("align", f"align {name}: {stage.method} (seed {seed})",
                              {"stage": written, "seed": seed, "on": state.describe()}, state.producers(), reads=state,
-                             config=stage))
+                             config=self.with_tracker(stage)))
         return state.with_output(step, stage.writes, "final")
 
     def count_prompts(self, set_name: str) -> int:
@@ -248,7 +252,8 @@ class Planner:
         data = self.generated_data(name, seed)
         finetune = self.add(Step("finetune", f"finetune {name} on {defense} (seed {seed})",
                                  {"finetune": settings, "seed": seed, "on": state.describe()} | ({"data": data.key} if data else {}),
-                                 state.producers() + ([data] if data else []), reads=state, data=data, config=spec.finetune))
+                                 state.producers() + ([data] if data else []), reads=state, data=data,
+                                 config=self.with_tracker(spec.finetune)))
         sweep = spec.sweep()
         kind = spec.finetune.writes
         for step in sweep:

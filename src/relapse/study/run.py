@@ -33,6 +33,7 @@ from relapse.study.pools import POOLS
 from relapse.study.results import collect, write_results
 from relapse.study.scheduler import run_steps, step_times
 from relapse.study.summary import describe_plan, print_summary
+from relapse.tracking import log_rows, tracked
 
 
 class StudyRunConfig(BaseModel):
@@ -139,6 +140,10 @@ class Study:
                                                             processes=processes.num_processes, **step_times(seconds),
                                                             wall_seconds=round(time.perf_counter() - start, 1)))
                 build_report(run_dir)
+                with tracked(self.config.tracker, self.config.name, run_dir / "logs" / "study",
+                             self.config.model_dump(mode="json")) as tracker:
+                    if tracker is not None:
+                        log_rows(tracker, rows)
         self.run_dir = run_dir
         return run_dir
 

@@ -22,11 +22,12 @@ from pathlib import Path
 from typing import ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from relapse.errors import UserError
 from relapse.io import check_output_dir, run_record
 from relapse.progress import progress
+from relapse.tracking import check_tracker, tracked
 from relapse.train.module import ALIGN_RECORD, TrainedModule, safety_records
 
 
@@ -58,6 +59,8 @@ class TrainConfig(BaseModel):
                                                             "less memory, about a third more time")
     optimizer: Literal["adamw", "adamw8bit"] = Field("adamw", description="adamw8bit: bitsandbytes' 8-bit AdamW (2 bytes of "
                                                                           "moments per trained weight, not 8; optional install)")
+    tracker: str | None = Field(None, description="log the losses to this experiment tracker too (accelerate's: tensorboard, "
+                                                  "wandb, mlflow, aim, ...), into OUT/logs where it writes files")
     save_at: list[int] = Field(default_factory=list, description="also write the model at these steps")
     checkpoint_every: int = Field(0, ge=0, description="resumable checkpoint every K steps (0: none)")
     resume: bool = Field(False, description="continue from the newest checkpoint in OUT")
@@ -69,6 +72,14 @@ class TrainConfig(BaseModel):
     def writes(self) -> str:
         """What the run writes: "lora" (a LoRA that adds to the model) or "full" (weights that replace it)."""
         raise NotImplementedError
+
+    @field_validator("tracker")
+    @classmethod
+    def _installed(cls, tracker: str | None) -> str | None:
+        try:
+            return check_tracker(tracker)
+        except UserError as exc:
+            raise ValueError(str(exc)) from None
 
     @model_validator(mode="after")
     def _saves_inside_the_run(self) -> TrainConfig:
@@ -296,7 +307,7 @@ def trained_module(pipe, method: TrainingMethod, run: dict) -> TrainedModule:
 
 
 def fit(pipe, method: TrainingMethod, params: list[torch.nn.Parameter], accelerator, out: Path | None) -> list[dict]:
-    """The loop; the history of logged values, one entry per optimizer step."""
+    """The loop; the history of logged values, one entry per optimizer step (sent to ``cfg.tracker`` too)."""
     cfg = method.cfg
     optimizer = make_optimizer(cfg, params)
     schedule = lr_schedule(cfg, optimizer)
@@ -309,26 +320,30 @@ def fit(pipe, method: TrainingMethod, params: list[torch.nn.Parameter], accelera
     bar = progress(range(len(history), cfg.steps), initial=len(history), total=cfg.steps, desc=method.label,
                    disable=not accelerator.is_local_main_process)
     model.train()
-    for step in bar:
-        for micro in range(cfg.grad_accum):
-            with accelerator.accumulate(model):
-                loss, logged = method.loss(model, step, micro, accelerator.process_index)
-                if not math.isfinite(loss.item()):
-                    where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
-                    raise UserError(f"loss became {loss.item()} at step {step}; stopped, {where}; {method.fix_hint}")
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and cfg.max_grad_norm:
-                    accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad()
-        if cfg.lr_schedule != "constant" or cfg.lr_warmup_steps:
-            logged = logged | {"lr": schedule.get_last_lr()[0]}
-        schedule.step()
-        method.after_step()
-        history.append(logged)
-        bar.set_postfix({k: f"{v:.4g}" for k, v in logged.items()})
-        if out is not None:
-            last_good = save_progress(pipe, method, accelerator, out, history) or last_good
+    tracker_name = cfg.tracker if accelerator.is_main_process else None
+    with tracked(tracker_name, method.label, (out or Path(".")) / "logs", cfg.model_dump(mode="json", by_alias=True)) as tracker:
+        for step in bar:
+            for micro in range(cfg.grad_accum):
+                with accelerator.accumulate(model):
+                    loss, logged = method.loss(model, step, micro, accelerator.process_index)
+                    if not math.isfinite(loss.item()):
+                        where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
+                        raise UserError(f"loss became {loss.item()} at step {step}; stopped, {where}; {method.fix_hint}")
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and cfg.max_grad_norm:
+                        accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad()
+            if cfg.lr_schedule != "constant" or cfg.lr_warmup_steps:
+                logged = logged | {"lr": schedule.get_last_lr()[0]}
+            schedule.step()
+            method.after_step()
+            history.append(logged)
+            bar.set_postfix({k: f"{v:.4g}" for k, v in logged.items()})
+            if tracker is not None:
+                tracker.log(logged, step=len(history))
+            if out is not None:
+                last_good = save_progress(pipe, method, accelerator, out, history) or last_good
     model.eval()
     return history
 
