@@ -14,6 +14,11 @@ from __future__ import annotations
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from relapse.models.families.flux import Flux
+from relapse.models.families.sd import StableDiffusion
+from relapse.models.families.sd3 import StableDiffusion3
+from relapse.models.families.sdxl import StableDiffusionXL
+
 
 def clip_text(hidden, layers, heads, ff, projection=None):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
@@ -38,35 +43,29 @@ def vae(latent_channels=4):
                          block_out_channels=(128, 256, 512, 512), layers_per_block=2)
 
 
-def sd14():
+def unet(**config):
     from diffusers import UNet2DConditionModel
 
-    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)
-    inputs = {"sample": torch.randn(1, 4, 64, 64), "timestep": torch.tensor([500]), "encoder_hidden_states": torch.randn(1, 77, 768)}
-    return unet, inputs, {"text": [clip_text(768, 12, 12, 3072)], "vae": vae()}, 512
+    return UNet2DConditionModel(**config)
+
+
+# family, denoiser config (the published checkpoint's, typed here), resolution, text tokens, text encoders, VAE
+def sd14():
+    return StableDiffusion, unet(sample_size=64, cross_attention_dim=768), 512, 77, [clip_text(768, 12, 12, 3072)], vae()
 
 
 def sd21():
-    from diffusers import UNet2DConditionModel
-
-    unet = UNet2DConditionModel(sample_size=96, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True)
-    inputs = {"sample": torch.randn(1, 4, 96, 96), "timestep": torch.tensor([500]), "encoder_hidden_states": torch.randn(1, 77, 1024)}
-    return unet, inputs, {"text": [clip_text(1024, 23, 16, 4096)], "vae": vae()}, 768
+    net = unet(sample_size=96, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True)
+    return StableDiffusion, net, 768, 77, [clip_text(1024, 23, 16, 4096)], vae()
 
 
 def sdxl():
-    from diffusers import UNet2DConditionModel
-
-    unet = UNet2DConditionModel(
-        sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2, transformer_layers_per_block=(1, 2, 10),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(5, 10, 20),
-        cross_attention_dim=2048, use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
-        projection_class_embeddings_input_dim=2816)
-    inputs = {"sample": torch.randn(1, 4, 128, 128), "timestep": torch.tensor([500]), "encoder_hidden_states": torch.randn(1, 77, 2048),
-              "added_cond_kwargs": {"text_embeds": torch.randn(1, 1280), "time_ids": torch.randn(1, 6)}}
-    text = [clip_text(768, 12, 12, 3072), clip_text(1280, 32, 20, 5120, projection=1280)]
-    return unet, inputs, {"text": text, "vae": vae()}, 1024
+    net = unet(sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2, transformer_layers_per_block=(1, 2, 10),
+               down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+               up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(5, 10, 20),
+               cross_attention_dim=2048, use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+               projection_class_embeddings_input_dim=2816)
+    return StableDiffusionXL, net, 1024, 77, [clip_text(768, 12, 12, 3072), clip_text(1280, 32, 20, 5120, projection=1280)], vae()
 
 
 def sd35_large():
@@ -75,28 +74,22 @@ def sd35_large():
     net = SD3Transformer2DModel(sample_size=128, patch_size=2, in_channels=16, num_layers=38, attention_head_dim=64,
                                 num_attention_heads=38, joint_attention_dim=4096, caption_projection_dim=2432,
                                 pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192, qk_norm="rms_norm")
-    inputs = {"hidden_states": torch.randn(1, 16, 128, 128), "timestep": torch.tensor([500.0]),
-              "encoder_hidden_states": torch.randn(1, 333, 4096), "pooled_projections": torch.randn(1, 2048)}
     text = [clip_text(768, 12, 12, 3072, projection=768), clip_text(1280, 32, 20, 5120, projection=1280), t5_xxl()]
-    return net, inputs, {"text": text, "vae": vae(16)}, 1024
+    return StableDiffusion3, net, 1024, 77, text, vae(16)
 
 
 def flux_dev():
     from diffusers import FluxTransformer2DModel
 
     net = FluxTransformer2DModel(guidance_embeds=True)  # diffusers' defaults are FLUX.1's dimensions
-    inputs = {"hidden_states": torch.randn(1, 4096, 64), "timestep": torch.tensor([0.5]), "guidance": torch.tensor([3.5]),
-              "pooled_projections": torch.randn(1, 768), "encoder_hidden_states": torch.randn(1, 512, 4096),
-              "txt_ids": torch.zeros(512, 3), "img_ids": torch.zeros(4096, 3)}
-    return net, inputs, {"text": [clip_text(768, 12, 12, 3072), t5_xxl()], "vae": vae(16)}, 1024
+    return Flux, net, 1024, 512, [clip_text(768, 12, 12, 3072), t5_xxl()], vae(16)
 
 
 def toy():
     from relapse.models.components import build_components
 
     parts = build_components()
-    inputs = {"sample": torch.randn(1, 4, 8, 8), "timestep": torch.tensor([500]), "encoder_hidden_states": torch.randn(1, 20, 64)}
-    return parts["unet"], inputs, {"text": [parts["text_encoder"]], "vae": parts["vae"]}, 32
+    return StableDiffusion, parts["unet"], 32, 20, [parts["text_encoder"]], parts["vae"]
 
 
 FAMILIES = {"toy (SD 1.x shape)": toy, "SD 1.4": sd14, "SD 2.1 (768, v)": sd21, "SDXL": sdxl, "SD 3.5 Large": sd35_large,
@@ -112,13 +105,15 @@ def main() -> None:
     toy_flops = None
     for name, build in FAMILIES.items():
         with torch.device("meta"):
-            net, inputs, others, px = build()
-            with FlopCounterMode(display=False) as counter:
-                net(**inputs)
+            family, net, px, tokens, text, autoencoder = build()
+            scale = 2 ** (len(autoencoder.config.block_out_channels) - 1)
+            latent = (autoencoder.config.latent_channels, px // scale, px // scale)
+            with FlopCounterMode(display=False) as counter:  # the inputs relapse's dry run counts with
+                net(**family.counting_inputs(dict(net.config), latent, tokens))
         flops = counter.get_total_flops() / 1e9
         toy_flops = toy_flops or flops
-        print(f"{name:<20} {px:>5} {count(net):>10.3f} {sum(count(t) for t in others['text']):>11.3f} "
-              f"{count(others['vae']):>6.3f} {flops:>10.1f} {flops / toy_flops:>8.0f}")
+        print(f"{name:<20} {px:>5} {count(net):>10.3f} {sum(count(t) for t in text):>11.3f} "
+              f"{count(autoencoder):>6.3f} {flops:>10.1f} {flops / toy_flops:>8.0f}")
 
 
 if __name__ == "__main__":

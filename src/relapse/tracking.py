@@ -7,6 +7,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Annotated
+
+from pydantic import AfterValidator
 
 from relapse.errors import UserError
 
@@ -25,6 +28,16 @@ def check_tracker(name: str | None) -> str | None:
     if not getattr(accelerate.utils, f"is_{name}_available")():
         raise UserError(f"tracker {name} is not installed here: pip install {PACKAGES.get(name, name)}")
     return name
+
+
+def _installed(name: str | None) -> str | None:
+    try:
+        return check_tracker(name)
+    except UserError as exc:  # pydantic reports a ValueError as the field's error, in the config's one line
+        raise ValueError(str(exc)) from None
+
+
+Tracker = Annotated[str | None, AfterValidator(_installed)]  # a config field naming a tracker, checked when it is read
 
 
 def flat(config: dict, prefix: str = "") -> dict:

@@ -153,6 +153,11 @@ class ErasureMethod(ConceptMethod):
     def erasure_loss(self, model, x_t, t, cond, anchor) -> torch.Tensor:
         raise NotImplementedError
 
+    @classmethod
+    def passes_per_step(cls, cfg) -> float:
+        """x_t sampled down to step S/2 on average, two passes a step (guidance); two frozen passes; the trained one."""
+        return (cfg.sample_steps + 2 + 3) * cfg.batch_size * cfg.grad_accum
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"generator": self.gen.get_state()}
 

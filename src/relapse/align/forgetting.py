@@ -128,6 +128,11 @@ class ForgettingMethod(AlignMethod):
     def clean_noise_shift(self, cfg: ForgettingConfig) -> float:
         return 0.0
 
+    @classmethod
+    def passes_per_step(cls, cfg) -> float:
+        """A clean and a harmful batch, each through forward and backward."""
+        return 3.0 * (cfg.batch_size + (cfg.harmful_batch_size or cfg.batch_size)) * cfg.grad_accum
+
     def check(self) -> None:
         super().check()
         self.data = check_inputs(self.cfg, self.given_data, self.specs, warn_unaligned=self.given_loras is None)

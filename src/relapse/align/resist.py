@@ -200,6 +200,12 @@ class Resist(ConceptMethod):
         self.params = super().trainable(pipe)
         return self.params
 
+    @classmethod
+    def passes_per_step(cls, cfg) -> float:
+        """Three frozen passes (erase and keep targets), the attacked, erase and keep terms (forward and backward each),
+        and ``inner_steps`` of the attacker's fine-tune."""
+        return (12.0 * cfg.batch_size + 3.0 * cfg.inner_steps * cfg.attack_batch) * cfg.grad_accum
+
     def held_beside(self, weight_bytes: int) -> dict[str, int]:
         """A full simulated attacker holds an update and Adam's two moments per weight, in the weights' dtype."""
         from relapse.train.memory import count

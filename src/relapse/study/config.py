@@ -20,14 +20,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Union
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, PrivateAttr, Tag, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, PrivateAttr, Tag, model_validator
 
 from relapse.align import METHODS as ALIGN_METHODS
 from relapse.attack.prompts import PromptAttackConfig
 from relapse.config import SourceLines
-from relapse.errors import UserError
 from relapse.finetuning.base import FinetuneConfig
 from relapse.sampling import SamplerConfig
+from relapse.tracking import Tracker
 
 STUDY_OWNED = ("model", "out", "seed", "resume")  # fields the study sets on every stage and fine-tune
 FINETUNE_STUDY_OWNED = (*STUDY_OWNED, "loras", "lora_scales", "data_seed")
@@ -108,19 +108,9 @@ class StudyConfig(BaseModel):
     detectors: list[DetectorSpec] = Field(default_factory=lambda: [DetectorSpec()], min_length=1)
     reference: str | None = Field(None, description="real images (imagefolder or toy:DOMAIN[:N]) for a Frechet distance")
     reference_sets: list[str] = Field(default_factory=list, description="prompt sets whose images are compared with reference")
-    tracker: str | None = Field(None, description="also send every training curve (RUN/steps/*/logs) and the study's rows "
+    tracker: Tracker = Field(None, description="also send every training curve (RUN/steps/*/logs) and the study's rows "
                                                   "(RUN/logs/study) to this experiment tracker (accelerate's: tensorboard, "
                                                   "wandb, mlflow, aim, ...)")
-
-    @field_validator("tracker")
-    @classmethod
-    def _installed(cls, tracker: str | None) -> str | None:
-        from relapse.tracking import check_tracker
-
-        try:
-            return check_tracker(tracker)
-        except UserError as exc:
-            raise ValueError(str(exc)) from None
     _source: SourceLines | None = PrivateAttr(None)
 
     @classmethod

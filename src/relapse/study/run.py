@@ -163,6 +163,9 @@ def run_study(run: StudyRunConfig) -> Path:
     if main:
         print(describe_plan(plan, run_dir))
     if run.dry_run:
+        from relapse.study.cost import estimate
+
+        print("\n".join(estimate([s for s in plan.steps if not s.done(run_dir)], study.config.model, study.config.sampler.resolution)))
         return run_dir
     study.run(run_dir, resume=run.resume, workers=run.workers, executor=run.executor, address=run.address)
     if main:

@@ -22,12 +22,12 @@ from pathlib import Path
 from typing import ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from relapse.errors import UserError
 from relapse.io import check_output_dir, run_record
 from relapse.progress import progress
-from relapse.tracking import check_tracker, tracked
+from relapse.tracking import Tracker, tracked
 from relapse.train.module import ALIGN_RECORD, TrainedModule, safety_records
 
 
@@ -59,7 +59,7 @@ class TrainConfig(BaseModel):
                                                             "less memory, about a third more time")
     optimizer: Literal["adamw", "adamw8bit"] = Field("adamw", description="adamw8bit: bitsandbytes' 8-bit AdamW (2 bytes of "
                                                                           "moments per trained weight, not 8; optional install)")
-    tracker: str | None = Field(None, description="log the losses to this experiment tracker too (accelerate's: tensorboard, "
+    tracker: Tracker = Field(None, description="log the losses to this experiment tracker too (accelerate's: tensorboard, "
                                                   "wandb, mlflow, aim, ...), into OUT/logs where it writes files")
     save_at: list[int] = Field(default_factory=list, description="also write the model at these steps")
     checkpoint_every: int = Field(0, ge=0, description="resumable checkpoint every K steps (0: none)")
@@ -72,14 +72,6 @@ class TrainConfig(BaseModel):
     def writes(self) -> str:
         """What the run writes: "lora" (a LoRA that adds to the model) or "full" (weights that replace it)."""
         raise NotImplementedError
-
-    @field_validator("tracker")
-    @classmethod
-    def _installed(cls, tracker: str | None) -> str | None:
-        try:
-            return check_tracker(tracker)
-        except UserError as exc:
-            raise ValueError(str(exc)) from None
 
     @model_validator(mode="after")
     def _saves_inside_the_run(self) -> TrainConfig:
@@ -186,6 +178,12 @@ class TrainingMethod:
     def full_parameters(self) -> int:
         """How many parameters train in full (gradients and optimizer moments for each): none for a LoRA."""
         return 0
+
+    @classmethod
+    def passes_per_step(cls, cfg: TrainConfig) -> float:
+        """Denoiser passes one optimizer step costs, a forward and backward counted as three forwards (what a dry run
+        estimates the run's time from): one per image by default."""
+        return 3.0 * cfg.batch_size * cfg.grad_accum
 
     def text_encoder_loras(self, pipe) -> dict[str, tuple[dict, dict]]:
         """LoRAs the run trains on text encoders, per component: tensors and LoraConfig (none by default)."""

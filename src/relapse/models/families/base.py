@@ -142,9 +142,23 @@ class Family:
     cross_attention: ClassVar[tuple[str, ...]] = (".attn2.",)  # the layers that read the text (ESD-x trains these)
     io_layers: ClassVar[tuple[str, ...]] = ("conv_in", "conv_out", "time_embedding")  # never adapted
 
+    denoiser_class: ClassVar[str] = "UNet2DConditionModel"  # the diffusers class of the denoiser, for counting its cost
+
     def __init__(self, pipe):
         self.pipe = pipe
         self.objective = self.objective_class(pipe.scheduler.config)
+
+    @classmethod
+    def native_resolution(cls, denoiser_config: dict, vae_scale: int) -> int:
+        return denoiser_config["sample_size"] * vae_scale
+
+    @classmethod
+    def counting_inputs(cls, denoiser_config: dict, latent: tuple[int, int, int], text_tokens: int) -> dict:
+        """Inputs of one denoiser pass at batch 1 (latent channels, height, width), on the current device: what a dry
+        run counts the FLOPs of, on the meta device, without weights."""
+        c, h, w = latent
+        return {"sample": torch.randn(1, c, h, w), "timestep": torch.tensor([500]),
+                "encoder_hidden_states": torch.randn(1, text_tokens, denoiser_config["cross_attention_dim"])}
 
     def denoiser(self, pipe=None) -> torch.nn.Module:
         return getattr(pipe or self.pipe, self.denoiser_name)

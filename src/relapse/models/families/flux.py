@@ -18,6 +18,7 @@ TRAINING_GUIDANCE = 3.5  # a fine-tune's, as diffusers' train_dreambooth_lora_fl
 @FAMILIES.register("flux")
 class Flux(FlowTransformer):
     pipelines = ("FluxPipeline",)
+    denoiser_class = "FluxTransformer2DModel"
 
     @property
     def guidance_distilled(self) -> bool:
@@ -43,6 +44,20 @@ class Flux(FlowTransformer):
 
     def resolution(self) -> int:
         return self.pipe.default_sample_size * self.pipe.vae_scale_factor
+
+    @classmethod
+    def native_resolution(cls, denoiser_config, vae_scale):
+        return 128 * vae_scale  # FluxPipeline's default_sample_size: 1024 px for FLUX.1
+
+    @classmethod
+    def counting_inputs(cls, denoiser_config, latent, text_tokens):
+        c, h, w = latent  # 2x2-packed latents; T5's 512 tokens, as the pipeline pads them
+        tokens = (h // 2) * (w // 2)
+        guidance = {"guidance": torch.tensor([3.5])} if denoiser_config.get("guidance_embeds") else {}
+        return {"hidden_states": torch.randn(1, tokens, 4 * c), "timestep": torch.tensor([0.5]),
+                "pooled_projections": torch.randn(1, denoiser_config["pooled_projection_dim"]),
+                "encoder_hidden_states": torch.randn(1, 512, denoiser_config["joint_attention_dim"]),
+                "txt_ids": torch.zeros(512, 3), "img_ids": torch.zeros(tokens, 3)} | guidance
 
     def token_side(self) -> int:
         return 2  # latents are packed 2x2 into tokens

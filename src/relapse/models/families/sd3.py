@@ -3,6 +3,8 @@ tokens), flow matching."""
 
 from __future__ import annotations
 
+import torch
+
 from relapse.models.families import FAMILIES
 from relapse.models.families.transformer import FlowTransformer
 
@@ -10,6 +12,7 @@ from relapse.models.families.transformer import FlowTransformer
 @FAMILIES.register("sd3")
 class StableDiffusion3(FlowTransformer):
     pipelines = ("StableDiffusion3Pipeline",)
+    denoiser_class = "SD3Transformer2DModel"
     lora_text_encoders = ("text_encoder", "text_encoder_2")  # train_dreambooth_lora_sd3.py: the two CLIPs, not T5
 
     def embed(self, prompts):
@@ -23,3 +26,10 @@ class StableDiffusion3(FlowTransformer):
 
     def token_side(self) -> int:
         return self.denoiser().config.patch_size
+
+    @classmethod
+    def counting_inputs(cls, denoiser_config, latent, text_tokens):
+        c, h, w = latent  # CLIP's 77 tokens and T5's 256, as the pipeline joins them
+        return {"hidden_states": torch.randn(1, c, h, w), "timestep": torch.tensor([500.0]),
+                "encoder_hidden_states": torch.randn(1, 77 + 256, denoiser_config["joint_attention_dim"]),
+                "pooled_projections": torch.randn(1, denoiser_config["pooled_projection_dim"])}

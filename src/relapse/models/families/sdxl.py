@@ -14,6 +14,12 @@ class StableDiffusionXL(Family):
     pipelines = ("StableDiffusionXLPipeline",)
     lora_text_encoders = ("text_encoder", "text_encoder_2")  # train_text_to_image_lora_sdxl.py --train_text_encoder
 
+    @classmethod
+    def counting_inputs(cls, denoiser_config, latent, text_tokens):
+        pooled = denoiser_config["projection_class_embeddings_input_dim"] - 6 * denoiser_config["addition_time_embed_dim"]
+        return super().counting_inputs(denoiser_config, latent, text_tokens) | {
+            "added_cond_kwargs": {"text_embeds": torch.randn(1, pooled), "time_ids": torch.randn(1, 6)}}
+
     def embed(self, prompts):
         embeds, _, pooled, _ = self.pipe.encode_prompt(prompts, device=self.encoder_device, num_images_per_prompt=1,
                                                        do_classifier_free_guidance=False)

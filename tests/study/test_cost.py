@@ -1,0 +1,60 @@
+"""The cost before the run: one denoiser pass counted on the meta device for every family, and the estimate as
+passes x a pass's FLOPs over the measured rates."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from relapse.models.families import family_of
+from relapse.study.config import StudyConfig
+from relapse.study.cost import estimate, estimated_seconds, model_shape
+from relapse.study.plan import build_plan
+from tests.families import build
+
+FAMILY = {"sd-v": "StableDiffusion", "sdxl": "StableDiffusionXL", "sd3": "StableDiffusion3", "flux": "Flux"}
+
+
+@pytest.mark.parametrize("name", list(FAMILY))
+def test_a_pass_of_each_family_is_counted_from_its_config_files_alone(tmp_path, name):
+    pipe = build(name)
+    pipe.save_pretrained(tmp_path / name)
+    shape = model_shape(str(tmp_path / name), 32)
+    assert shape.family == FAMILY[name] and shape.gflop_per_pass > 0
+    assert shape.parameters == sum(p.numel() for p in family_of(pipe).denoiser().parameters())
+    assert model_shape(str(tmp_path / name), 64).gflop_per_pass > shape.gflop_per_pass  # 4x the image's positions
+
+
+def test_the_estimate_is_passes_times_a_pass_over_the_measured_rate(tmp_path, tiny_model_dir, monkeypatch):
+    monkeypatch.setenv("RELAPSE_CACHE", str(tmp_path))
+    rates = {"measured_on": "a test", "source": "a test", "train_gflop_per_s": 2.0, "sample_gflop_per_s": 4.0,
+             "evaluate_s_per_image": 0.5, "load_s": 0.25}
+    (tmp_path / "step_rates.json").write_text(json.dumps(rates))
+    (tmp_path / "p.txt").write_text("a checkered red star\na red star\n")
+    config = StudyConfig(**yaml.safe_load(f"""
+        model: {tiny_model_dir}
+        prompt_sets: {{p: {{source: {tmp_path / 'p.txt'}}}}}
+        defenses: {{none: [], esd: [{{method: esd, concept: [checkered], steps: 3, batch_size: 2, sample_steps: 4}}]}}
+        before: [p]
+        scenarios: {{m: {{finetune: {{data: "toy:harmful:4", method: lora, steps: 5, batch_size: 2}}, prompt_sets: [p]}}}}
+        sampler: {{steps: 6, images_per_prompt: 2}}"""))
+    steps = build_plan(config).steps
+    shape = model_shape(str(tiny_model_dir), None)
+    seconds = estimated_seconds(steps, shape, rates)
+    g = shape.gflop_per_pass
+    count = {kind: sum(s.kind == kind for s in steps) for kind in ("generate", "weights")}
+    assert seconds["align"] == pytest.approx(3 * (4 + 5) * 2 * g / 2.0 + 0.25)  # ESD: S + 5 passes per image and step
+    assert seconds["finetune"] == pytest.approx(2 * (5 * 3 * 2 * g / 2.0 + 0.25))  # two defenses fine-tuned, 3 per image
+    generated = sum(s.images for s in steps if s.kind == "generate")
+    assert seconds["generate"] == pytest.approx(generated * 6 * 2 * g / 4.0 + count["generate"] * 0.25)
+    assert seconds["weights"] == pytest.approx(count["weights"] * 2 * 0.25)
+    assert seconds["evaluate"] == pytest.approx(generated * 0.5)
+    lines = estimate(steps, str(tiny_model_dir), None)
+    assert lines[0].startswith("estimated time on a test (StableDiffusion") and lines[-1].startswith("largest training floor")
+
+
+def test_a_model_whose_config_files_are_not_here_gets_no_estimate():
+    assert estimate([], "CompVis/stable-diffusion-v1-4", None) == [
+        "no cost estimate: the config files of CompVis/stable-diffusion-v1-4 are not on this machine"]
