@@ -74,7 +74,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from relapse.data.prompts import Prompt, asking, read_prompts
 from relapse.errors import UserError
 from relapse.io import MANIFEST, RUN_RECORD, atomic_dir, check_output_dir, run_record, write_json, write_text
-from relapse.models.pipeline_utils import encode_prompts, images_to_tensor, require_sd_epsilon
+from relapse.models.pipeline_utils import encode_prompts, images_to_tensor
 from relapse.progress import progress
 
 PROMPT_FILE = "prompts.jsonl"
@@ -268,6 +268,17 @@ class PrefixAttack:
         return [[tokenizer.decode([int(i)]).strip() for i in row] for row in self.words[self.best_choice]]
 
 
+def require_sd_epsilon(pipe) -> None:
+    """The search reads one CLIP text encoder's vocabulary and compares a UNet's output with the added noise: SD 1.x/2.x
+    epsilon-prediction models only."""
+    from relapse.models.families import family_of
+
+    kind = pipe.scheduler.config.get("prediction_type", "epsilon")
+    if not family_of(pipe).single_text_encoder or kind != "epsilon":
+        raise UserError(f"relapse attack prompts serves SD 1.x/2.x models that predict epsilon; this is a {type(pipe).__name__} "
+                        f"predicting {kind!r} (e.g. use stable-diffusion-2-1-base, not the 768 px v-prediction 2-1)")
+
+
 def check_targets(pipe, prompts: list[Prompt], targets: np.ndarray) -> None:
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     if not prompts:
@@ -299,7 +310,7 @@ def attack_prompts(pipe, prompts: list[Prompt], targets: np.ndarray, config: Pro
         ``meta`` plus ``asks`` (the original text), ``adversarial_tokens``, ``attack_loss`` and ``attack_loss_start``
         (the returned and the unmodified prompt's denoising loss on the same fixed draws).
     """
-    require_sd_epsilon(pipe, "relapse attack prompts")
+    require_sd_epsilon(pipe)
     check_targets(pipe, prompts, targets)
     for module in (pipe.unet, pipe.text_encoder, pipe.vae):
         module.requires_grad_(False)  # gradients flow to the token vectors only

@@ -50,16 +50,3 @@ def text_states(pipe, prompts: list[str]) -> torch.Tensor:
 def encode_prompts(pipe, prompts: list[str]) -> torch.Tensor:
     """The frozen text encoder's last hidden states (:func:`text_states`, no gradient)."""
     return text_states(pipe, prompts)
-
-
-def require_sd_epsilon(pipe, what: str) -> None:
-    """Methods that read one CLIP text encoder's tokens and compare a UNet's output with the added noise (adversarial
-    prompts) serve SD 1.x/2.x epsilon-prediction models only."""
-    from relapse.errors import UserError
-    from relapse.models.families import family_of
-
-    family = family_of(pipe)
-    kind = pipe.scheduler.config.get("prediction_type", "epsilon")
-    if not family.single_text_encoder or kind != "epsilon":
-        raise UserError(f"{what} serves SD 1.x/2.x models that predict epsilon; this is a {type(pipe).__name__} "
-                        f"predicting {kind!r} (e.g. use stable-diffusion-2-1-base, not the 768 px v-prediction 2-1)")
