@@ -65,8 +65,10 @@ def model_shape(model: str, resolution: int | None) -> ModelShape | None:
         return None
     pipeline = json.loads(index.read_text())["_class_name"]
     family = next((f for f in FAMILIES if pipeline in f.pipelines), None)
-    files = [model_file(model, f"{part}/config.json") for part in (family.denoiser_name if family else "unet", "vae")]
-    if family is None or None in files:
+    if family is None:
+        return None
+    files = [model_file(model, f"{part}/config.json") for part in (family.denoiser_name, "vae")]
+    if None in files:
         return None
     config, vae = (json.loads(f.read_text()) for f in files)
     tokenizer = model_file(model, "tokenizer/tokenizer_config.json")
@@ -135,14 +137,14 @@ def estimated_seconds(todo: list[Step], shape: ModelShape, rates: dict) -> dict[
 
 
 def largest_floor(todo: list[Step], shape: ModelShape) -> int:
-    from relapse.train.memory import OPTIMIZER_BYTES
+    """The largest :func:`relapse.train.memory.floor_parts` of the training steps (full weights: every parameter trains)."""
+    from relapse.train.memory import floor_parts
 
     floors = [0]
-    for step in (s for s in todo if s.kind in ("align", "finetune")):
-        cfg = step.config
-        weight = 2 if cfg.weights_dtype in ("bf16", "fp16") else 4
-        full = cfg.writes == "full"
-        floors.append(shape.parameters * (weight + (weight + OPTIMIZER_BYTES[cfg.optimizer] if full else 0)))
+    for cfg in (s.config for s in todo if s.kind in ("align", "finetune")):
+        weight = 4 if cfg.weights_dtype == "fp32" else 2
+        trains = shape.parameters if cfg.writes == "full" else 0
+        floors.append(sum(floor_parts(shape.parameters, weight, trains, cfg.optimizer).values()))
     return max(floors)
 
 

@@ -246,8 +246,9 @@ def train(pipe, method: TrainingMethod, out: Path | None = None, restore: bool =
     if stage_on is not None:
         from relapse.train.memory import check_encoding_fits
 
-        check_encoding_fits(family_of(pipe), stage_on)
-        family_of(pipe).place(encoders=stage_on)
+        family = family_of(pipe)
+        check_encoding_fits(family, stage_on)
+        family.place(encoders=stage_on)
     method.setup(pipe, accelerator.process_index)
     if stage_on is not None:
         from relapse.train.memory import check_fits

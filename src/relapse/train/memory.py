@@ -28,16 +28,20 @@ def bytes_per(module: torch.nn.Module) -> int:
     return next(module.parameters()).element_size()
 
 
+def floor_parts(parameters: int, weight_bytes: int, trains_in_full: int, optimizer: str) -> dict[str, int]:
+    """The denoiser's weights, and for each parameter that trains in full its gradient and the optimizer's moments."""
+    parts = {"denoiser weights": parameters * weight_bytes}
+    if trains_in_full:
+        parts["gradients"] = trains_in_full * weight_bytes
+        parts["optimizer moments"] = trains_in_full * OPTIMIZER_BYTES[optimizer]
+    return parts
+
+
 def training_floor(method) -> dict[str, int]:
     """Bytes the run's training phase holds on the device, by part (a lower bound: see the module docstring)."""
     denoiser = method.family.denoiser()
     weight = bytes_per(denoiser)
-    parts = {"denoiser weights": count(denoiser) * weight}
-    trains = method.full_parameters()
-    if trains:
-        parts["gradients"] = trains * weight
-        parts["optimizer moments"] = trains * OPTIMIZER_BYTES[method.cfg.optimizer]
-    return parts | method.held_beside(weight)
+    return floor_parts(count(denoiser), weight, method.full_parameters(), method.cfg.optimizer) | method.held_beside(weight)
 
 
 def encoding_floor(family) -> int:

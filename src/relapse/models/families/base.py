@@ -15,6 +15,7 @@ arithmetic (ESD's ``u - eta (c - u)``) is affine in the prediction, so it holds 
 
 from __future__ import annotations
 
+from functools import cached_property
 from typing import ClassVar
 
 import torch
@@ -146,7 +147,11 @@ class Family:
 
     def __init__(self, pipe):
         self.pipe = pipe
-        self.objective = self.objective_class(pipe.scheduler.config)
+
+    @cached_property
+    def objective(self) -> Objective:
+        """What the denoiser predicts, made on first use: most callers of :func:`family_of` never train."""
+        return self.objective_class(self.pipe.scheduler.config)
 
     @classmethod
     def native_resolution(cls, denoiser_config: dict, vae_scale: int) -> int:
