@@ -82,7 +82,7 @@ def test_the_readme_erase_finetune_evaluate_script_runs_on_the_toy_model(tmp_pat
 
 
 def test_in_memory_training_gives_the_weights_of_the_cli_runs(tiny_model_dir, tmp_path):
-    from relapse.align.base import run_align
+    from relapse.align.api import run_align
     from relapse.finetuning.base import run_finetune
 
     esd = relapse.ESDConfig(concept=PROMPTS[:1], steps=2, batch_size=2, sample_steps=2, lr=1e-2, params="noxattn")

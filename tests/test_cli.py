@@ -117,10 +117,10 @@ def test_evaluate_threshold_flag_joins_the_config_files_detector_options(run_cli
 
 
 def test_resist_flags_reach_its_config_and_other_methods_refuse_them(run_cli, tmp_path, monkeypatch):
-    import relapse.align.base as align_base
+    import relapse.align.api as align_api
 
     seen = []
-    monkeypatch.setattr(align_base, "run_align", lambda cfg: seen.append(cfg) or tmp_path)
+    monkeypatch.setattr(align_api, "run_align", lambda cfg: seen.append(cfg) or tmp_path)
     code, _, err = run_cli("align", "resist", "--concept", "checkered", "--harmful", "toy:harmful:8", "--clean", "toy:clean:8",
                            "--benign", "toy:patterns:8", "--resist-weight", "3", "--keep-weight", "2", "--attack-steps", "50",
                            "--attack-steps", "200", "--inner-steps", "4", "--lr-schedule", "cosine", "--lr-warmup-steps", "10")

@@ -184,7 +184,7 @@ def align(
     against simulated fine-tuning (resist). Other fields of a method's config: --config YAML.
     Writes OUT/final: a safety LoRA (diffusers format) or a full pipeline, with its record."""
     from relapse.align import METHODS
-    from relapse.align.base import run_align
+    from relapse.align.api import run_align
     from relapse.config import resolve_config
 
     flags = dict(model=model, concept=concept or None, concept_prompts=concept_prompts, clean=clean, harmful=harmful,

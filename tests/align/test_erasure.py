@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from relapse.align import METHODS
-from relapse.align.base import run_align
+from relapse.align.api import run_align
 from relapse.align.erasure import ErasureMethod
 from relapse.align.esd import ESDConfig
 from relapse.models.components import ToyModelSize, build_pipeline

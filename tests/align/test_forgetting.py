@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from relapse.align import METHODS
-from relapse.align.base import run_align
+from relapse.align.api import run_align
 from relapse.align.esd import ESDConfig
 from relapse.align.forgetting import Centres, ForgettingConfig, RunningMean, contrastive_loss, step_terms
 from relapse.config import resolve_config

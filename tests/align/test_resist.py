@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from relapse.align.base import run_align
+from relapse.align.api import run_align
 from relapse.align.resist import Attack, Attacker, Resist, ResistConfig
 from relapse.train.engine import draw
 from relapse.train.module import ALIGN_RECORD

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from relapse.align.base import run_align
+from relapse.align.api import run_align
 from relapse.align.esd import ESDConfig
 from relapse.errors import UserError
 from relapse.finetuning import base as ft

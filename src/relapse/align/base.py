@@ -8,14 +8,12 @@ SDD) and the catastrophic-forgetting defenses (``relapse.align.forgetting``: LT,
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal
 
 import torch
 from pydantic import Field
 
-from relapse.train.engine import TrainConfig, TrainingMethod, run_training
-from relapse.train.module import TrainedModule
+from relapse.train.engine import TrainConfig, TrainingMethod
 
 
 class AlignConfig(TrainConfig):
@@ -71,58 +69,3 @@ class AlignMethod(TrainingMethod):
         for p in trainable:
             p.requires_grad_(True)
         return trainable
-
-
-def run_align(cfg: AlignConfig) -> Path:
-    """Run an alignment method on disk (``relapse align``); returns ``OUT/final``."""
-    from relapse.align import METHODS
-
-    return run_training(METHODS.get(cfg.method)(cfg))
-
-
-def erase(pipe, config, safety=()) -> TrainedModule:
-    """Erase a concept from ``pipe`` in memory (ESD, SDD) and return the safety module; ``pipe`` is left as it was.
-
-    Args:
-        pipe: the pipeline to align (SD 1.x/2.x, SDXL, SD 3.x or FLUX.1).
-        config: an :class:`~relapse.align.esd.ESDConfig`, :class:`~relapse.align.sdd.SDDConfig` or
-            :class:`~relapse.align.resist.ResistConfig` (``as_="lora"``:
-            a safety LoRA, the default; ``"full"``: the UNet tensors that change).
-        safety: modules fused into ``pipe`` first.
-
-    Example:
-        >>> pipe = relapse.load("toy")
-        >>> safety = relapse.erase(pipe, relapse.ESDConfig(concept=["checkered"], params="noxattn", steps=100))
-        >>> safety.apply(pipe)  # the aligned model: W0 + dW_safe, fused
-    """
-    from relapse.align.erasure import ConceptConfig
-
-    return _train_in_memory(pipe, config, ConceptConfig, "erase", loras=list(safety))
-
-
-def harden(pipe, config, clean, harmful, safety=()) -> TrainedModule:
-    """Train a forgetting defense (LT, NG) in memory and return it; ``pipe`` is left as it was.
-
-    Args:
-        pipe: the model to harden (``mode="reinforcement"``: apply its safety module first, or pass it as ``safety``)
-            or the base (``mode="alignment"``).
-        config: an :class:`~relapse.align.lt.LTConfig` or :class:`~relapse.align.ng.NGConfig`.
-        clean, harmful: datasets: a path, ``toy:DOMAIN[:N]``, or ``(images, captions)`` with uint8 (N, H, W, 3) images.
-        safety: modules fused into ``pipe`` first (reinforcement).
-
-    Example:
-        >>> lt = relapse.harden(pipe, relapse.LTConfig(steps=200, lr=1e-4), clean="toy:clean:1000", harmful="toy:harmful:200")
-    """
-    from relapse.align.forgetting import ForgettingConfig
-
-    return _train_in_memory(pipe, config, ForgettingConfig, "harden", loras=list(safety), clean=clean, harmful=harmful)
-
-
-def _train_in_memory(pipe, config, family: type, call: str, **inputs) -> TrainedModule:
-    from relapse.align import METHODS
-    from relapse.train.engine import train
-
-    if not isinstance(config, family):
-        names = ", ".join(m.config.__name__ for m in METHODS if issubclass(m.config, family))
-        raise TypeError(f"relapse.{call} takes one of {names}, not a {type(config).__name__}")
-    return train(pipe, METHODS.get(config.method)(config, **inputs))

@@ -45,7 +45,7 @@ class Executor:
         return time.perf_counter() - start
 
     def align(self, step: Step) -> None:
-        from relapse.align.base import run_align
+        from relapse.align.api import run_align
 
         run_align(self.training_config(step))
 

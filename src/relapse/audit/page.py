@@ -10,6 +10,8 @@ import numpy as np
 from relapse.measure.metrics import HEADLINE_METRIC, METRICS
 from relapse.report.page import grid_figure, write_page
 
+AUDIT_PAGE = "audit.html"
+MEASURED = {"aligned": "the aligned model", "with_lora": "the aligned model + the LoRA", "lora_quality": "+ the LoRA, its own prompts"}
 GRID_IMAGES = 8
 TOP_TENSORS = 10
 
@@ -22,8 +24,6 @@ def _rate(entry: dict | None) -> str:
 
 
 def measurements_table(record: dict) -> str:
-    from relapse.audit.audit import MEASURED
-
     shown = [m for m in METRICS if any(isinstance(record.get(key, {}).get(m.name), dict) and "rate" in record[key][m.name]
                                        for key in MEASURED)]
     head = "".join(f"<th>{html.escape(m.label())}</th>" for m in shown)
@@ -54,8 +54,6 @@ def screen_part(screen: dict | None) -> str:
 def image_grid(folder: Path, record: dict) -> str:
     from PIL import Image
 
-    from relapse.audit.audit import MEASURED
-
     rows = {}
     for key, label in MEASURED.items():
         if key in record:
@@ -67,8 +65,6 @@ def image_grid(folder: Path, record: dict) -> str:
 
 
 def write_audit_page(folder: Path, record: dict) -> Path:
-    from relapse.audit.audit import AUDIT_PAGE
-
     verdict = record["verdict"] or "screened (no verdict: no images)"
     colour = {"PASS": "#1a7f37", "FAIL": "#cf222e"}.get(record["verdict"], "#555")
     metric = METRICS.get(HEADLINE_METRIC).title
