@@ -12,7 +12,7 @@ from relapse.errors import UserError
 from relapse.finetuning import base as ft
 from relapse.finetuning.base import FinetuneConfig, run_finetune
 from relapse.models.components import ToyModelSize, build_pipeline
-from relapse.train.module import FINETUNE_RECORD
+from relapse.train.module import ALIGN_RECORD, FINETUNE_RECORD
 
 DATA = "toy:shapes:8"
 
@@ -79,6 +79,12 @@ def test_safety_lora_for_another_base_is_refused(tmp_path, safety_lora):
     build_pipeline(ToyModelSize.tiny(), seed=1).save_pretrained(other)
     with pytest.raises(UserError, match="was made for base"):
         run_finetune(cfg(tmp_path, other, loras=[safety_lora]))
+
+
+def test_a_safety_lora_made_in_fp32_composes_with_its_base_loaded_in_bf16(tmp_path, tiny_model_dir, safety_lora):
+    out = run_finetune(cfg(tmp_path, tiny_model_dir, loras=[safety_lora], weights_dtype="bf16"))
+    made_for = json.loads((safety_lora / ALIGN_RECORD).read_text())["base_fingerprint_at_lower_precision"]
+    assert json.loads((out / FINETUNE_RECORD).read_text())["base_fingerprint"] == made_for[0]
 
 
 

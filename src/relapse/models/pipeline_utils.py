@@ -17,22 +17,23 @@ def images_to_tensor(images: torch.Tensor | np.ndarray) -> torch.Tensor:
 
 
 def weights_fingerprint(module: torch.nn.Module, rounded_to: torch.dtype | None = None) -> str:
-    """sha256 over parameter names, shapes and values: identifies the base a LoRA was made for. Values are hashed in
-    fp32 (a bf16 checkpoint has one fingerprint whether it loads in bf16 or fp32: the upcast is exact), after rounding
-    to ``rounded_to`` if given (what the same weights are when loaded at that precision)."""
+    """sha256 over parameter names, shapes and values: identifies the base a LoRA was made for. Values are hashed as
+    they are stored, after rounding to ``rounded_to`` if given (what the same weights are when loaded at that
+    precision): the rounding runs where the weights are (a GPU), and nothing is upcast, so a bf16 model hashes two
+    bytes a parameter."""
     digest = hashlib.sha256()
     for name, tensor in sorted(module.state_dict().items()):
-        value = tensor.detach().cpu()
+        value = tensor.detach() if rounded_to is None else tensor.detach().to(rounded_to)
         digest.update(name.encode())
         digest.update(str(tuple(value.shape)).encode())
-        digest.update((value if rounded_to is None else value.to(rounded_to)).float().contiguous().numpy().tobytes())
+        digest.update(value.cpu().contiguous().reshape(-1).view(torch.uint8).numpy())  # the bytes, not copied again
     return digest.hexdigest()[:16]
 
 
 def weights_fingerprints(module: torch.nn.Module) -> list[str]:
     """The fingerprint, then, for fp32 weights, those of the same weights loaded in bf16 and in fp16: a safety LoRA made
     on a base at one precision composes with the base at another (a study trains LT on bf16 weights over an ESD LoRA
-    made in fp32)."""
+    made in fp32; a bf16 checkpoint loaded in fp32 rounds back to itself exactly)."""
     exact = weights_fingerprint(module)
     if next(module.parameters()).dtype != torch.float32:
         return [exact]

@@ -1,12 +1,16 @@
-"""The cost before the run: what ``relapse study --dry-run`` prints per step kind (estimated device time) and the
+"""The cost before the run: what ``relapse study --dry-run`` prints per step kind (estimated step time) and the
 largest memory a training step needs, without loading a weight.
 
-- Work: each step's denoiser passes (a method's ``passes_per_step``, images x sampling steps x 2 for guided
-  generation, iterations x prompts x 3 for a prompt attack) times one pass's FLOPs, counted by torch's FlopCounterMode
-  on the meta device from the model's own config files at the sampler's resolution.
-- Rates: a table of measured throughput (``benchmarks/step_rates.py`` writes it for whatever machine runs it, to
-  ``$RELAPSE_CACHE/step_rates.json``, which wins over the one shipped, measured on the toy model on a 2-core CPU).
-  A GPU row comes from running that script on the GPU; the toy model's own rates on a GPU would understate it.
+- Work: each step's GFLOP: denoiser passes (a method's ``passes_per_step``, images x sampling steps x the passes a
+  sampling step makes (two under classifier-free guidance, one for a guidance-distilled model), a prompt attack's
+  iterations forward and backward and its scorings on fixed draws) times one pass's FLOPs, plus a VAE decode per generated image; both counted by torch's
+  FlopCounterMode on the meta device from the model's own config files at the sampler's resolution.
+- Rates: a table of measured throughput at the threads a step gets (``benchmarks/step_rates.py --workers N`` writes
+  it for whatever machine runs it, to ``$RELAPSE_CACHE/step_rates.json``, which wins over the one shipped, measured on
+  the toy model on a 2-core CPU). Each step pays a model load (a weights step three: the base, before and after) and a
+  fuse per LoRA it loads, a training run its own fixed cost (data read, base fingerprinted, outputs written); each
+  worker process pays its start (imports, the first load) once. A GPU row comes from running that script on the GPU;
+  the toy model's own rates on a GPU would understate it.
 - Memory: the training floor of :mod:`relapse.train.memory` from the denoiser's parameter count (activations not
   counted).
 """
@@ -33,11 +37,14 @@ def read_rates() -> dict:
 
 @dataclass
 class ModelShape:
-    """What a dry run knows of a model without its weights: its family, one denoiser pass's GFLOP, its parameters."""
+    """What a dry run knows of a model without its weights: its family, one denoiser pass's GFLOP, its parameters,
+    the passes a sampling step makes, and one image's VAE decode in GFLOP."""
 
     family: str
     gflop_per_pass: float
     parameters: int
+    passes_per_sample_step: int = 2
+    decode_gflop: float = 0.0
 
 
 def model_file(model: str, name: str) -> Path | None:
@@ -56,7 +63,6 @@ def model_file(model: str, name: str) -> Path | None:
 def model_shape(model: str, resolution: int | None) -> ModelShape | None:
     """The model's shape from its config files (None where they are not on this machine)."""
     import torch
-    from torch.utils.flop_counter import FlopCounterMode
 
     from relapse.models.families import FAMILIES
 
@@ -79,59 +85,94 @@ def model_shape(model: str, resolution: int | None) -> ModelShape | None:
 
     with torch.device("meta"):
         net = getattr(diffusers, family.denoiser_class).from_config(config)
-        with FlopCounterMode(display=False) as counter:
-            net(**family.counting_inputs(config, (vae["latent_channels"], side, side), tokens))
-    return ModelShape(family.__name__, counter.get_total_flops() / 1e9, sum(p.numel() for p in net.parameters()))
+        decoder = getattr(diffusers, vae.get("_class_name", "AutoencoderKL")).from_config(vae)
+        pass_gflop = gflop(lambda: net(**family.counting_inputs(config, (vae["latent_channels"], side, side), tokens)))
+        decode_gflop = gflop(lambda: decoder.decode(torch.zeros(1, vae["latent_channels"], side, side)))
+    distilled = bool(config.get("guidance_embeds"))  # FLUX.1-dev: guidance is an input, one pass a sampling step
+    return ModelShape(family.__name__, pass_gflop, sum(p.numel() for p in net.parameters()), 1 if distilled else 2,
+                      decode_gflop)
 
 
-def step_passes(step: Step) -> float:
-    """Denoiser passes a step makes (a forward and backward are three)."""
+def gflop(run) -> float:
+    """The GFLOP of ``run()``, counted by torch (on the meta device: nothing is computed)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        run()
+    return counter.get_total_flops() / 1e9
+
+
+def step_gflop(step: Step, shape: ModelShape) -> float:
+    """The GFLOP a step computes on the model (a forward and backward pass are three passes)."""
     if step.kind in ("align", "finetune"):
         from relapse.align import METHODS as ALIGN
         from relapse.finetuning import METHODS as FINETUNE
 
         cfg = step.config
         method = (ALIGN if step.kind == "align" else FINETUNE).get(cfg.method)
-        return cfg.steps * method.passes_per_step(cfg)
+        return cfg.steps * method.passes_per_step(cfg) * shape.gflop_per_pass
     if step.kind == "generate":
-        sampler = step.spec["sampler"]
-        return step.images * sampler["steps"] * 2.0  # guided: a conditional and an unconditional pass
-    if step.kind == "attack":  # every prompt (one target image each) through forward and backward, per iteration
-        return step.config.iterations * 3.0 * step.data.images
+        per_image = step.spec["sampler"]["steps"] * shape.passes_per_sample_step * shape.gflop_per_pass
+        return step.images * (per_image + shape.decode_gflop)
+    if step.kind == "attack":
+        return attack_passes(step.config, step.data.images) * shape.gflop_per_pass
     return 0.0
+
+
+def attack_passes(cfg, prompts: int) -> float:
+    """An adversarial-prompt search's passes: each iteration every prompt's noise draws forward and backward; the
+    unmodified prompts, then the current words at every check (and the last iteration), scored on the fixed draws."""
+    checks = -(-cfg.iterations // cfg.check_every)
+    return prompts * (cfg.iterations * cfg.noise_draws * 3 + (1 + checks) * cfg.eval_draws)
+
+
+def lora_fuses(step: Step) -> int:
+    """LoRAs fused into the models a step loads."""
+    return sum(len(state.loras) for state in (step.reads, step.before) if state is not None)
 
 
 def images_scored(step: Step) -> int:
     return sum(d.images for d in step.deps if d.kind == "generate") if step.kind == "evaluate" else 0
 
 
-def estimate(todo: list[Step], model: str, resolution: int | None) -> list[str]:
-    """The dry run's cost lines: per step kind the estimated time of what is left to run, the total, the largest
-    training floor; or one line saying why there is no estimate."""
+MODEL_LOADS = {"weights": 3}  # the base, the model before and after the fine-tune; every other step on the model: one
+
+
+def estimate(todo: list[Step], model: str, resolution: int | None, workers: int = 1) -> list[str]:
+    """The dry run's cost lines: per step kind the estimated time of what is left to run, the workers' starts, the
+    total, the largest training floor; or one line saying why there is no estimate."""
     shape = model_shape(model, resolution)
     if shape is None:
         return [f"no cost estimate: the config files of {model} are not on this machine"]
     rates = read_rates()
     seconds = estimated_seconds(todo, shape, rates)
+    if todo:
+        seconds["start"] = workers * rates.get("start_s", 0.0)
     lines = [f"estimated time on {rates['measured_on']} ({shape.family}, {shape.gflop_per_pass:,.1f} GFLOP a denoiser "
              f"pass, {shape.parameters / 1e9:.3f} B parameters; rates from {rates['source']}):"]
-    lines += [f"  {kind:<9} {_duration(seconds[kind])}" for kind in STEP_KINDS if kind in seconds]
-    lines.append(f"  {'total':<9} {_duration(sum(seconds.values()))}")
+    lines += [f"  {kind:<9} {_duration(seconds[kind])}" for kind in (*STEP_KINDS, "start") if kind in seconds]
+    total = sum(seconds.values())
+    lines.append(f"  {'total':<9} {_duration(total)}" + (f" of step time; with {workers} workers side by side at least "
+                                                          f"{_duration(total / workers)} of wall time" if workers > 1 else ""))
+    if rates.get("workers", 1) != workers:
+        lines.append(f"  (the rates are of steps {rates.get('workers', 1)} at a time; this run has {workers}: on a CPU a step's threads "
+                     f"differ, so measure them with benchmarks/step_rates.py --workers {workers})")
     lines.append(f"largest training floor: {largest_floor(todo, shape) / 2**30:.1f} GiB (weights, gradients, optimizer "
                  "moments; activations not counted)")
     return lines
 
 
 def estimated_seconds(todo: list[Step], shape: ModelShape, rates: dict) -> dict[str, float]:
-    """Seconds per step kind: passes x a pass's GFLOP / the measured rate (sampling's for generation, training's for
-    the rest), plus the detector's time per image scored, plus a model load for each step that runs the model (two
-    for a weights step); on the toy model the loads are most of a step."""
+    """Seconds per step kind: the step's GFLOP / the measured rate (sampling's for generation, training's for the
+    rest), plus the detector's time per image scored, plus its model loads, LoRA fuses and a training run's fixed cost;
+    on the toy model these are much of a step."""
     seconds: dict[str, float] = {}
     for step in todo:
         rate = rates["sample_gflop_per_s"] if step.kind == "generate" else rates["train_gflop_per_s"]
-        loads = 2 if step.kind == "weights" else int(STEP_KINDS[step.kind].device)
-        took = step_passes(step) * shape.gflop_per_pass / rate + images_scored(step) * rates["evaluate_s_per_image"] \
-            + loads * rates.get("load_s", 0.0)
+        loads = MODEL_LOADS.get(step.kind, int(STEP_KINDS[step.kind].device))
+        took = step_gflop(step, shape) / rate + images_scored(step) * rates["evaluate_s_per_image"] \
+            + loads * rates.get("load_s", 0.0) + lora_fuses(step) * rates.get("fuse_s", 0.0) \
+            + (rates.get("train_run_s", 0.0) if step.kind in ("align", "finetune") else 0.0)
         seconds[step.kind] = seconds.get(step.kind, 0.0) + took
     return seconds
 

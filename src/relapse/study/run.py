@@ -165,7 +165,9 @@ def run_study(run: StudyRunConfig) -> Path:
     if run.dry_run:
         from relapse.study.cost import estimate
 
-        print("\n".join(estimate([s for s in plan.steps if not s.done(run_dir)], study.config.model, study.config.sampler.resolution)))
+        todo = [s for s in plan.steps if not s.done(run_dir)]
+        workers = run.workers if run.executor == "local" else 1  # a Ray cluster's size is not known before it starts
+        print("\n".join(estimate(todo, study.config.model, study.config.sampler.resolution, workers)))
         return run_dir
     study.run(run_dir, resume=run.resume, workers=run.workers, executor=run.executor, address=run.address)
     if main:
