@@ -77,7 +77,7 @@ def main() -> None:
     cold = f"import relapse; relapse.load({args.model!r})"  # a fresh worker: the interpreter, the imports, a first load
     start_s = min(timed(lambda: subprocess.run([sys.executable, "-c", cold], check=True, capture_output=True)) for _ in range(2)) - load_s
     device = "cuda: " + torch.cuda.get_device_name() if torch.cuda.is_available() else \
-        f"cpu: {cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads a step"
+        f"cpu: {cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} thread(s) a step"
     sampled_gflop = len(prompts) * (20 * shape.passes_per_sample_step * shape.gflop_per_pass + shape.decode_gflop)
     rates = {"measured_on": device, "source": f"benchmarks/step_rates.py --workers {args.workers} on {args.model}, {date.today()}",
              "train_gflop_per_s": round(train_gflop_per_s, 3),
