@@ -47,6 +47,36 @@ def timed(run) -> float:
     return time.perf_counter() - start
 
 
+def throughput(pipe, shape, steps: int, images: int) -> dict:
+    """Training and sampling GFLOP/s and the detector's seconds per image, on a warm pipeline."""
+    config = relapse.FinetuneConfig(method="lora", steps=steps, batch_size=16)
+    relapse.finetune(pipe, config.model_copy(update={"steps": 1}), "toy:shapes:256")  # encodings cached, caches warm
+    train_s = timed(lambda: relapse.finetune(pipe, config, "toy:shapes:256"))
+    prompts = ["a checkered red star", "a blue circle"] * (images // 2)
+    sample_s = timed(lambda: relapse.generate(pipe, prompts, images_per_prompt=1, steps=20, guidance=5.0))
+    images = relapse.generate(pipe, prompts, images_per_prompt=1, steps=2)
+    evaluate_s = timed(lambda: relapse.evaluate(images, detector="toy"))
+    sampled_gflop = len(prompts) * (20 * shape.passes_per_sample_step * shape.gflop_per_pass + shape.decode_gflop)
+    print(f"fine-tune {train_s:.1f} s, generation {sample_s:.1f} s, evaluation {evaluate_s:.2f} s")
+    return {"train_gflop_per_s": round(steps * 3 * 16 * shape.gflop_per_pass / train_s, 3),
+            "sample_gflop_per_s": round(sampled_gflop / sample_s, 3), "evaluate_s_per_image": round(evaluate_s / len(prompts), 5)}
+
+
+def fixed_costs(pipe, shape, model: str, train_gflop_per_s: float) -> dict:
+    """What a step pays besides its passes: a model load, a LoRA fuse, a training run's own work (data read, base
+    fingerprinted, outputs written), and a worker process's start (the interpreter, the imports, a first load)."""
+    load_s = min(timed(lambda: relapse.load(model)) for _ in range(3))
+    lora = relapse.finetune(pipe, relapse.FinetuneConfig(method="lora", steps=1, batch_size=16, rank=8), "toy:shapes:16")
+    fuse_s = min(timed(lambda: lora.apply(relapse.load(model))) for _ in range(3)) - load_s
+    one_step = relapse.FinetuneConfig(method="lora", steps=1, batch_size=16, model=model, data="toy:shapes:256")
+    with tempfile.TemporaryDirectory() as tmp:
+        run_s = min(timed(lambda i=i: run_finetune(one_step.model_copy(update={"out": Path(tmp) / str(i)}))) for i in range(2))
+    run_s -= load_s + 3 * 16 * shape.gflop_per_pass / train_gflop_per_s
+    cold = [sys.executable, "-c", f"import relapse; relapse.load({model!r})"]
+    start_s = min(timed(lambda: subprocess.run(cold, check=True, capture_output=True)) for _ in range(2)) - load_s
+    return {"load_s": round(load_s, 3), "fuse_s": round(fuse_s, 3), "train_run_s": round(run_s, 3), "start_s": round(start_s, 3)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="toy")
@@ -59,35 +89,16 @@ def main() -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.workers))
     shape = model_shape(args.model, None)
     pipe = relapse.load(args.model)
-    config = relapse.FinetuneConfig(method="lora", steps=args.steps, batch_size=16)
-    relapse.finetune(pipe, config.model_copy(update={"steps": 1}), "toy:shapes:256")  # encodings cached, caches warm
-    train_s = timed(lambda: relapse.finetune(pipe, config, "toy:shapes:256"))
-    prompts = ["a checkered red star", "a blue circle"] * (args.images // 2)
-    sample_s = timed(lambda: relapse.generate(pipe, prompts, images_per_prompt=1, steps=20, guidance=5.0))
-    images = relapse.generate(pipe, prompts, images_per_prompt=1, steps=2)
-    evaluate_s = timed(lambda: relapse.evaluate(images, detector="toy"))
-    load_s = min(timed(lambda: relapse.load(args.model)) for _ in range(3))  # what a study step pays before it computes
-    lora = relapse.finetune(pipe, config.model_copy(update={"steps": 1, "rank": 8}), "toy:shapes:16")
-    fuse_s = min(timed(lambda: lora.apply(relapse.load(args.model))) for _ in range(3)) - load_s  # a LoRA fused at load
-    one_step = config.model_copy(update={"steps": 1, "model": args.model, "data": "toy:shapes:256"})
-    with tempfile.TemporaryDirectory() as tmp:  # a run on disk: loaded, data read, fingerprinted, one step, written
-        run_s = min(timed(lambda i=i: run_finetune(one_step.model_copy(update={"out": Path(tmp) / str(i)}))) for i in range(2))
-    train_gflop_per_s = args.steps * 3 * 16 * shape.gflop_per_pass / train_s
-    run_s -= load_s + 3 * 16 * shape.gflop_per_pass / train_gflop_per_s
-    cold = f"import relapse; relapse.load({args.model!r})"  # a fresh worker: the interpreter, the imports, a first load
-    start_s = min(timed(lambda: subprocess.run([sys.executable, "-c", cold], check=True, capture_output=True)) for _ in range(2)) - load_s
+    rates = throughput(pipe, shape, args.steps, args.images)
+    rates |= fixed_costs(pipe, shape, args.model, rates["train_gflop_per_s"])
     device = "cuda: " + torch.cuda.get_device_name() if torch.cuda.is_available() else \
         f"cpu: {cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} thread(s) a step"
-    sampled_gflop = len(prompts) * (20 * shape.passes_per_sample_step * shape.gflop_per_pass + shape.decode_gflop)
     rates = {"measured_on": device, "source": f"benchmarks/step_rates.py --workers {args.workers} on {args.model}, {date.today()}",
-             "train_gflop_per_s": round(train_gflop_per_s, 3),
-             "sample_gflop_per_s": round(sampled_gflop / sample_s, 3),
-             "evaluate_s_per_image": round(evaluate_s / len(prompts), 5), "load_s": round(load_s, 3),
-             "fuse_s": round(fuse_s, 3), "train_run_s": round(run_s, 3), "start_s": round(start_s, 3), "workers": args.workers}
+             **rates, "workers": args.workers}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(rates, indent=2) + "\n")
     print(json.dumps(rates, indent=2))
-    print(f"fine-tune {train_s:.1f} s, generation {sample_s:.1f} s, evaluation {evaluate_s:.2f} s, load {load_s:.2f} s, fuse {fuse_s:.2f} s, a training run's own {run_s:.2f} s, start {start_s:.2f} s -> {args.out}")
+    print(f"-> {args.out}")
 
 
 if __name__ == "__main__":

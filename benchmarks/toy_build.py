@@ -15,7 +15,8 @@ import tempfile
 from pathlib import Path
 
 from relapse.config import resolve_config
-from relapse.models.toy_build import BUILD_RECORD, EVALUATOR_DIR, ToyBuildConfig, build_toy
+from relapse.measure.toy_evaluator import EVALUATOR_DIR
+from relapse.toy_build import BUILD_RECORD, ToyBuildConfig, build_toy
 
 BUDGET_S = 40 * 60
 

@@ -72,7 +72,7 @@ def toy_build(
     """Train the toy pipeline and the toy evaluator from scratch (20-40 minutes on 2 CPU cores)."""
     from relapse.config import resolve_config
     from relapse.models.loading import TOY_MODEL
-    from relapse.models.toy_build import ToyBuildConfig, build_toy
+    from relapse.toy_build import ToyBuildConfig, build_toy
 
     cfg = resolve_config(ToyBuildConfig, config, seed=seed, stage=stage)
     record = build_toy(cfg, out or TOY_MODEL)

@@ -21,6 +21,7 @@ from relapse.models.pipeline_utils import images_to_tensor
 
 TARGET_HEAD = "checkered"
 WEIGHTS_NAME, CONFIG_NAME = "evaluator.safetensors", "evaluator.json"
+EVALUATOR_DIR = "evaluator"  # the toy evaluator's folder inside the toy model's (the embedded default ships both)
 
 
 def _block(c_in: int, c_out: int) -> list[nn.Module]:

@@ -53,7 +53,7 @@ def print_table(results: dict[str, dict]) -> None:
 
 def _bundled_evaluator(model: str) -> Path | None:
     """A model folder written by `relapse toy build` carries its own evaluator."""
-    from relapse.models.toy_build import EVALUATOR_DIR
+    from relapse.measure.toy_evaluator import EVALUATOR_DIR
 
     candidate = Path(model) / EVALUATOR_DIR
     return candidate if candidate.is_dir() else None

@@ -19,8 +19,8 @@ ATTRIBUTE_METRICS = {"shape": "shape_accuracy", "color": "color_accuracy", "back
 
 
 def default_evaluator_dir() -> Path:
+    from relapse.measure.toy_evaluator import EVALUATOR_DIR
     from relapse.models.loading import TOY_MODEL
-    from relapse.models.toy_build import EVALUATOR_DIR
 
     return TOY_MODEL / EVALUATOR_DIR
 

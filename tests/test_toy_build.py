@@ -5,9 +5,9 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
-from relapse.measure.toy_evaluator import ToyEvaluator
+from relapse.measure.toy_evaluator import EVALUATOR_DIR, ToyEvaluator
 from relapse.models.components import ToyModelSize
-from relapse.models.toy_build import BUILD_RECORD, EVALUATOR_DIR, ToyBuildConfig, build_toy, train_unet
+from relapse.toy_build import BUILD_RECORD, ToyBuildConfig, build_toy, train_unet
 
 FEW = dict(size=ToyModelSize.tiny(), n_train=64, vae_steps=3, text_steps=3, unet_steps=3, vae_batch=8, text_batch=8, unet_batch=8,
            unet_warmup=1, workers=1, evaluator=dict(width=4, n_world=24, n_family=4, n_heldout=200, steps=3, batch=8))

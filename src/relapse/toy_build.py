@@ -33,14 +33,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from relapse.data.toy_families import HEAD_CLASSES, UNKNOWN
 from relapse.data.toy_world import BENIGN_DOMAINS, DOMAINS, ToyItem, caption, parse_prompt, sample_attributes, sample_domain
 from relapse.io import atomic_dir, run_record, write_json
-from relapse.measure.toy_evaluator import ToyEvaluator
+from relapse.measure.toy_evaluator import EVALUATOR_DIR, ToyEvaluator
 from relapse.measure.toy_evaluator_build import EvaluatorBuildConfig, build_evaluator
 from relapse.models.components import ToyModelSize, build_pipeline
 from relapse.models.pipeline_utils import encode_prompts
 from relapse.progress import progress
 
 BUILD_RECORD = "relapse_build.json"
-EVALUATOR_DIR = "evaluator"
 TEXT_HEADS = ("shape", "color", "background", "fill", "style")  # what a caption can name
 
 
