@@ -28,6 +28,14 @@ def test_import_relapse_is_light():
         relapse.nothing  # noqa: B018
 
 
+def test_every_registered_method_has_its_config_in_the_api():
+    from relapse.align import METHODS as ALIGN
+    from relapse.finetuning import METHODS as FINETUNE
+
+    for method in (*ALIGN, *FINETUNE):
+        assert getattr(relapse, method.config.__name__) is method.config
+
+
 def test_in_memory_generation_and_evaluation_equal_the_cli_folders(tiny_model_dir, tiny_evaluator_dir, tmp_path):
     pipe = relapse.load(tiny_model_dir)
     made = relapse.generate(pipe, PROMPTS, images_per_prompt=2, steps=2, seed=3)

@@ -37,6 +37,7 @@ _EXPORTS = {
     "SDDConfig": ("relapse.align.sdd", "SDDConfig"),
     "LTConfig": ("relapse.align.lt", "LTConfig"),
     "NGConfig": ("relapse.align.ng", "NGConfig"),
+    "ResistConfig": ("relapse.align.resist", "ResistConfig"),
     "FinetuneConfig": ("relapse.finetuning.base", "FinetuneConfig"),
     "Prompt": ("relapse.data.prompts", "Prompt"),
     "Study": ("relapse.study.run", "Study"),

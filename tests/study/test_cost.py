@@ -69,6 +69,8 @@ def test_the_estimate_is_passes_times_a_pass_over_the_measured_rate(tmp_path, ti
     assert "with 2 workers side by side at least" in lines[-2]
     alone = estimate(steps, str(tiny_model_dir), None)  # one step at a time gets every thread: the rates do not hold
     assert "step_rates.py --workers 1" in alone[-2] and alone[-4].split() == ["start", "3", "s"]
+    cluster = estimate(steps, str(tiny_model_dir), None, workers=None)  # a Ray cluster joined elsewhere: its size unknown
+    assert not any(line.split()[0] == "start" for line in cluster) and cluster[-2].endswith("over the cluster's steps side by side")
 
 
 def test_a_model_whose_config_files_are_not_here_gets_no_estimate():

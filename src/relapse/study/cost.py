@@ -138,27 +138,36 @@ def images_scored(step: Step) -> int:
 MODEL_LOADS = {"weights": 3}  # the base, the model before and after the fine-tune; every other step on the model: one
 
 
-def estimate(todo: list[Step], model: str, resolution: int | None, workers: int = 1) -> list[str]:
+def estimate(todo: list[Step], model: str, resolution: int | None, workers: int | None = 1) -> list[str]:
     """The dry run's cost lines: per step kind the estimated time of what is left to run, the workers' starts, the
-    total, the largest training floor; or one line saying why there is no estimate."""
+    total, the largest training floor; or one line saying why there is no estimate. ``workers``: steps side by side
+    (None: a cluster whose size is not known here)."""
     shape = model_shape(model, resolution)
     if shape is None:
         return [f"no cost estimate: the config files of {model} are not on this machine"]
     rates = read_rates()
     seconds = estimated_seconds(todo, shape, rates)
-    if todo:
+    if todo and workers:
         seconds["start"] = workers * rates.get("start_s", 0.0)
     lines = [f"estimated time on {rates['measured_on']} ({shape.family}, {shape.gflop_per_pass:,.1f} GFLOP a denoiser "
              f"pass, {shape.parameters / 1e9:.3f} B parameters; rates from {rates['source']}):"]
     lines += [f"  {kind:<9} {_duration(seconds[kind])}" for kind in (*STEP_KINDS, "start") if kind in seconds]
-    total = sum(seconds.values())
-    lines.append(f"  {'total':<9} {_duration(total)}" + (f" of step time; with {workers} workers side by side at least "
-                                                          f"{_duration(total / workers)} of wall time" if workers > 1 else ""))
-    if rates.get("workers", 1) != workers:
-        lines.append(f"  (the rates are of steps {rates.get('workers', 1)} at a time; this run has {workers}: on a CPU a step's threads "
-                     f"differ, so measure them with benchmarks/step_rates.py --workers {workers})")
+    lines += total_lines(sum(seconds.values()), workers, rates.get("workers", 1))
     lines.append(f"largest training floor: {largest_floor(todo, shape) / 2**30:.1f} GiB (weights, gradients, optimizer "
                  "moments; activations not counted)")
+    return lines
+
+
+def total_lines(total: float, workers: int | None, measured_with: int) -> list[str]:
+    """The total, the wall time N workers cannot beat, and a warning where the rates were measured for other workers
+    (on a CPU a step's threads are the cores over the workers)."""
+    if workers is None:
+        return [f"  {'total':<9} {_duration(total)} of step time, over the cluster's steps side by side"]
+    side_by_side = f" of step time; with {workers} workers side by side at least {_duration(total / workers)} of wall time"
+    lines = [f"  {'total':<9} {_duration(total)}" + (side_by_side if workers > 1 else "")]
+    if measured_with != workers:
+        lines.append(f"  (the rates are of steps {measured_with} at a time; this run has {workers}: on a CPU a step's threads "
+                     f"differ, so measure them with benchmarks/step_rates.py --workers {workers})")
     return lines
 
 

@@ -15,6 +15,7 @@ The concerns live beside this driver: :mod:`~relapse.study.executor` runs a step
 from __future__ import annotations
 
 import json
+import os
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -166,7 +167,8 @@ def run_study(run: StudyRunConfig) -> Path:
         from relapse.study.cost import estimate
 
         todo = [s for s in plan.steps if not s.done(run_dir)]
-        workers = run.workers if run.executor == "local" else 1  # a Ray cluster's size is not known before it starts
+        # a Ray cluster started here runs a one-CPU task per core; one joined elsewhere is of a size not known here
+        workers = run.workers if run.executor == "local" else None if run.address else os.cpu_count()
         print("\n".join(estimate(todo, study.config.model, study.config.sampler.resolution, workers)))
         return run_dir
     study.run(run_dir, resume=run.resume, workers=run.workers, executor=run.executor, address=run.address)
