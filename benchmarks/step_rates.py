@@ -94,7 +94,7 @@ def main() -> None:
     device = "cuda: " + torch.cuda.get_device_name() if torch.cuda.is_available() else \
         f"cpu: {cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} thread(s) a step"
     rates = {"measured_on": device, "source": f"benchmarks/step_rates.py --workers {args.workers} on {args.model}, {date.today()}",
-             **rates, "workers": args.workers}
+             **rates, "workers": args.workers, "parameters": shape.parameters}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(rates, indent=2) + "\n")
     print(json.dumps(rates, indent=2))

@@ -71,6 +71,8 @@ def test_the_estimate_is_passes_times_a_pass_over_the_measured_rate(tmp_path, ti
     assert "step_rates.py --workers 1" in alone[-2] and alone[-4].split() == ["start", "3", "s"]
     cluster = estimate(steps, str(tiny_model_dir), None, workers=None)  # a Ray cluster joined elsewhere: its size unknown
     assert not any(line.split()[0] == "start" for line in cluster) and cluster[-2].endswith("over the cluster's steps side by side")
+    (tmp_path / "step_rates.json").write_text(json.dumps(rates | {"parameters": 4028804}))  # the toy model's table
+    assert "measure them on this one with benchmarks/step_rates.py --model" in estimate(steps, str(tiny_model_dir), None, 2)[-2]
 
 
 def test_a_model_whose_config_files_are_not_here_gets_no_estimate():

@@ -153,6 +153,9 @@ def estimate(todo: list[Step], model: str, resolution: int | None, workers: int 
              f"pass, {shape.parameters / 1e9:.3f} B parameters; rates from {rates['source']}):"]
     lines += [f"  {kind:<9} {_duration(seconds[kind])}" for kind in (*STEP_KINDS, "start") if kind in seconds]
     lines += total_lines(sum(seconds.values()), workers, rates.get("workers", 1))
+    if rates.get("parameters", shape.parameters) != shape.parameters:
+        lines.append(f"  (the table was measured on a model of {rates['parameters'] / 1e9:.3f} B parameters: its loads, fuses and "
+                     "starts hold for that model; measure them on this one with benchmarks/step_rates.py --model)")
     lines.append(f"largest training floor: {largest_floor(todo, shape) / 2**30:.1f} GiB (weights, gradients, optimizer "
                  "moments; activations not counted)")
     return lines
