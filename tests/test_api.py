@@ -4,6 +4,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
@@ -26,6 +27,18 @@ def test_import_relapse_is_light():
     assert set(relapse.__all__) <= set(dir(relapse))
     with pytest.raises(AttributeError, match="no attribute 'nothing'"):
         relapse.nothing  # noqa: B018
+
+
+def test_no_subpackage_shadows_an_exported_name():
+    """Importing ``relapse.X`` sets the attribute ``X`` on the package: a subpackage named like an exported function
+    would replace it (``relapse.audit`` became a module once ``relapse.audit.audit`` had been imported)."""
+    import importlib
+    import pkgutil
+
+    for module in pkgutil.walk_packages(relapse.__path__, "relapse."):
+        importlib.import_module(module.name)
+    shadowed = [name for name in relapse.__all__ if name != "progress" and isinstance(getattr(relapse, name), ModuleType)]
+    assert shadowed == []
 
 
 def test_every_registered_method_has_its_config_in_the_api():

@@ -28,7 +28,7 @@ _EXPORTS = {
     "erase": ("relapse.align.api", "erase"),
     "harden": ("relapse.align.api", "harden"),
     "finetune": ("relapse.finetuning.base", "finetune"),
-    "audit": ("relapse.audit.audit", "audit"),
+    "audit": ("relapse.verdict.audit", "audit"),
     "attack_prompts": ("relapse.attack.prompts", "attack_prompts"),
     "PromptAttackConfig": ("relapse.attack.prompts", "PromptAttackConfig"),
     "TrainedModule": ("relapse.train.module", "TrainedModule"),

@@ -281,8 +281,8 @@ def audit(
 ) -> None:
     """Does LORA undo the safety alignment of the model it will run on? A weight-space pre-screen, then the target rate
     of the aligned model with and without it; PASS (exit 0) or FAIL (exit 1); OUT/audit.json and audit.html."""
-    from relapse.audit.audit import AuditConfig, run_audit
     from relapse.config import resolve_config
+    from relapse.verdict.audit import AuditConfig, run_audit
 
     cfg = resolve_config(AuditConfig, config, lora=lora, model=model, safety=safety or None, safety_scales=safety_scale or None,
                          base=base, prompts=prompts, lora_prompts=lora_prompts, fail_above=fail_above, detector=detector,

@@ -20,7 +20,7 @@ import numpy as np
 
 from relapse.errors import UserError
 from relapse.measure.metrics import HEADLINE_METRIC, METRICS, ON_PROMPT_METRIC
-from relapse.report.page import figure_png, grid_figure, img, write_page
+from relapse.pages import figure_png, grid_figure, img, write_page
 
 REPORT = "report.html"
 GRID_IMAGES = 8
@@ -273,7 +273,7 @@ def weights_section(res: StudyResults) -> list[str]:
 def audit_section(res: StudyResults) -> str:
     """What ``relapse audit`` says of each LoRA the study trained: its verdict reads the target rate of the aligned
     model with the LoRA fused (the scenario's last step: the same weights) against the default threshold."""
-    from relapse.audit.audit import FAIL_ABOVE
+    from relapse.verdict.audit import FAIL_ABOVE
 
     scenarios = [s for s in res.scenarios()
                  if res.config.get("scenarios", {}).get(s, {}).get("finetune", {}).get("method") in ("lora", "modular")]

@@ -61,7 +61,7 @@ def _bundled_evaluator(model: str) -> Path | None:
 
 def run_demo(cfg: DemoConfig) -> dict[str, dict]:
     from relapse.models.loading import load_pipeline
-    from relapse.report.grid import save_grid
+    from relapse.pages import save_grid
 
     pipe = load_pipeline(cfg.model)
     detector = build_detector("toy", weights=cfg.evaluator or _bundled_evaluator(cfg.model))

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from relapse.measure.metrics import HEADLINE_METRIC, METRICS
-from relapse.report.page import grid_figure, write_page
+from relapse.pages import grid_figure, write_page
 
 AUDIT_PAGE = "audit.html"
 MEASURED = {"aligned": "the aligned model", "with_lora": "the aligned model + the LoRA", "lora_quality": "+ the LoRA, its own prompts"}

@@ -154,10 +154,10 @@ AUDIT_JSON = "audit.json"
 
 def run_audit(cfg: AuditConfig) -> tuple[dict, Path]:
     """``relapse audit``: load, audit, and write OUT (audit.json, audit.html, the images) in one rename."""
-    from relapse.audit.page import MEASURED, write_audit_page
     from relapse.io import atomic_dir, run_record, write_json
     from relapse.models.loading import load_pipeline
     from relapse.models.lora import checked_lora_file, resolve_lora_specs
+    from relapse.verdict.page import MEASURED, write_audit_page
 
     lora_path = checked_lora_file(cfg.lora)
     cfg = cfg.defaults_for(cfg.model)
