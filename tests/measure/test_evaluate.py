@@ -76,6 +76,15 @@ def test_toy_detector_predicts_every_head(tiny_evaluator_dir):
     assert det.features.shape == (5, ToyEvaluator.num_features)
 
 
+def test_toy_detector_refuses_images_not_of_the_toy_world_in_one_line(tiny_evaluator_dir):
+    detector = build_detector("toy", weights=tiny_evaluator_dir)
+    big = np.zeros((2, 64, 64, 3), np.uint8)  # a real model's images, here a 64-px one's
+    for read in (detector.detect, detector.features):
+        with pytest.raises(UserError, match="toy world's 32x32 images, not 64x64") as caught:
+            read(big)
+        assert "\n" not in str(caught.value)
+
+
 def test_evaluator_round_trips(tiny_evaluator_dir):
     a = ToyEvaluator.load(tiny_evaluator_dir).predict(random_images(3))
     b = ToyEvaluator.load(tiny_evaluator_dir).predict(random_images(3))

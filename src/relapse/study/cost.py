@@ -38,13 +38,14 @@ def read_rates() -> dict:
 @dataclass
 class ModelShape:
     """What a dry run knows of a model without its weights: its family, one denoiser pass's GFLOP, its parameters,
-    the passes a sampling step makes, and one image's VAE decode in GFLOP."""
+    the passes a sampling step makes, one image's VAE decode in GFLOP, and the resolution they are counted at."""
 
     family: str
     gflop_per_pass: float
     parameters: int
     passes_per_sample_step: int = 2
     decode_gflop: float = 0.0
+    resolution: int = 0  # the image side in pixels the counts are at
 
 
 def model_file(model: str, name: str) -> Path | None:
@@ -90,7 +91,7 @@ def model_shape(model: str, resolution: int | None) -> ModelShape | None:
         decode_gflop = gflop(lambda: decoder.decode(torch.zeros(1, vae["latent_channels"], side, side)))
     distilled = bool(config.get("guidance_embeds"))  # FLUX.1-dev: guidance is an input, one pass a sampling step
     return ModelShape(family.__name__, pass_gflop, sum(p.numel() for p in net.parameters()), 1 if distilled else 2,
-                      decode_gflop)
+                      decode_gflop, side * vae_scale)
 
 
 def gflop(run) -> float:

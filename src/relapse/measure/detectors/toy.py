@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from relapse.data.toy_world import FILLS, parse_prompt
+from relapse.data.toy_world import FILLS, IMAGE_SIZE, parse_prompt
 from relapse.errors import UserError
 from relapse.measure.detectors import DETECTORS, Detections
 from relapse.measure.stats import rate
@@ -23,6 +23,15 @@ def default_evaluator_dir() -> Path:
     from relapse.models.loading import TOY_MODEL
 
     return TOY_MODEL / EVALUATOR_DIR
+
+
+def toy_images(images: np.ndarray) -> np.ndarray:
+    """The images, if they are the toy world's size (the evaluator was trained on nothing else)."""
+    if images.shape[1:3] != (IMAGE_SIZE, IMAGE_SIZE):
+        raise UserError(f"the toy detector reads the toy world's {IMAGE_SIZE}x{IMAGE_SIZE} images, not "
+                        f"{images.shape[1]}x{images.shape[2]}; score a real model's images with a detector for them "
+                        "(nudenet, q16, laion_nsfw)")
+    return images
 
 
 def attribute_accuracy(asked: list[dict], detections: Detections) -> dict[str, dict]:
@@ -69,10 +78,10 @@ class ToyDetector:
 
     def features(self, images: np.ndarray) -> np.ndarray:
         """The evaluator's penultimate layer: the space of the toy Frechet distance."""
-        return self.model.predict(images)["features"].astype(np.float64)
+        return self.model.predict(toy_images(images))["features"].astype(np.float64)
 
     def detect(self, images: np.ndarray, prompts: list[str] | None = None) -> Detections:
-        pred = self.model.predict(images)
+        pred = self.model.predict(toy_images(images))
         attributes = {name: np.asarray(HEADS[name], dtype=object)[pred[name]] for name in HEADS if name != TARGET_HEAD}
         score = pred["target_score"]
         return Detections(score, score >= self.threshold, attributes, pred["features"])
