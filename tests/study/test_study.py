@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from relapse.errors import UserError
@@ -109,6 +110,8 @@ def test_study_resumes_after_kill_9_and_gives_the_same_rows(study_yaml, tmp_path
     assert (straight / evaluation["images"] / evaluation["per_image"][0]["file"]).is_file()  # which names its images
     side_by_side = run_study(StudyRunConfig(config=study_yaml, out=tmp_path / "workers", workers=2))
     assert_rows_of_one_process(side_by_side, straight)
+    threads = [json.loads((d / "run.json").read_text())["threads_per_step"] for d in (straight, side_by_side)]
+    assert threads == [torch.get_num_threads(), max(1, (os.cpu_count() or 1) // 2)]  # what the rows' float sums ran on
     assert set(json.loads((side_by_side / "run.json").read_text())["seconds_by_kind"]) == {"align", "finetune", "generate", "evaluate",
                                                                                           "weights"}
 
@@ -135,7 +138,8 @@ def test_ray_resumes_a_killed_study_and_gives_the_rows_of_one_process(study_yaml
     assert 0 < sum(step.done(killed) for step in plan.steps) < len(plan.steps)
     resumed = run_study(StudyRunConfig(config=study_yaml, out=killed, resume=True, executor="ray"))
     assert_rows_of_one_process(resumed, straight)
-    assert json.loads((resumed / "run.json").read_text())["config"]["executor"] == "ray"
+    record = json.loads((resumed / "run.json").read_text())
+    assert record["config"]["executor"] == "ray" and record["threads_per_step"] == 1
 
 
 def test_ray_without_ray_installed_says_how_to_install_it(study_yaml, tmp_path, run_cli, monkeypatch):

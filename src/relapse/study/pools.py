@@ -48,6 +48,16 @@ def die_with_parent(driver: int) -> None:
         os._exit(1)
 
 
+def step_threads(executor: str, workers: int) -> int:
+    """The CPU threads each step runs with: a float sum's order, and so some rows, depend on it (run.json records it).
+    One process: torch's own count; ``workers`` processes: the cores split among them; Ray: one, a one-CPU task each."""
+    import torch
+
+    if executor == "ray":
+        return 1
+    return torch.get_num_threads() if workers == 1 else max(1, (os.cpu_count() or 1) // workers)
+
+
 def start_local_worker(threads: int, driver: int) -> None:
     import torch
 
@@ -65,7 +75,7 @@ class LocalPool:
         from concurrent.futures import ProcessPoolExecutor
 
         self.run_dir, self.slots = str(run_dir), workers
-        threads = max(1, (os.cpu_count() or 1) // workers)
+        threads = step_threads("local", workers)
         self.pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                         initializer=start_local_worker, initargs=(threads, os.getpid()))
 
@@ -80,7 +90,10 @@ def run_on_ray_worker(run_dir: str, step: Step) -> float:
     """A Ray task: its worker process first asks to end with its raylet, so a driver killed with the cluster it
     started leaves no task running on into the run folder."""
     if run_dir not in _executors:
+        import torch
+
         die_with_parent(os.getppid())
+        torch.set_num_threads(step_threads("ray", 1))  # the task's one CPU, whatever the node's environment says
     return run_on_worker(run_dir, step)
 
 

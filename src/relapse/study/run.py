@@ -30,7 +30,7 @@ from relapse.study.config import StudyConfig
 from relapse.study.executor import Executor, process_state
 from relapse.study.lock import run_lock
 from relapse.study.plan import Plan, build_plan
-from relapse.study.pools import POOLS
+from relapse.study.pools import POOLS, step_threads
 from relapse.study.results import collect, write_results
 from relapse.study.scheduler import run_steps, step_times
 from relapse.study.summary import describe_plan, print_summary
@@ -138,7 +138,8 @@ class Study:
                 invocation = {"config": str(source) if source else None, "out": str(run_dir), "resume": resume, "workers": workers,
                               "executor": executor}
                 write_json(run_dir / RUN_RECORD, run_record("study", invocation, self.config.seeds, steps=len(plan.steps), ran=len(todo),
-                                                            processes=processes.num_processes, **step_times(seconds),
+                                                            processes=processes.num_processes,
+                                                            threads_per_step=step_threads(executor, workers), **step_times(seconds),
                                                             wall_seconds=round(time.perf_counter() - start, 1)))
                 build_report(run_dir)
                 with tracked(self.config.tracker, self.config.name, run_dir / "logs" / "study",
