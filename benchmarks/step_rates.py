@@ -65,10 +65,15 @@ def training_items(resolution: int, n: int = 256) -> list:
     return [dataclasses.replace(item, image=item.image.repeat(k, 0).repeat(k, 1)) for item in items]
 
 
+def as_arrays(items: list) -> tuple[np.ndarray, list[str]]:
+    """Toy items as the (images, captions) a fine-tune takes in memory."""
+    return np.stack([item.image for item in items]), [item.caption for item in items]
+
+
 def throughput(pipe, shape, items: list, steps: int, batch: int, images: int, detector: str) -> dict:
     """Training and sampling GFLOP/s and the detector's seconds per image, on a warm pipeline."""
     config = relapse.FinetuneConfig(method="lora", steps=steps, batch_size=batch)
-    data = (np.stack([item.image for item in items]), [item.caption for item in items])
+    data = as_arrays(items)
     relapse.finetune(pipe, config.model_copy(update={"steps": 1}), data)  # encodings cached, caches warm
     train_s = timed(lambda: relapse.finetune(pipe, config, data))
     prompts = ["a checkered red star", "a blue circle"] * (images // 2)
@@ -85,8 +90,7 @@ def fixed_costs(pipe, shape, items: list, model: str, batch: int, train_gflop_pe
     """What a step pays besides its passes: a model load, a LoRA fuse, a training run's own work (data read, base
     fingerprinted, outputs written), and a worker process's start (the interpreter, the imports, a first load)."""
     load_s = min(timed(lambda: relapse.load(model)) for _ in range(3))
-    lora = relapse.finetune(pipe, relapse.FinetuneConfig(method="lora", steps=1, batch_size=batch, rank=8),
-                            (np.stack([item.image for item in items[:batch]]), [item.caption for item in items[:batch]]))
+    lora = relapse.finetune(pipe, relapse.FinetuneConfig(method="lora", steps=1, batch_size=batch, rank=8), as_arrays(items[:batch]))
     fuse_s = min(timed(lambda: lora.apply(relapse.load(model))) for _ in range(3)) - load_s
     with tempfile.TemporaryDirectory() as tmp:
         one_step = relapse.FinetuneConfig(method="lora", steps=1, batch_size=batch, model=model,

@@ -89,9 +89,8 @@ def model_shape(model: str, resolution: int | None) -> ModelShape | None:
         decoder = getattr(diffusers, vae.get("_class_name", "AutoencoderKL")).from_config(vae)
         pass_gflop = gflop(lambda: net(**family.counting_inputs(config, (vae["latent_channels"], side, side), tokens)))
         decode_gflop = gflop(lambda: decoder.decode(torch.zeros(1, vae["latent_channels"], side, side)))
-    distilled = bool(config.get("guidance_embeds"))  # FLUX.1-dev: guidance is an input, one pass a sampling step
-    return ModelShape(family.__name__, pass_gflop, sum(p.numel() for p in net.parameters()), 1 if distilled else 2,
-                      decode_gflop, side * vae_scale)
+    return ModelShape(family.__name__, pass_gflop, sum(p.numel() for p in net.parameters()),
+                      1 if family.distilled(config) else 2, decode_gflop, side * vae_scale)
 
 
 def gflop(run) -> float:

@@ -137,7 +137,6 @@ class Family:
     denoiser_name: ClassVar[str] = "unet"  # the pipeline component that trains
     lora_targets: ClassVar[list[str]] = ["to_k", "to_q", "to_v", "to_out.0"]  # diffusers' LoRA training scripts' choice
     objective_class: ClassVar[type[Objective]] = Diffusion
-    guidance_distilled: ClassVar[bool] = False
     single_text_encoder: ClassVar[bool] = False  # textual inversion and prompt attacks read one CLIP encoder
     lora_text_encoders: ClassVar[tuple[str, ...]] = ("text_encoder",)  # what --train-text-encoder adapts (CLIPs, not T5)
     cross_attention: ClassVar[tuple[str, ...]] = (".attn2.",)  # the layers that read the text (ESD-x trains these)
@@ -152,6 +151,16 @@ class Family:
     def objective(self) -> Objective:
         """What the denoiser predicts, made on first use: most callers of :func:`family_of` never train."""
         return self.objective_class(self.pipe.scheduler.config)
+
+    @classmethod
+    def distilled(cls, denoiser_config: dict) -> bool:
+        """Whether a denoiser of this config is guidance-distilled: guidance is one of its inputs, and sampling makes
+        one pass a step with no unconditional branch."""
+        return False
+
+    @property
+    def guidance_distilled(self) -> bool:
+        return self.distilled(self.denoiser().config)
 
     @classmethod
     def native_resolution(cls, denoiser_config: dict, vae_scale: int) -> int:

@@ -20,9 +20,9 @@ class Flux(FlowTransformer):
     pipelines = ("FluxPipeline",)
     denoiser_class = "FluxTransformer2DModel"
 
-    @property
-    def guidance_distilled(self) -> bool:
-        return bool(self.denoiser().config.guidance_embeds)
+    @classmethod
+    def distilled(cls, denoiser_config):
+        return bool(denoiser_config.get("guidance_embeds"))  # FLUX.1-dev; FLUX.1-schnell has no guidance input
 
     def embed(self, prompts):
         embeds, pooled, _ = self.pipe.encode_prompt(prompts, None, device=self.encoder_device, num_images_per_prompt=1)
