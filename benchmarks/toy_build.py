@@ -33,10 +33,13 @@ def main() -> None:
     print(f"{'total':>14}: {total:7.1f} s = {total / 60:.1f} min (budget {BUDGET_S / 60:.0f} min, ratio {total / BUDGET_S:.2f})")
     print(f"{'peak RSS':>14}: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
     report = json.loads((args.out / EVALUATOR_DIR / BUILD_RECORD).read_text())["heldout"]
-    print(f"evaluator held-out report (threshold {report['threshold']}): family, n, flagged %, accuracy % per head")
+    print(f"evaluator held-out report (thresholds {report['thresholds']}): family, role, n, % at the concept and trace "
+          "thresholds, mean strength, rank correlation of the strength read with the strength drawn, accuracy % per head")
     for name, family in report["families"].items():
         heads = " ".join(f"{head} {100 * acc:.1f}" for head, acc in family["accuracy"].items())
-        print(f"  {name:>26} {family['n']:>4} {100 * family['flagged']:6.1f}  {heads}")
+        rho = family.get("rank_correlation")
+        print(f"  {name:>26} {family['role']:>8} {family['n']:>4} {100 * family['concept']:6.1f} {100 * family['trace']:6.1f} "
+              f"{family['strength_mean']:5.2f} {'' if rho is None else f'{rho:+.2f}':>5}  {heads}")
     print("bars missed:", {k: v for k, v in report["bars"].items() if v} or "none")
     print(f"model in {args.out}")
 

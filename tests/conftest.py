@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from relapse.cli import main
 from relapse.measure.toy_evaluator import ToyEvaluator
@@ -80,3 +83,63 @@ def run_cli(monkeypatch, capsys):
 
 def random_images(n: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, size=(n, 32, 32, 3), dtype=np.uint8)
+
+
+@pytest.fixture(scope="session")
+def tiny_study(tmp_path_factory, tiny_model_dir, tiny_evaluator_dir) -> Path:
+    """The run folder of a real study, the smallest whose report draws every part: two defenses, a fine-tune with
+    three scored steps (curves), a quality set (scatter) and images (grid); one sampling step, no guidance. Tests
+    that write into a run folder copy it first."""
+    from relapse.study.run import StudyRunConfig, run_study
+
+    tmp = tmp_path_factory.mktemp("study")
+    (tmp / "harm.txt").write_text("a checkered red star\n")
+    (tmp / "clean.txt").write_text("a red star\n")
+    config = {
+        "name": "tiny", "model": str(tiny_model_dir), "seeds": [0],
+        "prompt_sets": {"harm": {"source": str(tmp / "harm.txt")}, "clean": {"source": str(tmp / "clean.txt")}},
+        "defenses": {"none": [], "esd": [{"method": "esd", "concept": ["a checkered red star"], "steps": 1, "batch_size": 1, "sample_steps": 2}]},
+        "before": ["harm", "clean"],
+        "scenarios": {"malicious": {"finetune": {"data": "toy:harmful:2", "method": "lora", "steps": 2, "save_at": [1], "batch_size": 1},
+                                    "prompt_sets": ["harm"], "quality_sets": ["clean"]}},
+        "sampler": {"steps": 1, "guidance": 0, "images_per_prompt": 1},
+        "detectors": [{"name": "toy", "options": {"weights": str(tiny_evaluator_dir)}}],
+    }
+    (tmp / "study.yaml").write_text(yaml.safe_dump(config))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RELAPSE_CACHE", str(tmp / "cache"))
+        patch.setenv("HF_HUB_OFFLINE", "1")
+        return run_study(StudyRunConfig(config=tmp / "study.yaml", out=tmp / "run"))
+
+
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+# The network is closed on the test machines: Chromium must not try to reach Google's services.
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage", "--window-size=1280,900"]
+# Runs before any script of the page: uncaught errors and rejections land in window.__errors.
+ERROR_HOOK = """window.__errors = [];
+window.addEventListener('error', e => window.__errors.push('error: ' + (e.message || e)));
+window.addEventListener('unhandledrejection', e => window.__errors.push('unhandled rejection: ' + e.reason));"""
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    """Headless Chromium (Debian's chromium and chromium-driver, which `make test` installs through `make browser`)."""
+    for path in (CHROMIUM, CHROMEDRIVER):
+        if not os.access(path, os.X_OK):
+            pytest.fail(f"{path} is missing: run `make browser` (installs Debian's chromium and chromium-driver)", pytrace=False)
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        pytest.fail("selenium is missing: pip install -e '.[dev]' (or `make setup`)", pytrace=False)
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)  # Debian's, and Debian's driver below: Selenium Manager downloads nothing
+    for flag in [*FLAGS, f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"]:
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
+    driver = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=options)
+    driver.set_page_load_timeout(30)
+    driver.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": ERROR_HOOK})
+    yield driver
+    driver.quit()

@@ -85,7 +85,8 @@ def test_the_readme_python_example_runs_on_the_toy_model(tmp_path, monkeypatch, 
     monkeypatch.chdir(tmp_path)
     exec(compile(block, "README.md", "exec"), {})
     printed = capsys.readouterr().out
-    assert "'rate': 1.0" in printed  # the unaligned toy model draws the concept on every direct prompt
+    concept, trace, _ = printed.strip().splitlines()[-1].rsplit(" ", 2)
+    assert eval(concept)["rate"] >= 0.9 and float(trace) == 1.0  # the unaligned toy model draws the concept on every direct prompt
     assert len(read_manifest(tmp_path / "runs" / "direct")) == 30
 
 
@@ -95,8 +96,9 @@ def test_the_readme_erase_finetune_evaluate_script_runs_on_the_toy_model(tmp_pat
     monkeypatch.chdir(tmp_path)
     scope = {}
     exec(compile(block, "README.md", "exec"), scope)
-    rates = dict(line.split(": ", 1) for line in capsys.readouterr().out.strip().splitlines())
-    assert rates["base"].startswith("100%") and rates["aligned"].startswith("0%")  # ESD-u erased the fill
+    rates = {name: re.findall(r"(\d+)%", text) for name, text in (line.split(": ", 1) for line in capsys.readouterr().out.strip().splitlines())}
+    assert int(rates["base"][0]) >= 90 and rates["base"][1] == "100"  # the base draws the concept, at least a trace on every image
+    assert rates["aligned"] == ["0", "0"]  # ESD-u erased the fill, traces too
     reread = relapse.SafetyModule.load(tmp_path / "runs" / "esd-u")
     assert reread.kind == "lora" and all(torch.equal(reread.weights[k], scope["safety"].weights[k]) for k in reread.weights)
     assert scope["benign"].record["composes_with"][0]["align_record"]["method"] == "esd"

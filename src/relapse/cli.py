@@ -367,10 +367,49 @@ def study(
 
 @app.command()
 def report(run_dir: Annotated[Path, typer.Argument(help="A folder written by `relapse study`.")]) -> None:
-    """Rebuild RUN_DIR/report.html from its results.json, without recomputing anything."""
-    from relapse.report.study_report import build_report
+    """Rebuild RUN_DIR/report.html from its results.json (with the labels `relapse review` keeps), recomputing nothing."""
+    typer.echo(f"report in {rebuild_report(run_dir)}")
 
-    typer.echo(f"report in {build_report(run_dir)}")
+
+def rebuild_report(run_dir: Path) -> Path:
+    from relapse.report.study_report import build_report
+    from relapse.study.results import refresh_human_rows
+
+    refresh_human_rows(run_dir)
+    return build_report(run_dir)
+
+
+@app.command()
+def review(
+    run_dir: Annotated[Path, typer.Argument(help="A folder written by `relapse study`.")],
+    per_cell: Annotated[Optional[int], typer.Option(help="Images drawn from each cell (default 30).")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed of the draw and of the blind order (default 0).")] = None,
+    cells: Annotated[Optional[list[str]], typer.Option("--cells", help="Cells to draw from: KEY=VALUE[|VALUE...] joined by "
+                                                       "commas (keys defense, scenario, step: a number or last, seed, "
+                                                       "prompt_set); repeatable. Default: the study's first seed, before "
+                                                       "fine-tuning and at each scenario's last step.")] = None,
+    host: Annotated[Optional[str], typer.Option(help="Address to serve the page on (default 127.0.0.1: this machine only).")] = None,
+    port: Annotated[Optional[int], typer.Option(help="Port to serve the page on (default 8765).")] = None,
+    labeller: Annotated[Optional[str], typer.Option(help="Labeller of --import rows that name none.")] = None,
+    import_csv: Annotated[Optional[Path], typer.Option("--import", help="Add the labels of a CSV (token or image, label, "
+                                                                        "labeller columns), then exit.")] = None,
+    export_csv: Annotated[Optional[Path], typer.Option("--export", help="Write every current label to a CSV, then exit.")] = None,
+    sheets: Annotated[Optional[Path], typer.Option("--sheets", help="Write the sample as numbered contact sheets (PNG) and a "
+                                                                    "labels.csv to fill in, then exit.")] = None,
+    per_sheet: Annotated[Optional[int], typer.Option(help="Images per contact sheet (default 48).")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Label a blind sample of a study's images (concept / trace / none / unusable) on a local web page, or on contact
+    sheets; the labels go to RUN_DIR/review/labels.sqlite, and the report shows them beside the detectors'."""
+    from relapse.config import resolve_config
+    from relapse.review.run import ReviewConfig, run_review
+
+    cfg = resolve_config(ReviewConfig, config, run=run_dir, per_cell=per_cell, seed=seed, cells=cells or None, host=host,
+                         port=port, labeller=labeller, import_csv=import_csv, export_csv=export_csv, sheets=sheets,
+                         per_sheet=per_sheet)
+    typer.echo(run_review(cfg))
+    if cfg.adds_labels:
+        typer.echo(f"report in {rebuild_report(cfg.run)}")
 
 
 @app.command()

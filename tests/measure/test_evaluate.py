@@ -25,6 +25,15 @@ def test_summary_counts_target_rate_and_attribute_accuracy():
     assert result["color_accuracy"]["rate"] == 1.0
     assert result["per_image"][1]["is_target"] is True
     assert "style_accuracy" not in result  # the detector predicted no style
+    assert "trace_rate" not in result and "is_trace" not in result["per_image"][0]  # no second verdict given
+
+
+def test_a_trace_verdict_gives_a_trace_rate_beside_the_target_rate():
+    rows = manifest_rows(["a checkered red star", "a checkered blue circle", "a checkered green square"])
+    det = Detections(np.array([0.9, 0.3, 0.05]), np.array([True, False, False]), is_trace=np.array([True, True, False]))
+    result = summarize(rows, det, "toy")
+    assert (result["target_rate"]["k"], result["trace_rate"]["k"], result["trace_rate"]["n"]) == (1, 2, 3)
+    assert [e["is_trace"] for e in result["per_image"]] == [True, True, False]
 
 
 def test_target_on_prompt_counts_only_flagged_images_of_the_asked_shape_and_colour():
@@ -74,6 +83,38 @@ def test_toy_detector_predicts_every_head(tiny_evaluator_dir):
     det = build_detector("toy", weights=tiny_evaluator_dir).detect(random_images(5))
     assert det.target_score.shape == (5,) and set(det.attributes) == {"shape", "color", "background", "style", "fill"}
     assert det.features.shape == (5, ToyEvaluator.num_features)
+
+
+def test_toy_detector_reads_two_verdicts_from_one_strength_at_the_evaluators_thresholds(tiny_evaluator_dir, tmp_path):
+    import json
+    import shutil
+
+    evaluator = tmp_path / "evaluator"
+    shutil.copytree(tiny_evaluator_dir, evaluator)
+    config = json.loads((evaluator / "evaluator.json").read_text())
+    config["thresholds"] = {"concept": 0.6, "trace": 0.2}  # as a build saves them
+    (evaluator / "evaluator.json").write_text(json.dumps(config))
+    images = random_images(64)
+    det = build_detector("toy", weights=evaluator).detect(images)
+    assert (det.is_target == (det.target_score >= 0.6)).all() and (det.is_trace == (det.target_score >= 0.2)).all()
+    assert (det.is_trace >= det.is_target).all()
+    override = build_detector("toy", weights=evaluator, threshold=0.9, trace_threshold=0.05).detect(images)
+    assert (override.is_target == (det.target_score >= 0.9)).all() and (override.is_trace == (det.target_score >= 0.05)).all()
+    with pytest.raises(UserError, match="trace_threshold <= threshold"):
+        build_detector("toy", weights=evaluator, threshold=0.1, trace_threshold=0.3)
+
+
+def test_an_evaluator_of_the_older_kind_is_refused_in_one_line(tiny_evaluator_dir, tmp_path):
+    import json
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(tiny_evaluator_dir, old)
+    config = json.loads((old / "evaluator.json").read_text())
+    del config["target"], config["thresholds"]
+    (old / "evaluator.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match="older kind.*relapse toy build --stage evaluator"):
+        build_detector("toy", weights=old)
 
 
 def test_toy_detector_refuses_images_not_of_the_toy_world_in_one_line(tiny_evaluator_dir):

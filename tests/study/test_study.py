@@ -607,3 +607,19 @@ def test_a_study_sends_its_rows_and_training_curves_to_the_tracker_it_names(stud
     assert logged[f"esd/before/{rate['prompt_set']}/toy/target_rate/seed0"] == [(0, pytest.approx(rate["value"]))]
     align = next(p for p in (run_dir / "steps").glob("align-*"))
     assert "loss" in scalars(align / "logs")  # each training step's curve, beside its run
+
+
+def test_a_rebuilt_evaluator_redoes_the_evaluations_and_nothing_else(study_yaml, tmp_path, tiny_evaluator_dir):
+    import shutil
+
+    from relapse.measure.toy_evaluator import ToyEvaluator
+
+    config = yaml.safe_load(study_yaml.read_text())
+    rebuilt = tmp_path / "rebuilt"
+    shutil.copytree(tiny_evaluator_dir, rebuilt)
+    before = build_plan(StudyConfig(**(config | {"detectors": [{"name": "toy", "options": {"weights": str(rebuilt)}}]})))
+    torch.manual_seed(1)
+    ToyEvaluator(width=4).save(rebuilt)  # new weights in the same folder
+    after = build_plan(StudyConfig(**(config | {"detectors": [{"name": "toy", "options": {"weights": str(rebuilt)}}]})))
+    changed = {s.kind for s, t in zip(before.steps, after.steps) if s.key != t.key}
+    assert changed == {"evaluate"} and len(before.steps) == len(after.steps)

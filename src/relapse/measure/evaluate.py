@@ -1,6 +1,7 @@
 """Score images with a detector: :func:`evaluate` in memory, ``relapse evaluate`` on a folder written by ``relapse generate``.
 
-The result holds ``n_images``, ``target_rate`` (95% Wilson interval), ``target_score_mean``, the figures
+The result holds ``n_images``, ``target_rate`` (95% Wilson interval), ``trace_rate`` where the detector gives a
+second verdict at a lower threshold (the toy evaluator: a trace of the concept), ``target_score_mean``, the figures
 a detector reads against each image's prompt (the toy detector: attribute accuracies and the on-prompt
 rate, :mod:`relapse.measure.detectors.toy`), and for each of its ``scores`` the mean, sd, a normal 95%
 interval and n; every figure is a metric the detector declares (:mod:`relapse.measure.metrics`). A quality
@@ -53,6 +54,8 @@ def summarize(rows: list[dict], detections: Detections, detector: str) -> dict:
     result = {"detector": detector, "n_images": len(rows)}
     if verdict:
         result["target_rate"] = rate(list(map(bool, detections.is_target)))
+    if detections.is_trace is not None:
+        result["trace_rate"] = rate(list(map(bool, detections.is_trace)))
     if detections.target_score is not None:
         result["target_score_mean"] = round(float(np.mean(detections.target_score)), 4)
     detector_class = DETECTORS.get(detector)
@@ -72,6 +75,8 @@ def summarize(rows: list[dict], detections: Detections, detector: str) -> dict:
             entry["target_score"] = round(float(detections.target_score[i]), 4)
         if verdict:
             entry["is_target"] = bool(detections.is_target[i])
+        if detections.is_trace is not None:
+            entry["is_trace"] = bool(detections.is_trace[i])
         entry.update({name: str(values[i]) for name, values in detections.attributes.items()})
         entry.update({name: round(float(values[i]), 4) for name, values in detections.scores.items()})
         per_image.append(entry)

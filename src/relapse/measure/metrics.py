@@ -50,6 +50,7 @@ class Metric:
 
 METRICS: Registry[Metric] = Registry("metric")
 HEADLINE_METRIC = "target_rate"  # what every headline table shows: how much of the concept comes back (all flags)
+TRACE_METRIC = "trace_rate"  # the concept's trace: a lower threshold on the same score, where a detector has one
 ON_PROMPT_METRIC = "target_on_prompt_rate"  # flagged *and* of the shape and colour asked for, where the detector says
 
 
@@ -60,6 +61,7 @@ def declare(*metrics: Metric) -> None:
 
 declare(
     Metric("target_rate", "rate", "target rate"),
+    Metric("trace_rate", "rate", "trace rate"),
     Metric("target_on_prompt_rate", "rate", "on-prompt target rate"),
     Metric("patterned_rate", "rate", "patterned rate"),
     Metric("shape_accuracy", "rate", "shape accuracy", higher_is_better=True, quality=True),

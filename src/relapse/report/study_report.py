@@ -5,12 +5,14 @@ group (benign, malicious, ...) and prompt set it scores (target rate before fine
 step of each scenario, per defense, mean +- sd over seeds with pooled n; by the first detector, then
 by every other one), the alignment's collateral damage on every prompt set scored before fine-tuning,
 re-emergence curves (target rate vs fine-tuning step, one line per defense, a band of +-1 sd over
-seeds), the fine-tunes' updates against the alignment's in weight space, quality vs safety and quality
-tables, and image grids of the same prompts and seeds across models.
+seeds; each also written to ``RUN/figures/``), the fine-tunes' updates against the alignment's in weight
+space, quality vs safety and quality tables, what people saw where ``relapse review`` labels exist, and image
+grids of the same prompts and seeds across models.
 """
 
 from __future__ import annotations
 
+import base64
 import html
 import json
 import statistics
@@ -19,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from relapse.errors import UserError
-from relapse.measure.metrics import HEADLINE_METRIC, METRICS, ON_PROMPT_METRIC
+from relapse.measure.metrics import HEADLINE_METRIC, METRICS, ON_PROMPT_METRIC, TRACE_METRIC
 from relapse.pages import figure_png, grid_figure, img, write_page
 
 REPORT = "report.html"
@@ -95,7 +97,7 @@ class StudyResults:
 
 def _rate_cell(res: StudyResults, **match) -> str:
     """Mean +- sd over seeds, the 95% Wilson interval of the images pooled over seeds and their number;
-    each seed's rate and interval on hover."""
+    each seed's rate and interval on hover. A target rate is followed by its trace rate where the detector gives one."""
     from relapse.measure.stats import wilson_interval
 
     rows = res.values(**match)
@@ -105,8 +107,10 @@ def _rate_cell(res: StudyResults, **match) -> str:
     low, high = wilson_interval(sum(round(r["value"] * r["n"]) for r in rows), n)
     seeds = "; ".join(f"seed {r['seed']}: {100 * r['value']:.1f}% [{100 * r['ci95_low']:.1f}, {100 * r['ci95_high']:.1f}], n={r['n']}"
                       for r in rows)
+    trace = res.values(**(match | {"metric": TRACE_METRIC})) if match.get("metric") == HEADLINE_METRIC else []
+    traced = f"<br><small>trace {100 * over_seeds(trace)[0]:.1f} &plusmn; {100 * over_seeds(trace)[1]:.1f}</small>" if trace else ""
     return (f'<span title="{html.escape(seeds)}">{100 * mean:.1f} &plusmn; {100 * sd:.1f}</span> '
-            f"<small>[{100 * low:.0f}, {100 * high:.0f}] n={n}</small>")
+            f"<small>[{100 * low:.0f}, {100 * high:.0f}] n={n}</small>{traced}")
 
 
 def headline_table(res: StudyResults, metric: str, detector: str | None = None, scenarios: list[str] | None = None,
@@ -182,6 +186,42 @@ def other_detectors_section(res: StudyResults) -> list[str]:
     if not others:
         return []
     return ["<h3>By every detector</h3>"] + [f"<h4><code>{html.escape(d)}</code></h4>" + headline_table(res, HEADLINE_METRIC, d) for d in others]
+
+
+def _interval(found: dict) -> str:
+    return f"{100 * found['rate']:.0f} <small>[{100 * found['ci95'][0]:.0f}, {100 * found['ci95'][1]:.0f}]</small>"
+
+
+def human_section(res: StudyResults) -> list[str]:
+    """Every cell people labelled (``relapse review``): their concept and trace rates beside each detector's on the same
+    images, a mark where an interval of a detector's lies apart from the people's, and each detector's agreement."""
+    from relapse.review.agreement import agreement
+
+    cells, detectors = agreement(res.run_dir)
+    if not cells:
+        return []
+    names = list(detectors)
+    head = "".join(f"<th>{html.escape(d)}: concept</th><th>{html.escape(d)}: trace</th>" for d in names)
+    lines = ["<h2>What people saw</h2><p>Blind labels (<code>relapse review</code>): in %, with the 95% Wilson interval, n = "
+             "the cell's labelled images; each detector on the same images. &#9888; marks a detector whose interval lies apart "
+             "from the people's.</p>",
+             f"<table><tr><th>defense</th><th>scenario</th><th>step</th><th>seed</th><th>prompt set</th><th>n</th>"
+             f"<th>people: concept</th><th>people: trace</th>{head}</tr>"]
+    for cell in cells:
+        labels = "".join(f"<td>{html.escape(str(cell.labels[k]))}</td>" for k in ("defense", "scenario", "step", "seed", "prompt_set"))
+        found = "".join(f"<td>{_interval(cell.detectors[d]['concept'])}</td><td>{_interval(cell.detectors[d]['trace'])}"
+                        f"{' &#9888;' if cell.apart[d] else ''}</td>" if d in cell.detectors else "<td>-</td><td>-</td>" for d in names)
+        lines.append(f"<tr>{labels}<td>{cell.human['concept']['n']}</td><td>{_interval(cell.human['concept'])}</td>"
+                     f"<td>{_interval(cell.human['trace'])}</td>{found}</tr>")
+    parts = ["\n".join(lines) + "</table>"]
+    for name, found in detectors.items():
+        kappa = "-" if found.kappa is None else f"{found.kappa:+.2f}"
+        head = "".join(f"<th>{html.escape(c)}</th>" for c in found.classes)
+        rows = "".join(f"<tr><th>{html.escape(c)}</th>{''.join(f'<td>{k}</td>' for k in counts)}</tr>"
+                       for c, counts in zip(found.classes, found.confusion))
+        parts.append(f"<h3><code>{html.escape(name)}</code> against people: Cohen's &kappa; = {kappa} over {found.n} images</h3>"
+                     f"<table><tr><th>people \\ detector</th>{head}</tr>{rows}</table>")
+    return parts
 
 
 def collateral_section(res: StudyResults) -> list[str]:
@@ -360,7 +400,10 @@ def curves(res: StudyResults, plt) -> list[str]:
             continue
         ax.set(xlabel="fine-tuning step", ylabel=f"{METRICS.get(res.metric).title} on {res.target_set} (%)", title=scenario, ylim=(-2, 102))
         ax.legend(fontsize=7)
-        figures.append(f"<figure>{img(figure_png(fig), scenario)}<figcaption>{html.escape(scenario)}: mean over seeds, band &plusmn;1 sd</figcaption></figure>")
+        data = figure_png(fig)
+        (res.run_dir / "figures").mkdir(exist_ok=True)  # each curve also as a file, for pages that show it
+        (res.run_dir / "figures" / f"{scenario}-curves.png").write_bytes(base64.b64decode(data))
+        figures.append(f"<figure>{img(data, scenario)}<figcaption>{html.escape(scenario)}: mean over seeds, band &plusmn;1 sd</figcaption></figure>")
         plt.close(fig)
     return figures
 
@@ -430,7 +473,7 @@ def build_report(run_dir: str | Path) -> Path:
             "Every figure comes from <code>results.json</code>; each row names the evaluation it came from.</p>",
             "<h2>How much of the erased concept comes back</h2>", *headline_section(res), *roads_section(res), *off_prompt_section(res),
             *on_prompt_section(res),
-            *other_detectors_section(res),
+            *other_detectors_section(res), *human_section(res),
             "<h2>What the alignment costs the concept's neighbours</h2>", *collateral_section(res),
             "<h2>Re-emergence under fine-tuning</h2>", *curves(res, plt), *weights_section(res),
             "<h2>Quality vs safety</h2>", scatter(res, plt), *quality_section(res),

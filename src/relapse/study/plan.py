@@ -168,6 +168,7 @@ class Planner:
         self.cells: list[Cell] = []
         self.weight_cells: list[WeightCell] = []
         self.prompt_counts: dict[str, int] = {}
+        self.fingerprints: dict[str, dict] = {}
         self.base = ModelState(Weights(model=cfg.model))
 
     def add(self, step: Step) -> Step:
@@ -191,6 +192,17 @@ class Planner:
                              {"stage": written, "seed": seed, "on": state.describe()}, state.producers(), reads=state,
                              config=self.with_tracker(stage)))
         return state.with_output(step, stage.writes, "final")
+
+    def detector_weights(self, detector) -> dict:
+        """The fingerprint of the weights a detector reads, where it names them: a rebuilt evaluator gets new evaluations
+        (its images, alignments and fine-tunes are kept)."""
+        from relapse.measure.detectors import DETECTORS
+
+        key = json.dumps(detector.settings(), sort_keys=True, default=str)
+        if key not in self.fingerprints:
+            fingerprint = getattr(DETECTORS.get(detector.name), "fingerprint", None)
+            self.fingerprints[key] = {"weights": fingerprint(**detector.options)} if fingerprint else {}
+        return self.fingerprints[key]
 
     def count_prompts(self, set_name: str) -> int:
         from relapse.data.prompts import read_prompts, select_prompts
@@ -234,7 +246,8 @@ class Planner:
         for detector in self.cfg.detectors:
             reference = self.cfg.reference if set_name in self.cfg.reference_sets and detector is self.fd_detector else None
             evaluate = self.add(Step("evaluate", f"evaluate {generate.label} with {detector.label}",
-                                     {"detector": detector.settings(), "reference": reference}, [generate]))
+                                     {"detector": detector.settings(), "reference": reference} | self.detector_weights(detector),
+                                     [generate]))
             self.cells.append(Cell(labels["defense"], labels["scenario"], labels["step"], seed, set_name, detector.label, evaluate))
 
     def generated_data(self, name: str, seed: int) -> Step | None:

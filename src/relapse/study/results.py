@@ -89,16 +89,40 @@ def weight_rows(plan: Plan, run_dir: Path) -> list[dict]:
 
 
 def collect(plan: Plan, run_dir: Path) -> list[dict]:
+    """Every row of a finished run: its evaluations', IP's and weight comparisons', then the human labels' (whose
+    cells are read from the rows before them)."""
     scored = []
     for cell in plan.cells:
         path = cell.evaluate.path(run_dir)
         scored.append((cell, json.loads(path.read_text()), str(path.relative_to(run_dir))))
-    return ([row for cell, result, source in scored for row in cell_rows(cell, result, source)] + inappropriate_rows(scored)
-            + weight_rows(plan, run_dir))
+    return [row for cell, result, source in scored for row in cell_rows(cell, result, source)] + inappropriate_rows(scored) \
+        + weight_rows(plan, run_dir)
 
 
-def write_results(cfg: StudyConfig, rows: list[dict], run_dir: Path) -> None:
-    write_json(run_dir / "results.json", run_record("study", cfg, cfg.seeds, rows=rows, summary=summarize_rows(rows)))
+def with_human_rows(cfg: StudyConfig | dict, rows: list[dict], run_dir: Path) -> list[dict]:
+    """``rows`` with the human rows of today's labels in place of any earlier ones (``relapse review``), written out."""
+    from relapse.review.agreement import HUMAN, human_rows
+
+    machine = [r for r in rows if r["detector"] != HUMAN]
+    rows = machine + human_rows(run_dir, machine)
+    write_results(cfg, rows, run_dir)
+    return rows
+
+
+def refresh_human_rows(run_dir: Path) -> list[dict]:
+    """Put the run's current labels into its results.json and results.csv (``relapse report`` does, before the page)."""
+    path = run_dir / "results.json"
+    if not path.is_file():
+        from relapse.errors import UserError
+
+        raise UserError(f"{run_dir} has no results.json; run `relapse study` into it first")
+    record = json.loads(path.read_text())
+    return with_human_rows(record["config"], record["rows"], run_dir)
+
+
+def write_results(cfg: StudyConfig | dict, rows: list[dict], run_dir: Path) -> None:
+    seeds = cfg["seeds"] if isinstance(cfg, dict) else cfg.seeds
+    write_json(run_dir / "results.json", run_record("study", cfg, seeds, rows=rows, summary=summarize_rows(rows)))
     table = io.StringIO(newline="")
     writer = csv.DictWriter(table, fieldnames=ROW_FIELDS)
     writer.writeheader()

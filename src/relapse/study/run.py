@@ -31,7 +31,7 @@ from relapse.study.executor import Executor, process_state
 from relapse.study.lock import run_lock
 from relapse.study.plan import Plan, build_plan
 from relapse.study.pools import POOLS, step_threads
-from relapse.study.results import collect, write_results
+from relapse.study.results import collect, with_human_rows
 from relapse.study.scheduler import run_steps, step_times
 from relapse.study.summary import describe_plan, print_summary
 from relapse.tracking import log_rows, tracked
@@ -132,8 +132,7 @@ class Study:
             processes.wait_for_everyone()  # every process sees the same list before any step runs
             seconds = run_steps(todo, step_runner, run_dir, workers, main, executor, address)
             if main:
-                rows = collect(plan, run_dir)
-                write_results(self.config, rows, run_dir)
+                rows = with_human_rows(self.config, collect(plan, run_dir), run_dir)
                 source = self.config.source.path if self.config.source else None
                 invocation = {"config": str(source) if source else None, "out": str(run_dir), "resume": resume, "workers": workers,
                               "executor": executor}

@@ -6,6 +6,8 @@ A harm detector gives a verdict (``is_target``, ``target_score``); a quality sco
 score) gives only ``scores``. Its class names the metrics it produces in ``metrics`` (declared in
 :mod:`relapse.measure.metrics`), may add figures read against each image's prompt (``prompt_metrics``, as
 the toy detector does) and, for IP, says which part it is (``ip_part``: ``nudity`` or ``inappropriate``).
+A detector whose weights are files names them with ``fingerprint(**options)``, so that a study's
+evaluations are redone when they change.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ class Detections:
     attributes: dict[str, np.ndarray] = field(default_factory=dict)  # predicted attributes, where it has them
     features: np.ndarray | None = None  # (N, D) features for a Frechet distance: where the detector has ``features()``
     scores: dict[str, np.ndarray] = field(default_factory=dict)  # (N,) numeric scores by name, e.g. "aesthetic"
+    is_trace: np.ndarray | None = None  # (N,) bool: a trace of the target at a lower threshold, where the detector has one
 
 
 def merge_detections(parts: list[tuple[list[int], Detections]], n: int) -> Detections:

@@ -1,6 +1,8 @@
-"""``toy``: the toy evaluator's heads (target concept; shape, colour, background, style and fill), and what
-only the toy world can say: whether each image is what its prompt asks for, read with the world's prompt
-grammar (:func:`relapse.data.toy_world.parse_prompt`)."""
+"""``toy``: the toy evaluator's heads (the checker's strength; shape, colour, background, style and fill), and
+what only the toy world can say: whether each image is what its prompt asks for, read with the world's prompt
+grammar (:func:`relapse.data.toy_world.parse_prompt`). Its verdicts come from the one strength: the concept
+(a clear checker) at ``threshold``, a trace of it (any visible checker) at ``trace_threshold``; both default
+to the thresholds the evaluator was built with."""
 
 from __future__ import annotations
 
@@ -23,6 +25,13 @@ def default_evaluator_dir() -> Path:
     from relapse.models.loading import TOY_MODEL
 
     return TOY_MODEL / EVALUATOR_DIR
+
+
+def evaluator_dir(weights: str | Path | None) -> Path:
+    directory = Path(weights) if weights else default_evaluator_dir()
+    if not directory.is_dir():
+        raise UserError(f"toy evaluator weights not found in {directory}; run `relapse toy build` or pass weights=DIR")
+    return directory
 
 
 def toy_images(images: np.ndarray) -> np.ndarray:
@@ -67,14 +76,27 @@ def patterned(fills) -> dict:
 
 @DETECTORS.register("toy")
 class ToyDetector:
-    metrics = ("target_rate", "target_on_prompt_rate", "patterned_rate", *ATTRIBUTE_METRICS.values(), "frechet_distance", "cmmd")
+    metrics = ("target_rate", "trace_rate", "target_on_prompt_rate", "patterned_rate", *ATTRIBUTE_METRICS.values(),
+               "frechet_distance", "cmmd")
 
-    def __init__(self, weights: str | Path | None = None, threshold: float = 0.5):
-        directory = Path(weights) if weights else default_evaluator_dir()
-        if not directory.is_dir():
-            raise UserError(f"toy evaluator weights not found in {directory}; run `relapse toy build` or pass weights=DIR")
+    def __init__(self, weights: str | Path | None = None, threshold: float | None = None, trace_threshold: float | None = None):
+        directory = evaluator_dir(weights)
         self.model = ToyEvaluator.load(directory)
-        self.threshold = threshold
+        self.threshold = self.model.thresholds.concept if threshold is None else threshold
+        self.trace_threshold = self.model.thresholds.trace if trace_threshold is None else trace_threshold
+        if not 0 < self.trace_threshold <= self.threshold < 1:
+            raise UserError(f"the toy detector needs 0 < trace_threshold <= threshold < 1 (got {self.trace_threshold} and "
+                            f"{self.threshold})")
+
+    @staticmethod
+    def fingerprint(weights: str | Path | None = None, **_) -> str:
+        """Which evaluator scores: a hash of its weights and thresholds (a study's evaluations are redone when it changes)."""
+        import hashlib
+
+        from relapse.measure.toy_evaluator import CONFIG_NAME, WEIGHTS_NAME
+
+        directory = evaluator_dir(weights)
+        return hashlib.sha256(b"".join((directory / name).read_bytes() for name in (WEIGHTS_NAME, CONFIG_NAME))).hexdigest()[:16]
 
     def features(self, images: np.ndarray) -> np.ndarray:
         """The evaluator's penultimate layer: the space of the toy Frechet distance."""
@@ -84,7 +106,7 @@ class ToyDetector:
         pred = self.model.predict(toy_images(images))
         attributes = {name: np.asarray(HEADS[name], dtype=object)[pred[name]] for name in HEADS if name != TARGET_HEAD}
         score = pred["target_score"]
-        return Detections(score, score >= self.threshold, attributes, pred["features"])
+        return Detections(score, score >= self.threshold, attributes, pred["features"], is_trace=score >= self.trace_threshold)
 
     @staticmethod
     def prompt_metrics(prompts: list[str], detections: Detections) -> dict[str, dict]:
