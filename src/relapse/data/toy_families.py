@@ -290,10 +290,7 @@ def _cell_edges(rng: np.random.Generator, cell: float, phase: float, jitter: flo
 def _has_checker_unit(dark: np.ndarray, inside: np.ndarray) -> bool:
     """Whether some 2x2 block of cells, each at least half inside the painted checker, alternates in both
     directions (two dark cells on one diagonal, two light on the other): the least that is still a checker."""
-    dark, ok = dark > 0, inside >= 0.5
-    units = ok[:-1, :-1] & ok[1:, 1:] & ok[:-1, 1:] & ok[1:, :-1] & (dark[:-1, :-1] == dark[1:, 1:]) & (dark[:-1, 1:] == dark[1:, :-1]) \
-        & (dark[:-1, :-1] != dark[:-1, 1:])
-    return bool(units.any())
+    return _alternates(np.where(inside >= 0.5, (dark > 0).astype(float), np.nan), margin=0.5)  # cells outside never count
 
 
 def _plaid(x: np.ndarray, y: np.ndarray, cell: float, phase: float) -> np.ndarray:

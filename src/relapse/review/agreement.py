@@ -80,24 +80,20 @@ class DetectorAgreement:
     classes: tuple[str, ...]
 
 
-def _kappa(human: list[str], detector: list[str], classes: tuple[str, ...]) -> float | None:
-    import torch
-    from torchmetrics.functional.classification import multiclass_cohen_kappa
-
-    if len(human) < 2 or len(set(human) | set(detector)) < 2:
-        return None  # one class on both sides: agreement beyond chance is not defined
-    index = {c: i for i, c in enumerate(classes)}
-    target, preds = (torch.tensor([index[v] for v in side]) for side in (human, detector))
-    return round(float(multiclass_cohen_kappa(preds, target, num_classes=len(classes))), 4)
-
-
 def _detector_agreement(pairs: list[tuple[str, str]], has_trace: bool) -> DetectorAgreement:
-    """Kappa and confusion over (human, detector) pairs; a detector without a trace verdict on concept or not."""
+    """Kappa and confusion (torchmetrics) over (human, detector) pairs; a detector without a trace verdict on concept or
+    not. Kappa is None where both sides say one class only: agreement beyond chance is not defined."""
+    import torch
+    from torchmetrics.functional.classification import multiclass_cohen_kappa, multiclass_confusion_matrix
+
     classes = CLASSES if has_trace else ("not concept", "concept")
     fold = (lambda v: v) if has_trace else (lambda v: "concept" if v == "concept" else "not concept")
-    human, detector = [fold(h) for h, _ in pairs], [fold(d) for _, d in pairs]
-    confusion = [[sum(1 for h, d in zip(human, detector) if (h, d) == (row, col)) for col in classes] for row in classes]
-    return DetectorAgreement(_kappa(human, detector, classes), confusion, len(pairs), classes)
+    index = {c: i for i, c in enumerate(classes)}
+    target, preds = (torch.tensor([index[fold(pair[side])] for pair in pairs]) for side in (0, 1))
+    confusion = multiclass_confusion_matrix(preds, target, num_classes=len(classes)).tolist()  # rows: people
+    defined = len(pairs) > 1 and len(set(target.tolist()) | set(preds.tolist())) > 1
+    kappa = round(float(multiclass_cohen_kappa(preds, target, num_classes=len(classes))), 4) if defined else None
+    return DetectorAgreement(kappa, confusion, len(pairs), classes)
 
 
 def agreement(run_dir: Path) -> tuple[list[CellAgreement], dict[str, DetectorAgreement]]:

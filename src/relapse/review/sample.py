@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -122,12 +123,13 @@ class Sample:
     cells: list[RunCell]
     images: list[str]  # blind order
 
-    @property
+    @cached_property
     def tokens(self) -> dict[str, str]:
         return {image: token_of(image) for image in self.images}
 
+    @cached_property
     def by_token(self) -> dict[str, str]:
-        return {token_of(image): image for image in self.images}
+        return {token: image for image, token in self.tokens.items()}
 
     def record(self) -> dict:
         holders = {}
@@ -135,7 +137,7 @@ class Sample:
             for image in cell.images:
                 holders.setdefault(image, []).append(index)
         return {"config": self.config.model_dump(), "cells": [c.labels | {"n_drawn": len(c.images)} for c in self.cells],
-                "items": [{"token": token_of(image), "image": image, "cells": holders[image]} for image in self.images]}
+                "items": [{"token": self.tokens[image], "image": image, "cells": holders[image]} for image in self.images]}
 
 
 def draw_sample(run_dir: Path, config: SampleConfig) -> Sample:

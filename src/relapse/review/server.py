@@ -108,7 +108,7 @@ def create_app(run_dir: Path, sample: Sample, store: LabelStore):
 
     from relapse.errors import UserError
 
-    by_token = sample.by_token()
+    by_token = sample.by_token
     app = FastAPI(title="relapse review", docs_url=None, redoc_url=None, openapi_url=None)
 
     def error(status: int, message: str) -> JSONResponse:

@@ -50,7 +50,7 @@ def write_sheets(run_dir: Path, sample: Sample, out: Path, per_sheet: int = 48) 
 def import_csv(store: LabelStore, sample: Sample, path: Path, labeller: str | None) -> int:
     """Labels from a CSV with a ``token`` (or ``image``) column and a ``label`` column, and a ``labeller`` column or
     ``labeller``; rows with no label are skipped. Every row is checked before any is written. Returns the rows added."""
-    by_token = sample.by_token()
+    by_token = sample.by_token
     known = set(sample.images)
     try:
         with open(path, newline="", encoding="utf-8") as handle:
