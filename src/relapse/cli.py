@@ -65,8 +65,14 @@ def toy_data(
 def toy_build(
     out: OutOpt = None,
     seed: SeedOpt = None,
-    stage: Annotated[Optional[str], typer.Option(help="all (pipeline and evaluator) or evaluator (only the evaluator, "
-                                                      "on the VAE of the pipeline in --out).")] = None,
+    stage: Annotated[Optional[str], typer.Option(help="all (pipeline and evaluator), evaluator (only the evaluator, "
+                                                      "on the VAE of the pipeline in --out) or unet (only a fresh UNet, on "
+                                                      "the VAE and text encoder of --from, into a new --out).")] = None,
+    without: Annotated[Optional[list[str]], typer.Option("--without", help="Leave every pretraining image of this fill "
+                                                                           "out (repeatable): --stage unet --without "
+                                                                           "checkered builds the never-learned model.")] = None,
+    from_model: Annotated[Optional[str], typer.Option("--from", help="--stage unet: the pipeline whose VAE and text "
+                                                                     "encoder it keeps (default: toy).")] = None,
     config: ConfigOpt = None,
 ) -> None:
     """Train the toy pipeline and the toy evaluator from scratch (20-40 minutes on 2 CPU cores)."""
@@ -74,9 +80,12 @@ def toy_build(
     from relapse.models.loading import TOY_MODEL
     from relapse.toy_build import ToyBuildConfig, build_toy
 
-    cfg = resolve_config(ToyBuildConfig, config, seed=seed, stage=stage)
+    cfg = resolve_config(ToyBuildConfig, config, seed=seed, stage=stage, without=without or None, from_model=from_model)
+    if cfg.stage == "unet" and out is None:  # the default --out is the shipped model, which a retrained UNet must not replace
+        raise UserError("--stage unet writes a new pipeline folder; pass it with --out")
     record = build_toy(cfg, out or TOY_MODEL)
-    built = "the toy evaluator" if cfg.stage == "evaluator" else "the toy model and its evaluator"
+    built = {"evaluator": "the toy evaluator", "unet": f"a UNet on {cfg.from_model}'s VAE and text encoder"}.get(
+        cfg.stage, "the toy model and its evaluator")
     typer.echo(f"built {built} in {record['total_s']:.0f} s -> {out or TOY_MODEL}")
 
 
@@ -165,6 +174,12 @@ def align(
     anchor: Annotated[Optional[str], typer.Option(help="esd/sdd: empty (as published) or strip (the prompt minus the --concept words).")] = None,
     sample_steps: Annotated[Optional[int], typer.Option(help="esd/sdd: steps of the sampler that makes x_t.")] = None,
     resolution: Annotated[Optional[int], typer.Option(help="esd/sdd: pixels of the x_t it samples (default: the model's own).")] = None,
+    stop_at_rate: Annotated[Optional[float], typer.Option(help="esd/sdd/resist: stop once the concept rate on --stop-prompts is "
+                                                               "at or below this fraction (default: train every step).")] = None,
+    stop_prompts: Annotated[Optional[str], typer.Option(help="esd/sdd/resist: held-out prompts naming the concept, for "
+                                                             "--stop-at-rate (a file or toy:NAME).")] = None,
+    stop_every: Annotated[Optional[int], typer.Option(help="esd/sdd/resist: steps between two checks of --stop-at-rate "
+                                                           "(default 1).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Training batch size (lt/ng: per class, clean and harmful).")] = None,
     lr_schedule: LrScheduleOpt = None,
     lr_warmup_steps: WarmupOpt = None,
@@ -193,7 +208,8 @@ def align(
                  mode=mode, loras=lora or None, lora_scales=lora_scale or None, noise=noise, mu=mu, lambda_=lambda_,
                  lambda_c=lambda_c, margin=margin, lt_scale=lt_scale, lt_shift=lt_shift, harmful_weight=harmful_weight,
                  published_code=published_code, out=out, params=params, rank=rank, steps=steps, lr=lr, eta=eta,
-                 anchor=anchor, sample_steps=sample_steps, resolution=resolution, batch_size=batch_size, lr_schedule=lr_schedule,
+                 anchor=anchor, sample_steps=sample_steps, resolution=resolution, stop_at_rate=stop_at_rate,
+                 stop_prompts=stop_prompts, stop_every=stop_every, batch_size=batch_size, lr_schedule=lr_schedule,
                  lr_warmup_steps=lr_warmup_steps, grad_accum=grad_accum,
                  mixed_precision=mixed_precision, weights_dtype=weights_dtype, gradient_checkpointing=gradient_checkpointing,
                  optimizer=optimizer, tracker=tracker, checkpoint_every=checkpoint_every, resume=resume, seed=seed, as_=as_)

@@ -14,24 +14,39 @@ Stages, in order (each one's figures go to ``relapse_build.json`` beside the mod
    negatives (:mod:`relapse.measure.toy_evaluator_build`). ``--stage evaluator`` runs this stage
    alone on a built pipeline's VAE, so rebuilding the evaluator never retrains the pipeline.
 
+``--without FILL`` leaves every image of that fill out of the pipeline's training data. With ``--stage unet`` it
+gives the *never-learned* model, machine unlearning's reference: a fresh UNet trained, on the VAE and text encoder
+of an existing build (``--from``), on the same pretraining data less every image of the concept.
+
 The pipeline is saved with ``save_pretrained`` (plain ``StableDiffusionPipeline.from_pretrained``
 loads it) and the evaluator beside it under ``evaluator/`` with its own build record.
 """
 
 from __future__ import annotations
 
+import shutil
 import time
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from relapse.data.toy_families import HEAD_CLASSES, UNKNOWN
-from relapse.data.toy_world import BENIGN_DOMAINS, DOMAINS, ToyItem, caption, parse_prompt, sample_attributes, sample_domain
+from relapse.data.toy_world import (
+    BENIGN_DOMAINS,
+    DOMAINS,
+    FILLS,
+    ToyItem,
+    caption,
+    parse_prompt,
+    sample_attributes,
+    sample_domain,
+)
+from relapse.errors import UserError
 from relapse.io import atomic_dir, run_record, write_json
 from relapse.measure.toy_evaluator import EVALUATOR_DIR, ToyEvaluator
 from relapse.measure.toy_evaluator_build import EvaluatorBuildConfig, build_evaluator
@@ -43,14 +58,29 @@ BUILD_RECORD = "relapse_build.json"
 TEXT_HEADS = ("shape", "color", "background", "fill", "style")  # what a caption can name
 
 
+def known_fills(without: list[str]) -> list[str]:
+    """Fills to leave out, each one the toy world draws (a misspelt fill would leave nothing out, silently)."""
+    if unknown := [f for f in without if f not in FILLS]:
+        raise ValueError(f"unknown fills {unknown}; the toy world's fills are: {', '.join(FILLS)}")
+    return without
+
+
+Fills = Annotated[list[str], AfterValidator(known_fills)]
+
+
 class ToyBuildConfig(BaseModel):
     """Everything ``relapse toy build`` does; the defaults built the shipped toy model."""
 
     model_config = ConfigDict(extra="forbid")
 
     seed: int = 0
-    stage: Literal["all", "evaluator"] = Field("all", description="all: pipeline and evaluator; evaluator: only the "
-                                               "evaluator, on the VAE of the pipeline already in --out")
+    stage: Literal["all", "evaluator", "unet"] = Field(
+        "all", description="all: pipeline and evaluator; evaluator: only the evaluator, on the VAE of the pipeline already "
+                           "in --out; unet: only a fresh UNet, on the VAE and text encoder of from_model, into a new --out")
+    without: Fills = Field(default_factory=list, description="fills whose images the pipeline's training data leaves "
+                                                             "out (default: none; e.g. checkered for never-learned)")
+    from_model: str = Field("toy", description="stage unet: the pipeline folder (or toy, the shipped model) whose VAE and "
+                                               "text encoder the new UNet trains on")
     size: ToyModelSize = Field(default_factory=ToyModelSize)
     n_train: int = 16000  # pretraining images (15% target concept, 40% its neighbours)
     vae_steps: int = 1600
@@ -71,6 +101,16 @@ class ToyBuildConfig(BaseModel):
     evaluator: EvaluatorBuildConfig = Field(default_factory=EvaluatorBuildConfig)
     workers: int = 2  # processes that render the toy world
 
+    @model_validator(mode="after")
+    def _options_of_their_stage(self) -> ToyBuildConfig:
+        """Refuse an option its stage would ignore, rather than build something else than asked."""
+        if self.without and self.stage == "evaluator":
+            raise ValueError("without leaves images out of the pipeline's data; the evaluator stage trains no pipeline, "
+                             "so drop without or pass stage all or unet")
+        if "from_model" in self.model_fields_set and self.stage != "unet":
+            raise ValueError("from_model names the pipeline stage unet retrains; drop it or pass stage unet")
+        return self
+
 
 def _render_chunk(args: tuple[str, int, int, int]) -> list[ToyItem]:
     domain, n, seed, start = args
@@ -84,6 +124,16 @@ def render_parallel(domain: str, n: int, seed: int, workers: int) -> list[ToyIte
         return [item for job in jobs for item in _render_chunk(job)]
     with get_context("fork").Pool(workers) as pool:  # children only run numpy/PIL
         return [item for part in pool.map(_render_chunk, jobs) for item in part]
+
+
+def pretraining_data(cfg: ToyBuildConfig) -> tuple[list[ToyItem], int]:
+    """The pretraining images the pipeline trains on, less every image of a fill in ``cfg.without``; and how many
+    were dropped. Dropping after rendering keeps every other item as the full build renders it."""
+    rendered = render_parallel("pretrain", cfg.n_train, cfg.seed, cfg.workers)
+    kept = [item for item in rendered if item.attributes.fill not in cfg.without]
+    if not kept:
+        raise UserError(f"without {cfg.without} leaves none of the {cfg.n_train} pretraining images; leave out fewer fills")
+    return kept, len(rendered) - len(kept)
 
 
 def to_tensor(items: list[ToyItem]) -> torch.Tensor:
@@ -175,6 +225,12 @@ def encode_text(pipe, captions: list[str], batch: int = 1024) -> torch.Tensor:
     return torch.cat([encode_prompts(pipe, captions[i : i + batch]) for i in range(0, len(captions), batch)])
 
 
+def caption_states(pipe, items: list[ToyItem]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The frozen text encoder's states of every caption, cached once for the UNet's training, and of the empty
+    prompt (the unconditional input that caption dropout trains)."""
+    return encode_text(pipe, [it.caption for it in items]), encode_text(pipe, [""])[0]
+
+
 def train_unet(pipe, latents: tuple[torch.Tensor, torch.Tensor], text: torch.Tensor, uncond: torch.Tensor,
                cfg: ToyBuildConfig, gen: torch.Generator) -> dict:
     from diffusers import DDPMScheduler
@@ -232,8 +288,10 @@ def build_toy(cfg: ToyBuildConfig, out: str | Path) -> dict:
     """Run every stage and write the pipeline (plus ``evaluator/``) to ``out`` atomically."""
     if cfg.stage == "evaluator":
         return rebuild_evaluator(cfg, Path(out))
+    if cfg.stage == "unet":
+        return retrain_unet(cfg, cfg.from_model, out)
     lap, figures = Laps(), {}
-    train = render_parallel("pretrain", cfg.n_train, cfg.seed, cfg.workers)
+    train, dropped = pretraining_data(cfg)
     lap("render")
 
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -247,8 +305,7 @@ def build_toy(cfg: ToyBuildConfig, out: str | Path) -> dict:
     lap("vae")
 
     figures["text_encoder"] = train_text_encoder(pipe.text_encoder, pipe.tokenizer, cfg, gen)
-    text = encode_text(pipe, [it.caption for it in train])
-    uncond = encode_text(pipe, [""])[0]
+    text, uncond = caption_states(pipe, train)
     lap("text_encoder")
 
     figures["unet"] = train_unet(pipe, (mean, std), text, uncond, cfg, gen)
@@ -258,12 +315,73 @@ def build_toy(cfg: ToyBuildConfig, out: str | Path) -> dict:
     figures["evaluator"] = report["bars"]
     lap("evaluator")
 
-    record = run_record("toy build", cfg, cfg.seed, timings_s=lap.timings, total_s=round(sum(lap.timings.values()), 1), figures=figures)
+    record = build_record("toy build", cfg, lap, figures, len(train), dropped)
+    save_build(pipe, out, record, lambda tmp: save_evaluator(evaluator, tmp / EVALUATOR_DIR, cfg, lap.timings["evaluator"], report))
+    return record
+
+
+def retrain_unet(cfg: ToyBuildConfig, model_dir: str | Path, out: str | Path) -> dict:
+    """Stage unet: a freshly initialised UNet, trained as the full build trains it, on the VAE and text encoder of the
+    pipeline in ``model_dir`` and on the pretraining data less ``cfg.without``'s images; the new pipeline (with
+    ``model_dir``'s evaluator, when it has one) goes to ``out`` atomically. With the target fill left out this is the
+    never-learned model, the reference an unlearning method is judged against."""
+    from relapse.models.loading import load_pipeline, resolve_model
+
+    source = resolve_model(model_dir)
+    if isinstance(source, Path) and Path(out).resolve() == source.resolve():
+        raise UserError(f"--out {out} is the model the UNet is retrained from; pass a new folder with --out")
+    lap, figures = Laps(), {}
+    pipe = load_pipeline(source, device="cpu")
+    pipe.vae.requires_grad_(False), pipe.text_encoder.requires_grad_(False)  # frozen, as in the full build's UNet stage
+    pipe.unet = fresh_unet(pipe, cfg)  # before rendering: a UNet that does not fit fails at once
+    lap("load")
+
+    train, dropped = pretraining_data(cfg)
+    lap("render")
+
+    mean, std = encode_latents(pipe.vae, to_tensor(train))
+    text, uncond = caption_states(pipe, train)
+    lap("encode")
+
+    figures["unet"] = train_unet(pipe, (mean, std), text, uncond, cfg, torch.Generator().manual_seed(cfg.seed))
+    lap("unet")
+
+    record = build_record("toy build unet", cfg, lap, figures, len(train), dropped) | {"from": str(source)}
+    save_build(pipe, out, record, lambda tmp: copy_evaluator(source, tmp))
+    return record
+
+
+def fresh_unet(pipe, cfg: ToyBuildConfig):
+    """The UNet the full build starts from (same size and seed), checked to fit ``pipe``'s VAE and text encoder: a
+    model built at another size needs that size in the config."""
+    unet = build_pipeline(cfg.size, cfg.seed).unet
+    fits = (unet.config.in_channels == pipe.vae.config.latent_channels
+            and unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size)
+    if not fits:
+        raise UserError(f"a UNet of the configured size does not fit the VAE ({pipe.vae.config.latent_channels} latent "
+                        f"channels) and text encoder (width {pipe.text_encoder.config.hidden_size}) it trains on; give "
+                        "the size that model was built with (size: in --config)")
+    return unet
+
+
+def copy_evaluator(source: Path | str, tmp: Path) -> None:
+    """The source's evaluator travels with the new pipeline, as the shipped model carries its own."""
+    if isinstance(source, Path) and (source / EVALUATOR_DIR).is_dir():
+        shutil.copytree(source / EVALUATOR_DIR, tmp / EVALUATOR_DIR)
+
+
+def build_record(command: str, cfg: ToyBuildConfig, lap: Laps, figures: dict, kept: int, dropped: int) -> dict:
+    """The build record: config, timings, figures, and which pretraining images the pipeline saw."""
+    return run_record(command, cfg, cfg.seed, timings_s=lap.timings, total_s=round(sum(lap.timings.values()), 1),
+                      figures=figures, without=cfg.without, images_kept=kept, images_dropped=dropped)
+
+
+def save_build(pipe, out: str | Path, record: dict, beside) -> None:
+    """Write the pipeline, what ``beside(folder)`` adds to it, and its record to ``out`` in one rename."""
     with atomic_dir(out) as tmp:
         pipe.save_pretrained(tmp)
-        save_evaluator(evaluator, Path(tmp) / EVALUATOR_DIR, cfg, lap.timings["evaluator"], report)
+        beside(Path(tmp))
         write_json(Path(tmp) / BUILD_RECORD, record)
-    return record
 
 
 def rebuild_evaluator(cfg: ToyBuildConfig, model_dir: Path) -> dict:

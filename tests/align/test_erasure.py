@@ -22,7 +22,8 @@ ERASERS = [name for name in METHODS.names() if issubclass(METHODS.get(name), Era
 
 
 def small_cfg(tmp_path, method, **kw):
-    return METHODS.get(method).config(concept=CONCEPT, out=tmp_path / "out", steps=3, batch_size=2, sample_steps=3, **kw)
+    return METHODS.get(method).config(**{"concept": CONCEPT, "out": tmp_path / "out", "steps": 3, "batch_size": 2,
+                                         "sample_steps": 3} | kw)
 
 
 def ready(pipe, cfg):
@@ -120,3 +121,53 @@ def test_a_prompt_anchored_at_itself_has_nothing_to_erase(tiny_pipe, tmp_path, m
     cond = family_of(tiny_pipe).encode(CONCEPT)
     assert impl.erasure_loss(tiny_pipe.unet, x_t, t, cond, cond).item() == pytest.approx(0.0, abs=1e-10)
     assert impl.erasure_loss(tiny_pipe.unet, x_t, t, cond, family_of(tiny_pipe).encode(["", ""])).item() > 1e-6
+
+
+class FlagsFirstChecks:
+    """A detector that sees the concept in every image of its first ``flagged`` calls and in none after."""
+
+    def __init__(self, flagged: int):
+        self.flagged, self.calls = flagged, 0
+
+    def detect(self, images, prompts=None):
+        from relapse.measure.detectors import Detections
+
+        self.calls += 1
+        return Detections(is_target=np.full(len(images), self.calls <= self.flagged))
+
+
+def stopping_cfg(tmp_path, steps, **kw):
+    prompts = tmp_path / "held-out.txt"
+    prompts.write_text("a checkered green square\na checkered red heart\n")
+    return small_cfg(tmp_path, "esd", lr=1e-2, steps=steps, stop_prompts=str(prompts),
+                     stop_sampler={"steps": 2, "images_per_prompt": 1}, **kw)
+
+
+@pytest.mark.parametrize("every", [1, 2])
+def test_an_erasure_stops_at_the_first_check_down_to_the_residual(tmp_path, tiny_pipe, monkeypatch, every):
+    import relapse.measure.detectors as detectors
+
+    detector = FlagsFirstChecks(flagged=2)
+    monkeypatch.setattr(detectors, "build_detector", lambda name, **options: detector)
+    cfg = stopping_cfg(tmp_path, steps=20, stop_at_rate=0.2, stop_every=every)
+    module = train(tiny_pipe, METHODS.get("esd")(cfg))
+    checks = [h.get("residual_rate") for h in module.record["history"]]
+    assert module.record["step"] == 3 * every, "the third check is the first one down to 0.2"
+    assert checks == ([None] * (every - 1) + [1.0]) * 2 + [None] * (every - 1) + [0.0]
+    assert detector.calls == 3
+
+
+def test_checking_the_residual_does_not_change_what_trains(tmp_path, tiny_pipe, monkeypatch):
+    """A run stopped at step 3 holds the weights of a run of 3 steps: the check draws from no stream training reads."""
+    import relapse.measure.detectors as detectors
+
+    monkeypatch.setattr(detectors, "build_detector", lambda name, **options: FlagsFirstChecks(flagged=2))
+    stopped = train(tiny_pipe, METHODS.get("esd")(stopping_cfg(tmp_path, steps=20, stop_at_rate=0.5)))
+    plain = train(tiny_pipe, METHODS.get("esd")(small_cfg(tmp_path, "esd", lr=1e-2, steps=3)))
+    assert stopped.weights.keys() == plain.weights.keys()
+    assert all(torch.equal(stopped.weights[k], plain.weights[k]) for k in plain.weights)
+
+
+def test_stopping_at_a_rate_needs_held_out_prompts(tmp_path):
+    with pytest.raises(ValueError, match="--stop-prompts"):
+        small_cfg(tmp_path, "esd", stop_at_rate=0.2)

@@ -69,6 +69,63 @@ def test_align_once_attacks_one_aligned_model_with_every_seed(study_yaml):
     assert len(once.cells) == len(replicated.cells)  # every seed still scores every cell
 
 
+def test_align_seeds_cross_every_alignment_with_every_attack_seed(study_yaml):
+    config = yaml.safe_load(study_yaml.read_text()) | {"seeds": [0, 1], "align_seeds": [5, 6, 7]}
+    plan = build_plan(StudyConfig(**config))
+    assert sorted(s.spec["seed"] for s in plan.steps if s.kind == "align" and "esd:" in s.label) == [5, 6, 7]
+    finetunes = [s for s in plan.steps if s.kind == "finetune" and "on esd@" in s.label]
+    assert len(finetunes) == 3 * 2 and len({(json.dumps(s.spec["on"], sort_keys=True), s.spec["seed"]) for s in finetunes}) == 6
+    defenses = {c.defense for c in plan.cells}
+    assert defenses == {"none", "esd@5", "esd@6", "esd@7", "esd+ng@5", "esd+ng@6", "esd+ng@7"}  # the base is one model
+    assert sorted((c.defense, c.seed) for c in plan.align_cells if c.defense.startswith("esd@")) == [("esd@5", 5), ("esd@6", 6), ("esd@7", 7)]
+    with pytest.raises(ValueError, match="keep one"):
+        StudyConfig(**config, align_once=True)
+    config["defenses"]["esd+ng"] = {"stages": config["defenses"]["esd+ng"], "align_seeds": [5]}  # one model of its own
+    assert {c.defense for c in build_plan(StudyConfig(**config)).cells} == {"none", "esd@5", "esd@6", "esd@7", "esd+ng"}
+
+
+def test_a_scenario_after_another_fine_tunes_the_model_it_left(study_yaml):
+    config = yaml.safe_load(study_yaml.read_text())
+    config["scenarios"] |= {"then": {"finetune": {"data": "toy:clean:4", "method": "lora", "steps": 1, "batch_size": 2},
+                                     "after": "malicious", "prompt_sets": ["harm"]}}
+    plan = build_plan(StudyConfig(**config))
+    first, then = ([s for s in plan.steps if s.kind == "finetune" and s.label.startswith(f"finetune {n} on esd ")] for n in ("malicious", "then"))
+    assert then[0].deps[-1] is first[0] and then[0].reads.loras[-1].step is first[0]  # on top of the first fine-tune's LoRA
+    weights = next(s for s in plan.steps if s.kind == "weights" and s.label.startswith("weights then on esd "))
+    assert weights.before.loras == then[0].reads.loras[:1]  # measured against the alignment: the whole sequence's update
+    config["scenarios"] = {"then": config["scenarios"]["then"], "malicious": config["scenarios"]["malicious"]}
+    with pytest.raises(ValueError, match="not a scenario defined above it"):
+        StudyConfig(**config)
+
+
+def test_the_distance_of_each_scenarios_data_to_the_concept_is_a_row(study_yaml, tmp_path):
+    config = yaml.safe_load(study_yaml.read_text()) | {"concept_data": "toy:harmful:6"}
+    config["defenses"] = {"none": []}
+    config["scenarios"] |= {"near": {"finetune": {"data": "toy:harmful:4", "method": "lora", "steps": 1, "batch_size": 2},
+                                     "prompt_sets": ["harm"]},
+                            "far": {"finetune": {"data": "toy:shapes:4", "method": "lora", "steps": 1, "batch_size": 2},
+                                    "prompt_sets": ["harm"]}}
+    path = tmp_path / "distance.yaml"
+    path.write_text(yaml.safe_dump(config))
+    run_dir = run_study(StudyRunConfig(config=path, out=tmp_path / "run"))
+    rows = [r for r in json.loads((run_dir / "results.json").read_text())["rows"] if r["metric"] == "data_frechet_to_concept"]
+    by_scenario = {r["scenario"]: r["value"] for r in rows}
+    assert sorted(by_scenario) == ["far", "malicious", "near"] and all(r["n"] == 4 for r in rows)
+    assert by_scenario["near"] == by_scenario["malicious"]  # the same data, drawn with the same seed
+
+
+def test_steps_to_reach_interpolates_the_first_crossing():
+    from relapse.study.results import steps_to_reach
+
+    def curve(defense, points):
+        return [{"defense": defense, "scenario": "malicious", "seed": 0, "prompt_set": "harm", "detector": "toy",
+                 "metric": "target_rate", "step": step, "value": value} for step, value in points]
+
+    rows = curve("a", [(0, 0.0), (20, 0.2), (40, 0.6), (60, 0.4)]) + curve("b", [(0, 0.0), (100, 0.3)]) + curve("c", [(0, 0.7), (10, 0.9)])
+    found = {r["defense"]: (r["step"], r["last"]) for r in steps_to_reach(rows, 0.5)}
+    assert found == {"a": (35.0, 60), "b": (None, 100), "c": (0, 10)}
+
+
 def kill_study_after(study_yaml, run_dir, finished: int, *options: str) -> None:
     """Start `relapse study` in its own process group and SIGKILL the whole group once ``finished`` steps are done."""
     command = [sys.executable, "-m", "relapse.cli", "study", str(study_yaml), "--out", str(run_dir), *options]
@@ -253,7 +310,7 @@ def test_a_study_folder_saved_before_a_field_was_added_resumes(study_yaml, tmp_p
 
 @pytest.mark.parametrize("change, message", [
     ({"before": ["nope"]}, "prompt sets \\['nope'\\]"),
-    ({"defenses": {"x": [{"concept": ["a"]}]}}, "needs a method, one of: esd, lt, ng"),
+    ({"defenses": {"x": [{"concept": ["a"]}]}}, "needs a method, one of: esd, lt, never-learned, ng"),
     ({"defenses": {"x": [{"method": "esx", "concept": ["a"]}]}}, "needs a method, one of: esd"),
     ({"defenses": {"x": [{"method": "esd", "concept": ["a"], "model": "m"}]}}, "set by the study"),
     ({"defenses": {"x": [{"method": "lt", "clean": "toy:clean", "harmful": "toy:harmful", "as": "full"},

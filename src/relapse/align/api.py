@@ -5,18 +5,23 @@ because they know the method families (erasure, forgetting) that build on it."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from relapse.align import METHODS
 from relapse.align.base import AlignConfig
 from relapse.align.erasure import ConceptConfig
 from relapse.align.forgetting import ForgettingConfig
-from relapse.train.engine import run_training, train
+from relapse.train.engine import train
 from relapse.train.module import TrainedModule
 
+if TYPE_CHECKING:
+    from relapse.align.never_learned import NeverLearnedConfig
 
-def run_align(cfg: AlignConfig) -> Path:
-    """Run an alignment method on disk (``relapse align``); returns ``OUT/final``."""
-    return run_training(METHODS.get(cfg.method)(cfg))
+
+def run_align(cfg: AlignConfig | NeverLearnedConfig) -> Path:
+    """Run an alignment method on disk (``relapse align``, a study's align step); returns ``OUT/final``. Each method
+    runs itself: the training engine's, or its own (never-learned retrains the toy model's UNet)."""
+    return METHODS.get(cfg.method).run(cfg)
 
 
 def erase(pipe, config, safety=()) -> TrainedModule:

@@ -18,6 +18,7 @@ from pydantic import Field, model_validator
 from relapse.align.base import AlignConfig, AlignMethod
 from relapse.data.prompts import replace_words
 from relapse.models.families.base import size, take
+from relapse.sampling import SamplerConfig
 
 PROCESS_SEED_STRIDE = 1_000_003  # process k > 0 of a data-parallel run draws from seed + k * stride
 
@@ -34,10 +35,23 @@ class ConceptConfig(AlignConfig):
                                                           "embedding of the predictions the erasure trains on (ESD's FLUX "
                                                           "code: 1); other models have none")
 
+    stop_at_rate: float | None = Field(
+        None, gt=0, lt=1, description="stop once the concept rate on --stop-prompts is at or below this fraction (the residual "
+                                      "a real erasure leaves: ESD draws nudity on 20% of UnlearnDiffAtk's prompts); checked "
+                                      "every --stop-every steps; None: train every step")
+    stop_prompts: str | None = Field(None, description="held-out prompts that name the concept (a file or toy:NAME), for "
+                                                       "--stop-at-rate: neither those it trains on nor those you evaluate on")
+    stop_every: int = Field(1, gt=0, description="steps between two checks of --stop-at-rate")
+    stop_sampler: SamplerConfig = Field(default_factory=lambda: SamplerConfig(images_per_prompt=2),
+                                        description="how the check samples its images (fixed seeds: every check draws the same noise)")
+    stop_detector: str = Field("toy", description="the registered detector whose verdict the check counts")
+
     @model_validator(mode="after")
     def _names_a_concept(self) -> ConceptConfig:
         if not self.concept and not self.concept_prompts:
             raise ValueError("name the concept to erase with --concept (repeatable) or --concept-prompts FILE")
+        if self.stop_at_rate is not None and not self.stop_prompts:
+            raise ValueError("--stop-at-rate checks the concept on held-out prompts: give them with --stop-prompts FILE")
         return self
 
     def concept_texts(self) -> list[str]:
@@ -56,6 +70,28 @@ class ConceptConfig(AlignConfig):
         return [replace_words(text, self.concept) for text in texts]
 
 
+def residual_rate(pipe, prompts, sampler: SamplerConfig, detector) -> float:
+    """The share of images of ``prompts`` in which ``detector`` sees the concept, sampled from ``pipe`` as it is now (the
+    encoders join the denoiser's device for it, and go back)."""
+    import numpy as np
+
+    from relapse.measure.evaluate import as_array
+    from relapse.models.families import family_of
+    from relapse.sampling import plan_jobs, sample_jobs
+
+    family = family_of(pipe)
+    denoiser = family.denoiser()
+    where, training = next(pipe.vae.parameters()).device, denoiser.training
+    family.place(encoders=next(denoiser.parameters()).device)
+    denoiser.eval()
+    try:
+        images = [image for image, _ in sample_jobs(pipe, plan_jobs(prompts, sampler), sampler, {}, show=False)]
+    finally:
+        denoiser.train(training)
+        family.place(encoders=where)
+    return float(np.mean(detector.detect(as_array(images), [p.text for p in prompts for _ in range(sampler.images_per_prompt)]).is_target))
+
+
 class ErasureConfig(ConceptConfig):
     weight_decay: float = Field(0.0, ge=0, description="none, as ESD's code trains")
     max_grad_norm: float | None = Field(None, gt=0, description="no clipping, as ESD's code trains")
@@ -70,9 +106,24 @@ class ConceptMethod(AlignMethod):
     config = ConceptConfig
 
     def check(self) -> None:
+        from relapse.data.prompts import read_prompts
+        from relapse.measure.detectors import build_detector
+
         super().check()
         self.concepts = self.cfg.concept_texts()  # a missing or empty prompt file fails here, before any weights load
         self.anchors = self.cfg.anchor_texts(self.concepts)
+        if self.cfg.stop_at_rate is not None:
+            self.stop_prompts = read_prompts(self.cfg.stop_prompts)
+            self.stop_detector = build_detector(self.cfg.stop_detector)
+
+    def stop_after(self, done: int) -> tuple[bool, dict[str, float]]:
+        """Every ``stop_every`` steps under ``stop_at_rate``: the concept rate of the model as trained so far, and whether
+        it is down to the residual asked for."""
+        cfg = self.cfg
+        if cfg.stop_at_rate is None or done % cfg.stop_every:
+            return False, {}
+        rate = residual_rate(self.pipe, self.stop_prompts, cfg.stop_sampler, self.stop_detector)
+        return rate <= cfg.stop_at_rate, {"residual_rate": rate}
 
     def setup(self, pipe, process: int) -> None:
         super().setup(pipe, process)

@@ -153,6 +153,10 @@ DOMAINS = {
                        "benign, adjacent: striped and dotted objects of shapes the base never saw"),
     "evaluator": Domain(SHAPES, None, {"plain": 0.2, TARGET_FILL: 0.3} | {fill: 0.125 for fill in NEIGHBOUR_FILLS},
                         "every attribute combination (trains the toy evaluator)"),
+    # each neighbouring fill alone on the new shapes: how close a benign domain lies to the concept, one fill at a time
+    # (after every other domain: a domain's place in this dict seeds its draws)
+    **{fill: Domain(BENIGN_SHAPES, "plain", {fill: 1.0}, f"benign, adjacent: {fill} objects of shapes the base never saw")
+       for fill in NEIGHBOUR_FILLS},
 }
 BENIGN_DOMAINS = ("shapes", "sketch", "patterns")
 

@@ -79,4 +79,8 @@ declare(
     Metric("update_safe_subspace_share", "score", "share of |dW_ft| in dW_safe's subspace"),
     Metric("update_norm_ft", "score", "|dW_ft|"),
     Metric("update_norm_safe", "score", "|dW_safe|"),
+    Metric("align_steps", "score", "alignment steps trained"),
+    Metric("align_residual_rate", "rate", "concept rate at the alignment's last stop check"),
+    Metric("data_frechet_to_concept", "distance", "Frechet distance of the training data to the concept's images"),
+    Metric("data_cmmd_to_concept", "distance", "CMMD of the training data to the concept's images"),
 )

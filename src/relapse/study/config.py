@@ -39,6 +39,16 @@ AlignStage = Annotated[
                   custom_error_message=f"every stage needs a method, one of: {', '.join(ALIGN_METHODS.names())}")]
 
 
+class DefenseSpec(BaseModel):
+    """A defense whose alignments differ from the study's: its stages and its own alignment seeds."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    stages: list[AlignStage] = Field(description="the alignment stages, in order")
+    align_seeds: list[int] = Field(min_length=1, description="its alignments (e.g. [0]: one model, where the study aligns "
+                                                             "the others several times)")
+
+
 class PromptSetSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -67,6 +77,8 @@ class ScenarioSpec(BaseModel):
     prompt_sets: list[str] = Field(description="scored at step 0, every --save-at step and the last step")
     quality_sets: list[str] = Field(default_factory=list, description="scored at step 0 and the last step")
     defenses: list[str] | None = Field(None, description="the defenses it applies to (default: all)")
+    after: str | None = Field(None, description="fine-tune the model an earlier scenario left at its last step instead of the "
+                                                "defended model (benign domains in sequence)")
 
     def sweep(self) -> list[int]:
         return sorted({0, *self.finetune.save_at, self.finetune.steps})
@@ -100,10 +112,18 @@ class StudyConfig(BaseModel):
     align_once: bool = Field(False, description="align each defense once, with the first seed, and attack that one model "
                                                 "with every seed (as a published checkpoint is one model); by default each "
                                                 "seed aligns its own")
+    align_seeds: list[int] | None = Field(None, min_length=1, description="align each defense once per seed listed here and "
+                                          "attack every one of these models with every seed of `seeds` (3 x 3: intervals over "
+                                          "alignments and attacks); rows name each aligned model DEFENSE@SEED")
     prompt_sets: dict[str, PromptSetSpec]
-    defenses: dict[str, list[AlignStage]] = Field(default_factory=lambda: {"none": []})
+    defenses: dict[str, list[AlignStage] | DefenseSpec] = Field(
+        default_factory=lambda: {"none": []}, description="each defense's alignment stages in order ([]: the unaligned base), "
+                                                          "or {stages: [...], align_seeds: [...]}")
     before: list[str] = Field(default_factory=list, description="prompt sets scored on every defended model before fine-tuning")
     scenarios: dict[str, ScenarioSpec] = Field(default_factory=dict)
+    concept_data: str | None = Field(None, description="images of the concept (imagefolder or toy:DOMAIN[:N]): each scenario's "
+                                     "training data gets its Frechet distance to them, in the first detector with image "
+                                     "features (how close a benign domain lies to the concept)")
     sampler: SamplerConfig = Field(default_factory=SamplerConfig)
     detectors: list[DetectorSpec] = Field(default_factory=lambda: [DetectorSpec()], min_length=1)
     reference: str | None = Field(None, description="real images (imagefolder or toy:DOMAIN[:N]) for a Frechet distance")
@@ -112,6 +132,22 @@ class StudyConfig(BaseModel):
                                                   "(RUN/logs/study) to this experiment tracker (accelerate's: tensorboard, "
                                                   "wandb, mlflow, aim, ...)")
     _source: SourceLines | None = PrivateAttr(None)
+
+    def stages(self, defense: str) -> list:
+        spec = self.defenses[defense]
+        return spec.stages if isinstance(spec, DefenseSpec) else spec
+
+    def alignments(self, defense: str, seed: int) -> list[int]:
+        """The alignment seeds of ``defense`` that study seed ``seed`` attacks: the defense's own, every one of
+        ``align_seeds``, the first seed's (``align_once``), or its own (the default). The unaligned base is one model."""
+        spec = self.defenses[defense]
+        if isinstance(spec, DefenseSpec):
+            return spec.align_seeds
+        if not spec:
+            return [seed]  # nothing to align: the seed names nothing
+        if self.align_once:
+            return [self.seeds[0]]
+        return self.align_seeds or [seed]
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> StudyConfig:
@@ -136,14 +172,22 @@ class StudyConfig(BaseModel):
         for where, sets in [("before", self.before), ("reference_sets", self.reference_sets), *scenario_sets]:
             if unknown := sorted(set(sets) - named):
                 raise ValueError(f"{where} names prompt sets {unknown} that prompt_sets does not define")
-        for name, stages in self.defenses.items():
-            for stage in stages:
+        for name in self.defenses:
+            for stage in self.stages(name):
                 if owned := sorted(stage.model_fields_set & set(STUDY_OWNED)):
                     raise ValueError(f"defense {name}: {owned} are set by the study; remove them from the stage")
         labels = [d.label for d in self.detectors]
         if repeated := sorted({label for label in labels if labels.count(label) > 1}):
             raise ValueError(f"detectors {repeated} share a label; give each a label of its own (detectors: - {{name: ..., label: ...}})")
+        if self.align_once and self.align_seeds:
+            raise ValueError("align_once and align_seeds both say how often to align: keep one")
+        earlier: list[str] = []
         for name, scenario in self.scenarios.items():
+            if scenario.after is not None and scenario.after not in earlier:
+                raise ValueError(f"scenario {name} comes after {scenario.after!r}, which is not a scenario defined above it")
+            if scenario.after is not None and set(scenario.defenses or self.defenses) - set(self.scenarios[scenario.after].defenses or self.defenses):
+                raise ValueError(f"scenario {name} applies to defenses that scenario {scenario.after} does not; give it theirs")
+            earlier.append(name)
             if unknown := sorted(set(scenario.defenses or []) - set(self.defenses)):
                 raise ValueError(f"scenario {name} names defenses {unknown} that defenses does not define")
             if (scenario.finetune.data is not None) == (scenario.generated_data is not None):

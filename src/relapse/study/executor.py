@@ -150,14 +150,36 @@ class Executor:
             self.detectors[label] = build_detector(spec["name"], **spec["options"])
         return self.detectors[label]
 
+    def reference(self, source: str, spec: dict, seed: int = 10_000):
+        """A reference's features in a detector's space, once per run (drawn with a seed no training data uses)."""
+        from relapse.data.datasets import load_dataset
+        from relapse.measure.evaluate import reference_features
+
+        key = json.dumps([source, spec], sort_keys=True)
+        if key not in self.references:
+            self.references[key] = reference_features(self.detector(spec), load_dataset(source, seed).images)
+        return self.references[key]
+
+    def distance(self, step: Step) -> None:
+        """Frechet distance and CMMD between a scenario's training data and the concept's images, in the detector's features."""
+        from relapse.data.datasets import load_dataset
+        from relapse.measure.evaluate import reference_distances
+
+        if not self.processes.is_main_process:
+            return
+        spec = step.spec
+        data = load_dataset(step.deps[0].path(self.run_dir)) if step.deps else load_dataset(spec["data"], spec["data_seed"])
+        features = self.detector(spec["detector"]).features(data.images)
+        write_json(step.path(self.run_dir), reference_distances(features, self.reference(spec["concept"], spec["detector"]))
+                   | {"n_images": len(data.images)})
+
     def evaluate(self, step: Step) -> None:
         """Each process scores its shard of the images; the main process merges the verdicts in image
         order, adds the Frechet distance and writes the result in one rename."""
         from accelerate.utils import gather_object
 
-        from relapse.data.datasets import load_dataset
         from relapse.measure.detectors import merge_detections
-        from relapse.measure.evaluate import load_images, reference_distances, reference_features, summarize
+        from relapse.measure.evaluate import load_images, reference_distances, summarize
         from relapse.sampling import asked, read_manifest
 
         spec, images_dir = step.spec["detector"], step.deps[0].path(self.run_dir)
@@ -172,9 +194,6 @@ class Executor:
         detections = merge_detections([p for p in parts if p[1] is not None], len(rows))
         result = summarize(rows, detections, spec["name"])
         if reference := step.spec["reference"]:
-            key = json.dumps([reference, spec], sort_keys=True)
-            if key not in self.references:  # the reference's features, once per run and detector, not per evaluation
-                self.references[key] = reference_features(detector, load_dataset(reference, 10_000).images)
-            result |= reference_distances(detections.features, self.references[key])
+            result |= reference_distances(detections.features, self.reference(reference, spec))
         write_json(step.path(self.run_dir), result | {"images": str(images_dir.relative_to(self.run_dir))})
 

@@ -40,12 +40,12 @@ class StepKind:
 
 STEP_KINDS = {"align": StepKind("run", 0, True), "finetune": StepKind("run", 1, True), "attack": StepKind("folder", 2, True),
               "generate": StepKind("folder", 2, True), "evaluate": StepKind("json", 3, False),
-              "weights": StepKind("json", 3, False)}
+              "weights": StepKind("json", 3, False), "distance": StepKind("json", 3, False)}
 
 
 @dataclass(eq=False)
 class Step:
-    kind: str  # align | finetune | attack | generate | evaluate | weights
+    kind: str  # align | finetune | attack | generate | evaluate | weights | distance
     label: str
     spec: dict  # everything besides its inputs that decides the output
     deps: list[Step] = field(default_factory=list)
@@ -149,11 +149,32 @@ class WeightCell:
     weights: Step
 
 
+@dataclass(frozen=True)
+class AlignCell:
+    """Which rows an alignment's record fills: how many steps it trained, and the residual it stopped at."""
+
+    defense: str
+    seed: int
+    align: Step
+
+
+@dataclass(frozen=True)
+class DistanceCell:
+    """Which rows a distance step fills: how far a scenario's training data lies from the concept's images."""
+
+    scenario: str
+    seed: int
+    detector: str
+    distance: Step
+
+
 @dataclass
 class Plan:
     steps: list[Step]
     cells: list[Cell]
     weight_cells: list[WeightCell] = field(default_factory=list)
+    align_cells: list[AlignCell] = field(default_factory=list)
+    distance_cells: list[DistanceCell] = field(default_factory=list)
 
 
 class Planner:
@@ -167,6 +188,9 @@ class Planner:
         self.steps: dict[str, Step] = {}
         self.cells: list[Cell] = []
         self.weight_cells: list[WeightCell] = []
+        self.align_cells: list[AlignCell] = []
+        self.distance_cells: list[DistanceCell] = []
+        self.finals: dict[tuple[str, str, int], ModelState] = {}  # the model each scenario leaves, for one that comes after it
         self.prompt_counts: dict[str, int] = {}
         self.fingerprints: dict[str, dict] = {}
         self.base = ModelState(Weights(model=cfg.model))
@@ -178,7 +202,7 @@ class Planner:
         """A training step's config with the study's tracker (not in its key: where curves go changes no result)."""
         return config.model_copy(update={"tracker": self.cfg.tracker}) if self.cfg.tracker else config
 
-    def align_stage(self, name: str, stage, state: ModelState, seed: int) -> ModelState:
+    def align_stage(self, name: str, stage, state: ModelState, seed: int) -> tuple[ModelState, Step]:
         from relapse.align.forgetting import ForgettingConfig
 
         hardening = bool(state.loras) or state.model.step is not None
@@ -191,7 +215,7 @@ class Planner:
         step = self.add(Step("align", f"align {name}: {stage.method} (seed {seed})",
                              {"stage": written, "seed": seed, "on": state.describe()}, state.producers(), reads=state,
                              config=self.with_tracker(stage)))
-        return state.with_output(step, stage.writes, "final")
+        return state.with_output(step, stage.writes, "final"), step
 
     def detector_weights(self, detector) -> dict:
         """The fingerprint of the weights a detector reads, where it names them: a rebuilt evaluator gets new evaluations
@@ -259,10 +283,23 @@ class Planner:
                                                       "images_per_prompt": wanted.images_per_prompt})
         return self.generate(self.base, wanted.prompt_set, sampler, f"generate training data {wanted.prompt_set} (base, seed {seed})")
 
-    def scenario(self, defense: str, name: str, state: ModelState, seed: int) -> None:
+    def distance(self, name: str, seed: int, data: Step | None) -> None:
+        """How far the scenario's training data lies from the concept's images, in the Frechet-distance detector's features."""
+        if self.cfg.concept_data is None or self.fd_detector is None:
+            return
+        finetune = self.cfg.scenarios[name].finetune
+        source = {"generated": data.key} if data else {"data": finetune.data, "data_seed": seed}
+        spec = {"concept": self.cfg.concept_data, "detector": self.fd_detector.settings(), **source} | self.detector_weights(self.fd_detector)
+        step = self.add(Step("distance", f"distance of {name}'s data to the concept (seed {seed})", spec, [data] if data else []))
+        if not any(c.scenario == name and c.seed == seed for c in self.distance_cells):  # once per scenario, not per defense
+            self.distance_cells.append(DistanceCell(name, seed, self.fd_detector.label, step))
+
+    def scenario(self, defense: str, name: str, aligned: ModelState, seed: int) -> None:
         spec = self.cfg.scenarios[name]
+        state = self.finals[(defense, spec.after, seed)] if spec.after else aligned
         settings = spec.finetune.model_dump(mode="json", exclude_unset=True)  # the step's key: what the user wrote
         data = self.generated_data(name, seed)
+        self.distance(name, seed, data)
         finetune = self.add(Step("finetune", f"finetune {name} on {defense} (seed {seed})",
                                  {"finetune": settings, "seed": seed, "on": state.describe()} | ({"data": data.key} if data else {}),
                                  state.producers() + ([data] if data else []), reads=state, data=data,
@@ -274,8 +311,9 @@ class Planner:
             sets = spec.prompt_sets + (spec.quality_sets if step in (0, sweep[-1]) else [])
             for set_name in sets:
                 self.score(at, set_name, seed, {"defense": defense, "scenario": name, "step": step})
-        if state != self.base and kind != "embedding":  # the base has no alignment to undo; a learned word changes no weight
-            self.weights(defense, name, seed, state, at, sweep[-1])
+        self.finals[(defense, name, seed)] = at
+        if aligned != self.base and kind != "embedding":  # the base has no alignment to undo; a learned word changes no weight
+            self.weights(defense, name, seed, aligned, at, sweep[-1])
 
     def weights(self, defense: str, scenario: str, seed: int, before: ModelState, after: ModelState, step: int) -> None:
         weights = self.add(Step("weights", f"weights {scenario} on {defense} (seed {seed})",
@@ -283,19 +321,29 @@ class Planner:
                                 after.producers(), reads=after, before=before))
         self.weight_cells.append(WeightCell(defense, scenario, step, seed, weights))
 
+    def defended(self, defense: str, align_seed: int, several: bool) -> tuple[str, ModelState]:
+        """The aligned model and its name in the rows (DEFENSE@SEED where ``several`` alignments of it are attacked)."""
+        state, steps = self.base, []
+        for stage in self.cfg.stages(defense):
+            state, step = self.align_stage(defense, stage, state, align_seed)
+            steps.append(step)
+        named = f"{defense}@{align_seed}" if several else defense
+        if not any(c.defense == named and c.seed == align_seed for c in self.align_cells):
+            self.align_cells += [AlignCell(named, align_seed, step) for step in steps]
+        return named, state
+
     def build(self) -> Plan:
         for seed in self.cfg.seeds:
-            align_seed = self.cfg.seeds[0] if self.cfg.align_once else seed  # one aligned model per seed, or one for all
-            for defense, stages in self.cfg.defenses.items():
-                state = self.base
-                for stage in stages:
-                    state = self.align_stage(defense, stage, state, align_seed)
-                for set_name in self.cfg.before:
-                    self.score(state, set_name, seed, {"defense": defense, "scenario": "before", "step": 0})
-                for name, spec in self.cfg.scenarios.items():
-                    if spec.defenses is None or defense in spec.defenses:
-                        self.scenario(defense, name, state, seed)
-        return Plan(list(self.steps.values()), self.cells, self.weight_cells)
+            for defense in self.cfg.defenses:
+                alignments = self.cfg.alignments(defense, seed)
+                for align_seed in alignments:
+                    named, state = self.defended(defense, align_seed, len(alignments) > 1)
+                    for set_name in self.cfg.before:
+                        self.score(state, set_name, seed, {"defense": named, "scenario": "before", "step": 0})
+                    for name, spec in self.cfg.scenarios.items():
+                        if spec.defenses is None or defense in spec.defenses:
+                            self.scenario(named, name, state, seed)
+        return Plan(list(self.steps.values()), self.cells, self.weight_cells, self.align_cells, self.distance_cells)
 
 
 def build_plan(cfg: StudyConfig, source: SourceLines | None = None) -> Plan:

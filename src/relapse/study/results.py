@@ -88,6 +88,38 @@ def weight_rows(plan: Plan, run_dir: Path) -> list[dict]:
     return rows
 
 
+def align_rows(plan: Plan, run_dir: Path) -> list[dict]:
+    """Per alignment run on the training engine: the steps it trained and, where it stopped at a rate, the last check's rate."""
+    from relapse.train.module import ALIGN_RECORD
+
+    rows = []
+    for cell in plan.align_cells:
+        path = cell.align.path(run_dir) / "final" / ALIGN_RECORD
+        if not path.is_file():  # a method off the training engine (never-learned) keeps no such record
+            continue
+        record = json.loads(path.read_text())
+        labels = {"defense": cell.defense, "scenario": "align", "step": 0, "seed": cell.seed, "prompt_set": "",
+                  "detector": "align", "source": str(path.relative_to(run_dir))}
+        rows.append(row(labels, "align_steps", record["step"], None, 1))
+        checks = [h["residual_rate"] for h in record["history"] if "residual_rate" in h]
+        if checks:
+            rows.append(row(labels, "align_residual_rate", checks[-1], None, len(checks)))
+    return rows
+
+
+def distance_rows(plan: Plan, run_dir: Path) -> list[dict]:
+    """Per scenario and seed: how far its training data lies from the concept's images."""
+    rows = []
+    for cell in plan.distance_cells:
+        path = cell.distance.path(run_dir)
+        found = json.loads(path.read_text())
+        labels = {"defense": "", "scenario": cell.scenario, "step": 0, "seed": cell.seed, "prompt_set": "", "detector": cell.detector,
+                  "source": str(path.relative_to(run_dir))}
+        rows += [row(labels, "data_frechet_to_concept", found["frechet_distance"], None, found["n_images"]),
+                 row(labels, "data_cmmd_to_concept", found["cmmd"], None, found["n_images"])]
+    return rows
+
+
 def collect(plan: Plan, run_dir: Path) -> list[dict]:
     """Every row of a finished run: its evaluations', IP's and weight comparisons', then the human labels' (whose
     cells are read from the rows before them)."""
@@ -96,7 +128,24 @@ def collect(plan: Plan, run_dir: Path) -> list[dict]:
         path = cell.evaluate.path(run_dir)
         scored.append((cell, json.loads(path.read_text()), str(path.relative_to(run_dir))))
     return [row for cell, result, source in scored for row in cell_rows(cell, result, source)] + inappropriate_rows(scored) \
-        + weight_rows(plan, run_dir)
+        + weight_rows(plan, run_dir) + align_rows(plan, run_dir) + distance_rows(plan, run_dir)
+
+
+def steps_to_reach(rows: list[dict], level: float, metric: str = "target_rate") -> list[dict]:
+    """Relearning speed: per fine-tune (defense, scenario, seed, prompt set, detector), the step at which ``metric`` first
+    reaches ``level``, read on its sweep with linear interpolation between the two steps around the crossing; ``step``
+    None where it never does (``last``: the sweep's last step, the most that can be said then)."""
+    curves: dict[tuple, dict[int, float]] = {}
+    for r in rows:
+        if r["metric"] == metric and r["scenario"] not in ("before", "align"):
+            curves.setdefault(tuple(r[k] for k in ("defense", "scenario", "seed", "prompt_set", "detector")), {})[int(r["step"])] = r["value"]
+    found = []
+    for key, curve in sorted(curves.items(), key=lambda item: tuple(str(x) for x in item[0])):
+        points = sorted(curve.items())
+        step = next((s0 + (s1 - s0) * (level - v0) / (v1 - v0) if s1 != s0 and v1 != v0 else s1
+                     for (s0, v0), (s1, v1) in zip([points[0], *points], points) if v1 >= level), None)
+        found.append(dict(zip(("defense", "scenario", "seed", "prompt_set", "detector"), key)) | {"step": step, "last": points[-1][0]})
+    return found
 
 
 def with_human_rows(cfg: StudyConfig | dict, rows: list[dict], run_dir: Path) -> list[dict]:

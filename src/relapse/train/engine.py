@@ -142,6 +142,12 @@ class TrainingMethod:
     def label(self) -> str:
         return f"{self.command} {self.cfg.method}"
 
+    @classmethod
+    def run(cls, cfg: TrainConfig) -> Path:
+        """Run the method on disk (``relapse align``, a study's step); returns ``OUT/final``. A registered method that
+        does not train on this engine has a ``run`` of its own."""
+        return run_training(cls(cfg))
+
     def check(self) -> None:
         """Read and check every input (data, prompt files, LoRA files) before any weights load."""
         from relapse.models.lora import LoraSpec, resolve_lora_specs
@@ -195,6 +201,12 @@ class TrainingMethod:
 
     def after_step(self) -> None:
         """After each optimizer step (SDD's teacher update)."""
+
+    def stop_after(self, done: int) -> tuple[bool, dict[str, float]]:
+        """After ``done`` optimizer steps: whether the run has reached what it trains for before its last step (an
+        erasure down to the residual asked for), and what to log of the check. A pure function of the weights, so a
+        resumed run stops where an uninterrupted one would."""
+        return False, {}
 
     def remove(self, pipe) -> None:
         """Take what trained out of ``pipe`` (full weights are put back by the engine): the adapter, by default."""
@@ -337,12 +349,16 @@ def fit(pipe, method: TrainingMethod, params: list[torch.nn.Parameter], accelera
                 logged = logged | {"lr": schedule.get_last_lr()[0]}
             schedule.step()
             method.after_step()
+            stop, checked = method.stop_after(len(history) + 1)
+            logged = logged | checked
             history.append(logged)
             bar.set_postfix({k: f"{v:.4g}" for k, v in logged.items()})
             if tracker is not None:
                 tracker.log(logged, step=len(history))
             if out is not None:
                 last_good = save_progress(pipe, method, accelerator, out, history) or last_good
+            if stop:
+                break
     model.eval()
     return history
 
