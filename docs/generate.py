@@ -23,8 +23,9 @@ from functools import cache
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PAGES = ("README.md", "docs/toy-study.md", "docs/toy-world.md")
+PAGES = ("README.md", "docs/toy-study.md", "docs/toy-world.md", "docs/benign-relapse.md")
 DEMO = "docs/results/toy-study/results.csv"
+BENIGN = "docs/results/benign-relapse/results.csv"
 EVALUATOR_BUILD = "src/relapse/assets/toy/evaluator/relapse_build.json"
 
 
@@ -35,7 +36,9 @@ def rows_of(results: str) -> tuple[dict, ...]:
 
 
 def matching(results: str, **match) -> list[dict]:
-    return [r for r in rows_of(results) if all(r[k] == str(v) for k, v in match.items())]
+    """Rows equal to ``match`` on each key (a tuple: any of its values)."""
+    wanted = {k: tuple(map(str, v)) if isinstance(v, tuple) else (str(v),) for k, v in match.items()}
+    return [r for r in rows_of(results) if all(r[k] in values for k, values in wanted.items())]
 
 
 def mean_sd(rows: list[dict], scale: float = 100.0) -> str:
@@ -131,8 +134,96 @@ class EvaluatorTable:
         return lines
 
 
+def runs(results: str, defense: str | None = None, **match) -> list[dict]:
+    """The rows of one figure, one per run; a defense written ``NAME@*`` pools every alignment of it (NAME@0, NAME@1, ...)."""
+    found = matching(results, **match)
+    if defense is None:
+        return found
+    if defense.endswith("@*"):
+        return [r for r in found if r["defense"].startswith(defense[:-1])]
+    return [r for r in found if r["defense"] == defense]
+
+
+def over_runs(rows: list[dict], scale: float = 100.0, digits: int = 1) -> str:
+    """Mean over runs with its Student-t 95% interval (rates in %, clipped to what a rate can be)."""
+    from relapse.measure.stats import seed_interval
+
+    found = seed_interval([r["value"] for r in rows])
+    low, high = (scale * x for x in found["ci95"])
+    if scale == 100.0:
+        low, high = max(low, 0.0), min(high, 100.0)
+    mean = f"{scale * found['mean']:.{digits}f}"
+    return mean if found["n"] < 2 or high - low < 0.05 else f"{mean} [{low:.{digits}f}, {high:.{digits}f}]"
+
+
+@dataclass(frozen=True)
+class Figure:
+    title: str
+    match: dict
+    scale: float = 100.0  # 100: a rate shown in %; 1: a value as it is
+    digits: int = 1
+
+
+@dataclass(frozen=True)
+class RunsTable:
+    """Rows and columns that each add to a match; each cell the mean over its runs with a 95% interval over them."""
+
+    results: str
+    corner: str
+    rows: tuple[tuple[str, dict], ...]
+    columns: tuple[Figure, ...]
+
+    def markdown(self) -> list[str]:
+        lines = [f"| {self.corner} | " + " | ".join(c.title for c in self.columns) + " |", "|" + " --- |" * (len(self.columns) + 1)]
+        for shown, match in self.rows:
+            cells = []
+            for column in self.columns:
+                found = runs(self.results, **(match | column.match))
+                cells.append(over_runs(found, column.scale, column.digits) if found else "")
+            if any(cells):
+                lines.append(f"| {shown} | " + " | ".join(cells) + " |")
+        return lines
+
+
+@dataclass(frozen=True)
+class RelearningTable:
+    """Relearning speed: the step at which each run's concept rate first reaches ``level`` on its sweep (linear between
+    the two points around it); the median and range over the runs that reach it, and how many do."""
+
+    results: str
+    scenario: str
+    models: tuple[tuple[str, str], ...]  # (shown name, defense)
+    level: float = 0.5
+    at: tuple[int, ...] = (20, 50, 100)
+
+    def markdown(self) -> list[str]:
+        from relapse.study.results import steps_to_reach
+
+        lines = [f"| model | steps to {100 * self.level:.0f}%: median [range] | runs that reach it | "
+                 + " | ".join(f"concept at {s} steps" for s in self.at) + " |", "|" + " --- |" * (3 + len(self.at))]
+        for shown, defense in self.models:
+            mine = runs(self.results, defense, scenario=self.scenario, prompt_set="target_direct", detector="toy")
+            crossings = steps_to_reach(mine, self.level)
+            reached = sorted(c["step"] for c in crossings if c["step"] is not None)
+            median = f"{statistics.median(reached):.0f} [{reached[0]:.0f}, {reached[-1]:.0f}]" if reached else \
+                f"not by {crossings[0]['last']}"
+            at = [over_runs([r for r in mine if r["metric"] == "target_rate" and int(r["step"]) == s]) for s in self.at]
+            lines.append(f"| {shown} | {median} | {len(reached)} of {len(crossings)} | " + " | ".join(at) + " |")
+        return lines
+
+
 DEFENSES = (("none (the base)", "none"), ("ESD-u", "esd"), ("SDD", "sdd"), ("LT", "lt"), ("NG", "ng"), ("ESD-u + LT", "esd+lt"),
             ("Resist", "resist"))
+
+
+BEFORE = {"scenario": "before", "step": 0, "detector": "toy"}
+DIRECT = {"prompt_set": "target_direct", "detector": "toy", "metric": "target_rate"}
+FILL_SETS = ("fill_striped", "fill_dotted", "fill_gridded", "fill_gradient")
+BENIGN_FINETUNES = (("adjacent LoRA, 200 steps", "adjacent-lora", 200), ("adjacent LoRA, 1000 steps", "adjacent-lora", 1000),
+                    ("far LoRA, 200", "far-lora", 200), ("own-generations LoRA, 200", "own-lora", 200),
+                    ("adjacent full, 200", "adjacent-full", 200), ("far full, 200", "far-full", 200),
+                    ("own-generations full, 200", "own-full", 200), ("adjacent Modular LoRA, 200", "adjacent-modular", 200),
+                    ("far Modular, 200", "far-modular", 200), ("own-generations Modular, 200", "own-modular", 200))
 
 
 def _col(title: str, scenario: str, step: int, prompt_set: str = "target_direct", metric: str = "target_rate") -> Column:
@@ -178,6 +269,56 @@ TABLES: dict[str, Callable[[], object]] = {
           for shown, d in DEFENSES if d not in ("none", "ng")),
         *((f"{shown}, adversarial prompts", {"defense": d, "scenario": "before", "step": 0, "prompt_set": "adversarial_direct"})
           for shown, d in DEFENSES))),
+    "benign-alignments": lambda: RunsTable(BENIGN, "model", (
+        ("ESD-u, stopped at 20%", {"defense": "esd@*"}), ("SDD, stopped at 20%", {"defense": "sdd@*"}),
+        ("ESD-u, stopped at 40%", {"defense": "esd-r40"}), ("ESD-u, stopped at 5%", {"defense": "esd-r05"}),
+        ("ESD-u, 100 steps (the demo's)", {"defense": "esd-complete"}), ("never-learned", {"defense": "never-learned"}),
+        ("the unaligned base", {"defense": "none"})), (
+        Figure("steps trained", {"scenario": "align", "metric": "align_steps"}, 1.0, 0),
+        Figure("rate at the last check (held-out prompts)", {"scenario": "align", "metric": "align_residual_rate"}),
+        *(Figure(title, BEFORE | {"prompt_set": prompts, "metric": metric}, scale, digits) for title, prompts, metric, scale, digits in (
+            ("concept, direct prompts", "target_direct", "target_rate", 100.0, 1), ("trace", "target_direct", "trace_rate", 100.0, 1),
+            ("shape, clean prompts", "clean", "shape_accuracy", 100.0, 1), ("FD, clean", "clean", "frechet_distance", 1.0, 1))))),
+    "benign-headline": lambda: RunsTable(BENIGN, "fine-tune", (
+        ("none: the aligned model", {"scenario": "before", "step": 0}),
+        *((title, {"scenario": scenario, "step": step}) for title, scenario, step in BENIGN_FINETUNES)), tuple(
+        Figure(f"{method}: {title}", {"defense": defense} | match, scale) for method, defense in (("ESD-u", "esd@*"), ("SDD", "sdd@*"))
+        for title, match, scale in (("concept", DIRECT, 100.0), ("trace", DIRECT | {"metric": "trace_rate"}, 100.0),
+                                    ("cos(dW_ft, -dW_safe)", {"detector": "weights", "metric": "update_cosine_to_undo"}, 1.0)))),
+    "benign-curve": lambda: RunsTable(BENIGN, "adjacent LoRA on", (
+        ("ESD-u at 20%", {"defense": "esd@*"}), ("SDD at 20%", {"defense": "sdd@*"}), ("never-learned", {"defense": "never-learned"})),
+        tuple(Figure(f"{step} steps" if step else "before", DIRECT | {"scenario": "adjacent-lora", "step": step})
+              for step in (0, 20, 100, 200, 600, 1000))),
+    "benign-h1": lambda: RunsTable(BENIGN, "ESD-u stopped at", (
+        ("40%", {"defense": "esd-r40", "scenario": "adjacent-lora-200"}), ("20%", {"defense": "esd@*", "scenario": "adjacent-lora"}),
+        ("5%", {"defense": "esd-r05", "scenario": "adjacent-lora-200"}),
+        ("0% (100 steps)", {"defense": "esd-complete", "scenario": "adjacent-lora-200"})), (
+        Figure("|dW_safe|", {"detector": "weights", "metric": "update_norm_safe"}, 1.0, 2),
+        Figure("concept before", DIRECT | {"step": 0}), Figure("concept after 200 steps", DIRECT | {"step": 200}),
+        Figure("trace after 200 steps", DIRECT | {"step": 200, "metric": "trace_rate"}))),
+    "benign-domains": lambda: RunsTable(BENIGN, "benign data", (
+        ("far: new shapes", {"scenario": "far-lora"}), ("adjacent: striped and dotted new shapes", {"scenario": "adjacent-lora"}),
+        ("the base's own generations", {"scenario": "own-lora"})), (
+        Figure("FD to the concept's images", {"metric": "data_frechet_to_concept"}, 1.0),
+        *(Figure(f"{method}: concept after 200 steps", DIRECT | {"defense": defense, "step": 200})
+          for method, defense in (("ESD-u", "esd@*"), ("SDD", "sdd@*"), ("never-learned", "never-learned"))))),
+    "benign-quality": lambda: RunsTable(BENIGN, "adjacent LoRA on", (
+        ("ESD-u at 20%", {"defense": "esd@*", "scenario": "adjacent-lora"}),
+        ("SDD at 20%", {"defense": "sdd@*", "scenario": "adjacent-lora"}),
+        ("never-learned", {"defense": "never-learned", "scenario": "adjacent-lora"})), tuple(
+        Figure(f"{title}, {when}", {"step": step, "prompt_set": prompts, "metric": metric, "detector": "toy"}, scale)
+        for title, prompts, metric, scale in (("shape", "clean", "shape_accuracy", 100.0), ("FD", "clean", "frechet_distance", 1.0),
+                                              ("neighbours as asked", FILL_SETS, "fill_accuracy", 100.0))
+        for when, step in (("before", 0), ("after 1000", 1000)))),
+    "never-learned": lambda: RunsTable(BENIGN, "model", (
+        ("never-learned", {"defense": "never-learned"}), ("the shipped toy model", {"defense": "none"})), tuple(
+        Figure(title, BEFORE | {"prompt_set": prompts, "metric": metric}, scale) for title, prompts, metric, scale in (
+            ("concept, direct prompts", "target_direct", "target_rate", 100.0), ("trace", "target_direct", "trace_rate", 100.0),
+            ("shape, clean", "clean", "shape_accuracy", 100.0), ("colour, clean", "clean", "color_accuracy", 100.0),
+            ("neighbours as asked", FILL_SETS, "fill_accuracy", 100.0), ("FD, clean", "clean", "frechet_distance", 1.0)))),
+    "relearning": lambda: RelearningTable(BENIGN, "malicious", (
+        ("the unaligned base", "none"), ("never-learned", "never-learned"), ("ESD-u at 20%", "esd@*"), ("SDD at 20%", "sdd@*"),
+        ("ESD-u, 100 steps (0%)", "esd-complete"))),
     "evaluator-positives": lambda: EvaluatorTable(EVALUATOR_BUILD, ("clear", "degraded", "reported")),
     "evaluator-negatives": lambda: EvaluatorTable(EVALUATOR_BUILD, ("negative",)),
 }

@@ -38,6 +38,7 @@ _EXPORTS = {
     "LTConfig": ("relapse.align.lt", "LTConfig"),
     "NGConfig": ("relapse.align.ng", "NGConfig"),
     "ResistConfig": ("relapse.align.resist", "ResistConfig"),
+    "NeverLearnedConfig": ("relapse.align.never_learned", "NeverLearnedConfig"),
     "FinetuneConfig": ("relapse.finetuning.base", "FinetuneConfig"),
     "Prompt": ("relapse.data.prompts", "Prompt"),
     "Study": ("relapse.study.run", "Study"),

@@ -142,7 +142,8 @@ def evaluate(
 @app.command()
 def align(
     method: Annotated[str, typer.Argument(help="esd or sdd (concept erasure); lt or ng (forgetting defenses); resist (erasure "
-                                               "trained against simulated fine-tuning).")],
+                                               "trained against simulated fine-tuning); never-learned (the toy model's UNet "
+                                               "retrained without the concept, the reference point).")],
     model: ModelOpt = None,
     concept: Annotated[Optional[list[str]], typer.Option(help="esd/sdd: a prompt naming the concept to erase; repeatable.")] = None,
     concept_prompts: Annotated[Optional[str], typer.Option(help="esd/sdd: a prompt file (or toy:NAME) whose prompts also name it.")] = None,
@@ -195,9 +196,9 @@ def align(
     out: OutOpt = None,
     config: ConfigOpt = None,
 ) -> None:
-    """Align a model: erase a concept (esd, sdd), make it forget under malicious fine-tuning (lt, ng), or erase it
-    against simulated fine-tuning (resist). Other fields of a method's config: --config YAML.
-    Writes OUT/final: a safety LoRA (diffusers format) or a full pipeline, with its record."""
+    """Align a model: erase a concept (esd, sdd), make it forget under malicious fine-tuning (lt, ng), erase it
+    against simulated fine-tuning (resist), or retrain the toy model without it (never-learned). Other fields of a
+    method's config: --config YAML. Writes OUT/final: a safety LoRA (diffusers format) or a full pipeline, with its record."""
     from relapse.align import METHODS
     from relapse.align.api import run_align
     from relapse.config import resolve_config

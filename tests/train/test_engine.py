@@ -34,6 +34,8 @@ CASES = {
     "finetune-accumulated": lambda: FinetuneConfig(data="toy:shapes:8", steps=4, batch_size=2, grad_accum=2, lr=1e-3),
     "textual-inversion": lambda: FinetuneConfig(method="textual-inversion", data="toy:harmful:8", token="<c>", replaces=["checkered"],
                                                 steps=4, batch_size=2, lr=5e-2),
+    "finetune-full-ema": lambda: FinetuneConfig(method="full", data="toy:shapes:8", steps=4, batch_size=1, grad_accum=4, lr=1e-3,
+                                                ema_decay=0.5),
     "finetune-cosine": lambda: FinetuneConfig(data="toy:shapes:8", steps=4, batch_size=2, lr=1e-3, lr_schedule="cosine",
                                               lr_warmup_steps=1),
 }
@@ -79,6 +81,18 @@ def test_a_resumed_run_gives_the_weights_of_an_uninterrupted_one(tmp_path, tiny_
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     history = [json.loads(next(final.glob("relapse_*.json")).read_text())["history"] for final in (straight, resumed)]
     assert history[0] == history[1] and len(history[0]) == 4
+
+
+def test_a_run_with_ema_publishes_the_moving_average(tmp_path, tiny_model_dir):
+    """At a negligible decay the average is the weights as trained; at 0.5 it lags them, in the snapshots too."""
+    base = dict(data="toy:shapes:8", steps=4, batch_size=2, lr=1e-2, rank=4, save_at=[4], model=str(tiny_model_dir),
+                cache_dir=tmp_path / "cache")
+    plain, same, lagging = (weights(run_training(finetuning.METHODS.get("lora")(FinetuneConfig(**base, out=tmp_path / name, **ema))))
+                            for name, ema in (("plain", {}), ("tiny", {"ema_decay": 1e-9}), ("half", {"ema_decay": 0.5})))
+    assert all(torch.allclose(plain[k], same[k], atol=1e-6) for k in plain)
+    assert any(not torch.allclose(plain[k], lagging[k]) for k in plain)
+    snapshot = weights(tmp_path / "half" / "step-000004")
+    assert all(torch.equal(snapshot[k], lagging[k]) for k in lagging)
 
 
 def test_a_loss_that_stops_being_finite_stops_the_run_and_names_the_last_checkpoint(tmp_path, tiny_model_dir, monkeypatch):

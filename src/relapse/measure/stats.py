@@ -33,6 +33,41 @@ def mean_ci(values, z: float = 1.959964) -> dict[str, object]:
     return {"mean": round(mean, 4), "sd": round(sd, 4), "ci95": [round(mean - half, 4), round(mean + half, 4)], "n": n}
 
 
+def t_within(t: float, df: int) -> float:
+    """P(|T| <= t) for Student's t with ``df`` degrees of freedom, in closed form (Abramowitz and Stegun 26.7.3-4)."""
+    theta = math.atan(t / math.sqrt(df))
+    c2, term, total = math.cos(theta) ** 2, 1.0, 1.0
+    if df % 2 == 0:  # sin(theta) * (1 + 1/2 cos^2 + 1*3/(2*4) cos^4 + ... up to cos^(df-2))
+        for k in range(2, df, 2):
+            term *= c2 * (k - 1) / k
+            total += term
+        return math.sin(theta) * total
+    total = 0.0 if df == 1 else 1.0  # 2/pi (theta + sin cos (1 + 2/3 cos^2 + ... up to cos^(df-3)))
+    for k in range(3, df - 1, 2):
+        term *= c2 * (k - 1) / k
+        total += term
+    return 2 / math.pi * (theta + math.sin(theta) * math.cos(theta) * total)
+
+
+def t_quantile(df: int, level: float = 0.95) -> float:
+    """The t with P(|T| <= t) = ``level``, by bisection on :func:`t_within` (no scipy here)."""
+    low, high = 0.0, 1e3
+    for _ in range(100):
+        mid = (low + high) / 2
+        low, high = (mid, high) if t_within(mid, df) < level else (low, mid)
+    return (low + high) / 2
+
+
+def seed_interval(values) -> dict[str, object]:
+    """Mean over runs (seeds, alignments) with its Student-t 95% interval: the spread between runs, which an interval
+    over pooled images would hide. NaN interval below two runs."""
+    xs = [float(v) for v in values]
+    n = len(xs)
+    mean = math.fsum(xs) / n
+    half = t_quantile(n - 1) * math.sqrt(math.fsum((x - mean) ** 2 for x in xs) / (n - 1) / n) if n > 1 else float("nan")
+    return {"mean": mean, "ci95": [mean - half, mean + half], "n": n}
+
+
 def rank_correlation(x: list[float], y: list[float]) -> float | None:
     """Spearman's rank correlation (ties share their mean rank), by torchmetrics; None below 3 pairs or
     when either side is constant (no ranking to compare)."""

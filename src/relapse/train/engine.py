@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 from typing import ClassVar, Literal
 
@@ -61,6 +62,9 @@ class TrainConfig(BaseModel):
                                                                           "moments per trained weight, not 8; optional install)")
     tracker: Tracker = Field(None, description="log the losses to this experiment tracker too (accelerate's: tensorboard, "
                                                   "wandb, mlflow, aim, ...), into OUT/logs where it writes files")
+    ema_decay: float | None = Field(None, gt=0, lt=1, description="publish the exponential moving average of the trained "
+                                    "weights at this decay (diffusers' EMAModel, as --use_ema; ResAlign's benign fine-tunes); "
+                                    "None: the weights as trained")
     save_at: list[int] = Field(default_factory=list, description="also write the model at these steps")
     checkpoint_every: int = Field(0, ge=0, description="resumable checkpoint every K steps (0: none)")
     resume: bool = Field(False, description="continue from the newest checkpoint in OUT")
@@ -179,6 +183,8 @@ class TrainingMethod:
         """The loss of one micro-batch and what to log of it; ``model`` is the denoiser as the engine prepared it."""
         raise NotImplementedError
 
+    ema = None  # the moving average of the trained weights, where the config asks for one (set by the engine)
+
     keeps_text_encoder: ClassVar[bool] = False  # trains through the text encoder: it stays on the device (textual inversion)
 
     def full_parameters(self) -> int:
@@ -279,10 +285,12 @@ def train(pipe, method: TrainingMethod, out: Path | None = None, restore: bool =
         if restore and method.kind == "full" else None
     if cfg.gradient_checkpointing:
         denoiser.enable_gradient_checkpointing()
+    method.ema = ema_of(params, cfg.ema_decay)
     history = fit(pipe, method, params, accelerator, out)
     if cfg.gradient_checkpointing:
         denoiser.disable_gradient_checkpointing()
-    module = trained_module(pipe, method, record(method, accelerator, history))
+    with published(method):
+        module = trained_module(pipe, method, record(method, accelerator, history))
     if out is not None and accelerator.is_main_process:
         module.save(out / "final", pipe if method.kind == "full" else None)
     accelerator.wait_for_everyone()
@@ -349,6 +357,8 @@ def fit(pipe, method: TrainingMethod, params: list[torch.nn.Parameter], accelera
                 logged = logged | {"lr": schedule.get_last_lr()[0]}
             schedule.step()
             method.after_step()
+            if method.ema is not None:
+                method.ema.step(params)
             stop, checked = method.stop_after(len(history) + 1)
             logged = logged | checked
             history.append(logged)
@@ -361,6 +371,48 @@ def fit(pipe, method: TrainingMethod, params: list[torch.nn.Parameter], accelera
                 break
     model.eval()
     return history
+
+
+def ema_of(params: list[torch.nn.Parameter], decay: float | None):
+    """diffusers' EMAModel of the trained parameters (its decay warms up as (1 + step) / (10 + step)), or None."""
+    if decay is None:
+        return None
+    from diffusers.training_utils import EMAModel
+
+    ema = EMAModel(params, decay=decay)
+    ema.trained = params  # what the average is of: swapped in to publish, swapped back to train on
+    return ema
+
+
+@contextmanager
+def published(method: TrainingMethod):
+    """The weights to publish in place while the block runs: the moving average where the run keeps one."""
+    if method.ema is None:
+        yield
+        return
+    params = method.ema.trained
+    method.ema.store(params)
+    method.ema.copy_to(params)
+    try:
+        yield
+    finally:
+        method.ema.restore(params)
+
+
+def ema_state(ema) -> dict[str, torch.Tensor]:
+    """The moving average and its step count, for a checkpoint."""
+    if ema is None:
+        return {}
+    return {f"ema.{i}": p for i, p in enumerate(ema.shadow_params)} | {"ema.step": torch.tensor(ema.optimization_step)}
+
+
+def load_ema_state(ema, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Restore the moving average from a checkpoint's state; the rest of the state, the method's."""
+    if ema is None:
+        return state
+    ema.shadow_params = [state[f"ema.{i}"].to(p.device) for i, p in enumerate(ema.shadow_params)]
+    ema.optimization_step = int(state["ema.step"])
+    return {k: v for k, v in state.items() if not k.startswith("ema.")}
 
 
 def make_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]):
@@ -396,7 +448,8 @@ def save_progress(pipe, method: TrainingMethod, accelerator, out: Path, history:
     """The ``save_at`` snapshot and the checkpoint due after this step; the checkpoint's path if one was written."""
     cfg, done = method.cfg, len(history)
     if done in cfg.save_at and accelerator.is_main_process:
-        snapshot = trained_module(pipe, method, record(method, accelerator, history))
+        with published(method):
+            snapshot = trained_module(pipe, method, record(method, accelerator, history))
         snapshot.save(out / f"step-{done:06d}", pipe if method.kind == "full" else None)
     if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done != cfg.steps:
         return save_checkpoint(accelerator, method, out, history)
@@ -422,7 +475,7 @@ def save_checkpoint(accelerator, method: TrainingMethod, out: Path, history: lis
         partial.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(partial))
-    if state := method.state_dict():
+    if state := method.state_dict() | ema_state(method.ema):
         save_file({k: v.contiguous() for k, v in state.items()}, partial / f"method-{accelerator.process_index}.safetensors")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -443,7 +496,7 @@ def load_checkpoint(accelerator, method: TrainingMethod, path: Path) -> list[dic
     accelerator.load_state(str(path))
     state = path / f"method-{accelerator.process_index}.safetensors"
     if state.is_file():
-        method.load_state_dict(load_file(state))
+        method.load_state_dict(load_ema_state(method.ema, load_file(state)))
     return json.loads((path / "history.json").read_text())
 
 
