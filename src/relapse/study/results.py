@@ -75,14 +75,19 @@ def inappropriate_rows(scored: list[tuple[Cell, dict, str]]) -> list[dict]:
     return rows
 
 
+def file_labels(run_dir: Path, path: Path, defense: str, scenario: str, step: int, seed: int, detector: str) -> dict:
+    """The labels of a row read from a step's file rather than from images (no prompt set)."""
+    return {"defense": defense, "scenario": scenario, "step": step, "seed": seed, "prompt_set": "", "detector": detector,
+            "source": str(path.relative_to(run_dir))}
+
+
 def weight_rows(plan: Plan, run_dir: Path) -> list[dict]:
     """Per fine-tune: the cosine of its update with -dW_safe, and the norm of each (no images: n = tensors compared)."""
     rows = []
     for cell in plan.weight_cells:
         path = cell.weights.path(run_dir)
         found = json.loads(path.read_text())
-        labels = {"defense": cell.defense, "scenario": cell.scenario, "step": cell.step, "seed": cell.seed, "prompt_set": "",
-                  "detector": "weights", "source": str(path.relative_to(run_dir))}
+        labels = file_labels(run_dir, path, cell.defense, cell.scenario, cell.step, cell.seed, "weights")
         rows += [row(labels, metric, found[key], None, found["tensors_shared"]) for key, metric in WEIGHT_METRICS.items()
                  if found.get(key) is not None]
     return rows
@@ -98,8 +103,7 @@ def align_rows(plan: Plan, run_dir: Path) -> list[dict]:
         if not path.is_file():  # a method off the training engine (never-learned) keeps no such record
             continue
         record = json.loads(path.read_text())
-        labels = {"defense": cell.defense, "scenario": "align", "step": 0, "seed": cell.seed, "prompt_set": "",
-                  "detector": "align", "source": str(path.relative_to(run_dir))}
+        labels = file_labels(run_dir, path, cell.defense, "align", 0, cell.seed, "align")
         rows.append(row(labels, "align_steps", record["step"], None, 1))
         checks = [h["residual_rate"] for h in record["history"] if "residual_rate" in h]
         if checks:
@@ -113,8 +117,7 @@ def distance_rows(plan: Plan, run_dir: Path) -> list[dict]:
     for cell in plan.distance_cells:
         path = cell.distance.path(run_dir)
         found = json.loads(path.read_text())
-        labels = {"defense": "", "scenario": cell.scenario, "step": 0, "seed": cell.seed, "prompt_set": "", "detector": cell.detector,
-                  "source": str(path.relative_to(run_dir))}
+        labels = file_labels(run_dir, path, "", cell.scenario, 0, cell.seed, cell.detector)
         rows += [row(labels, "data_frechet_to_concept", found["frechet_distance"], None, found["n_images"]),
                  row(labels, "data_cmmd_to_concept", found["cmmd"], None, found["n_images"])]
     return rows
