@@ -3,6 +3,7 @@
     python docs/generate.py            # rewrite each table between its markers
     python docs/generate.py --check    # exit 1, naming the table, where a page differs from what its results give
     python docs/generate.py --figures  # also draw docs/evaluator-strength.png (the shipped evaluator reading the toy families)
+    python docs/generate.py --grid runs/benign-relapse  # also draw docs/benign-relapse-grid.png from that run's images
 
 A table sits between ``<!-- table:NAME -->`` and ``<!-- /table:NAME -->`` in a page; NAME is one of TABLES
 below, which says which results file it reads and which rows and columns it shows. The test suite runs
@@ -383,13 +384,44 @@ def strength_strip(out: Path, per_band: int = 12, seed: int = 30_000) -> None:
     sheet.save(out)
 
 
+BENIGN_GRID = (("base", {"defense": "none", "scenario": "before"}),
+               ("ESD-u@0 at 20%", {"defense": "esd@0", "scenario": "before"}),
+               ("+ adjacent LoRA 200", {"defense": "esd@0", "scenario": "adjacent-lora", "step": 200}),
+               ("+ adjacent LoRA 1000", {"defense": "esd@0", "scenario": "adjacent-lora", "step": 1000}),
+               ("+ Modular LoRA 200", {"defense": "esd@0", "scenario": "adjacent-modular", "step": 200}),
+               ("SDD@0 at 20%", {"defense": "sdd@0", "scenario": "before"}),
+               ("+ adjacent LoRA 1000", {"defense": "sdd@0", "scenario": "adjacent-lora", "step": 1000}),
+               ("never-learned", {"defense": "never-learned", "scenario": "before"}),
+               ("+ malicious LoRA 100", {"defense": "never-learned", "scenario": "malicious", "step": 100}),
+               ("ESD-u@0 + malicious 100", {"defense": "esd@0", "scenario": "malicious", "step": 100}))
+
+
+def cell_grid(run_dir: Path, out: Path, cells=BENIGN_GRID, columns: int = 10, seed: int = 0) -> None:
+    """The first ``columns`` images of seed ``seed`` of each cell (direct prompts), found through the results file's
+    sources in the study's run folder, one row per cell."""
+    from relapse.measure.evaluate import load_images
+    from relapse.pages import save_grid
+    from relapse.sampling import read_manifest
+
+    rows = {}
+    for label, match in cells:
+        found = runs(BENIGN, **(DIRECT | {"seed": seed, "step": 0} | match))
+        images_dir = run_dir / json.loads((run_dir / found[0]["source"]).read_text())["images"]
+        rows[label] = list(load_images(images_dir, read_manifest(images_dir)[:columns]))
+    save_grid(rows, out)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="change nothing; exit 1 where a page differs from its data")
     parser.add_argument("--figures", action="store_true", help="also draw the figures made from code")
+    parser.add_argument("--grid", type=Path, help="also draw docs/benign-relapse-grid.png from this run of "
+                                                  "configs/benign-relapse.yaml (its images are not committed)")
     args = parser.parse_args()
     if args.figures:
         strength_strip(ROOT / "docs" / "evaluator-strength.png")
+    if args.grid:
+        cell_grid(args.grid, ROOT / "docs" / "benign-relapse-grid.png")
     stale = []
     for name in PAGES:
         page = Page(ROOT / name)
