@@ -187,15 +187,36 @@ class RunsTable:
 
 
 @dataclass(frozen=True)
+class CellsTable:
+    """Each row names its own cell under each column (a sequence of fine-tunes, defenses whose scenarios differ);
+    each cell the mean over its runs with a 95% interval over them, empty where the row has none."""
+
+    results: str
+    corner: str
+    titles: tuple[str, ...]
+    rows: tuple[tuple[str, tuple[dict | None, ...]], ...]
+    figure: dict = field(default_factory=lambda: DIRECT)
+
+    def markdown(self) -> list[str]:
+        lines = [f"| {self.corner} | " + " | ".join(self.titles) + " |", "|" + " --- |" * (len(self.titles) + 1)]
+        for shown, matches in self.rows:
+            cells = [over_runs(found) if match is not None and (found := runs(self.results, **(self.figure | match))) else ""
+                     for match in matches]
+            if any(cells):
+                lines.append(f"| {shown} | " + " | ".join(cells) + " |")
+        return lines
+
+
+@dataclass(frozen=True)
 class RelearningTable:
     """Relearning speed: the step at which each run's concept rate first reaches ``level`` on its sweep (linear between
     the two points around it); the median and range over the runs that reach it, and how many do."""
 
     results: str
-    scenario: str
+    scenario: str | tuple[str, ...]  # a tuple: whichever of them a model ran
     models: tuple[tuple[str, str], ...]  # (shown name, defense)
     level: float = 0.5
-    at: tuple[int, ...] = (20, 50, 100)
+    at: tuple[int, ...] = (20, 60, 100, 400)
 
     def markdown(self) -> list[str]:
         from relapse.study.results import steps_to_reach
@@ -205,10 +226,13 @@ class RelearningTable:
         for shown, defense in self.models:
             mine = runs(self.results, defense, scenario=self.scenario, prompt_set="target_direct", detector="toy")
             crossings = steps_to_reach(mine, self.level)
+            if not crossings:  # a model the study did not attack
+                continue
             reached = sorted(c["step"] for c in crossings if c["step"] is not None)
             median = f"{statistics.median(reached):.0f} [{reached[0]:.0f}, {reached[-1]:.0f}]" if reached else \
                 f"not by {crossings[0]['last']}"
-            at = [over_runs([r for r in mine if r["metric"] == "target_rate" and int(r["step"]) == s]) for s in self.at]
+            at = [[r for r in mine if r["metric"] == "target_rate" and int(r["step"]) == s] for s in self.at]
+            at = [over_runs(found) if found else "" for found in at]
             lines.append(f"| {shown} | {median} | {len(reached)} of {len(crossings)} | " + " | ".join(at) + " |")
         return lines
 
@@ -283,9 +307,9 @@ TABLES: dict[str, Callable[[], object]] = {
     "benign-headline": lambda: RunsTable(BENIGN, "fine-tune", (
         ("none: the aligned model", {"scenario": "before", "step": 0}),
         *((title, {"scenario": scenario, "step": step}) for title, scenario, step in BENIGN_FINETUNES)), tuple(
-        Figure(f"{method}: {title}", {"defense": defense} | match, scale) for method, defense in (("ESD-u", "esd@*"), ("SDD", "sdd@*"))
-        for title, match, scale in (("concept", DIRECT, 100.0), ("trace", DIRECT | {"metric": "trace_rate"}, 100.0),
-                                    ("cos(dW_ft, -dW_safe)", {"detector": "weights", "metric": "update_cosine_to_undo"}, 1.0)))),
+        Figure(f"{method}: {title}", {"defense": defense} | match, scale, digits) for method, defense in (("ESD-u", "esd@*"), ("SDD", "sdd@*"))
+        for title, match, scale, digits in (("concept", DIRECT, 100.0, 1), ("trace", DIRECT | {"metric": "trace_rate"}, 100.0, 1),
+                                            ("cos(dW_ft, -dW_safe)", {"detector": "weights", "metric": "update_cosine_to_undo"}, 1.0, 3)))),
     "benign-curve": lambda: RunsTable(BENIGN, "adjacent LoRA on", (
         ("ESD-u at 20%", {"defense": "esd@*"}), ("SDD at 20%", {"defense": "sdd@*"}), ("never-learned", {"defense": "never-learned"})),
         tuple(Figure(f"{step} steps" if step else "before", DIRECT | {"scenario": "adjacent-lora", "step": step})
@@ -317,9 +341,47 @@ TABLES: dict[str, Callable[[], object]] = {
             ("concept, direct prompts", "target_direct", "target_rate", 100.0), ("trace", "target_direct", "trace_rate", 100.0),
             ("shape, clean", "clean", "shape_accuracy", 100.0), ("colour, clean", "clean", "color_accuracy", 100.0),
             ("neighbours as asked", FILL_SETS, "fill_accuracy", 100.0), ("FD, clean", "clean", "frechet_distance", 1.0)))),
-    "relearning": lambda: RelearningTable(BENIGN, "malicious", (
+    "benign-human": lambda: HumanTable(BENIGN, tuple(
+        (f"{shown}, {title}", {"defense": defense, "scenario": scenario, "step": step, "prompt_set": "target_direct"})
+        for shown, defense in (("ESD-u@0", "esd@0"), ("SDD@0", "sdd@0"), ("never-learned", "never-learned"))
+        for title, scenario, step in (("aligned", "before", 0), *BENIGN_FINETUNES[:2], BENIGN_FINETUNES[2], BENIGN_FINETUNES[3],
+                                      BENIGN_FINETUNES[4], BENIGN_FINETUNES[7])
+        if defense != "never-learned" or scenario in ("before", "adjacent-lora", "far-lora", "own-lora"))),
+    "relearning": lambda: RelearningTable(BENIGN, ("malicious", "malicious-defended"), (
         ("the unaligned base", "none"), ("never-learned", "never-learned"), ("ESD-u at 20%", "esd@*"), ("SDD at 20%", "sdd@*"),
-        ("ESD-u, 100 steps (0%)", "esd-complete"))),
+        ("ESD-u, 100 steps (0%)", "esd-complete"), ("ESD-u at 20% + LT", "esd+lt"), ("Resist at 20%", "resist"))),
+    "benign-h2": lambda: RunsTable(BENIGN, "benign data (LoRA, 200 steps)", tuple(
+        (title, {"scenario": scenario}) for title, scenario in (
+            ("far: new shapes", "far-lora"), ("far: sketches", "sketch-lora"), ("the base's own generations", "own-lora"),
+            ("gradient new shapes", "gradient-lora"), ("striped new shapes", "striped-lora"), ("dotted new shapes", "dotted-lora"),
+            ("gridded new shapes", "gridded-lora"), ("striped and dotted (adjacent)", "adjacent-lora"))), (
+        Figure("FD to the concept's images", {"metric": "data_frechet_to_concept"}, 1.0),
+        Figure("CMMD to them", {"metric": "data_cmmd_to_concept"}, 1.0, 2),
+        Figure("ESD-u: concept after 200", DIRECT | {"defense": "esd@*", "step": 200}),
+        Figure("ESD-u: trace", DIRECT | {"defense": "esd@*", "step": 200, "metric": "trace_rate"}),
+        Figure("ESD-u: concept before", DIRECT | {"defense": "esd@*", "step": 0}))),
+    "benign-h3": lambda: CellsTable(BENIGN, "ESD-u at 20%, LoRA on", ("200 steps", "400", "600"), (
+        ("shapes, then sketches, then patterns", ({"defense": "esd@*", "scenario": "sequence-1-shapes", "step": 200},
+                                                  {"defense": "esd@*", "scenario": "sequence-2-sketch", "step": 200},
+                                                  {"defense": "esd@*", "scenario": "sequence-3-patterns", "step": 200})),
+        ("patterns alone", ({"defense": "esd@*", "scenario": "adjacent-lora", "step": 200}, None,
+                            {"defense": "esd@*", "scenario": "adjacent-lora", "step": 600})),
+        ("sketches alone", ({"defense": "esd@*", "scenario": "sketch-lora", "step": 200}, None,
+                            {"defense": "esd@*", "scenario": "sketch-lora", "step": 600})),
+        ("shapes alone", ({"defense": "esd@*", "scenario": "far-lora", "step": 200}, None, None)))),
+    "benign-h4": lambda: RunsTable(BENIGN, "ResAlign's protocol on", (
+        ("ESD-u at 20%", {"defense": "esd@*"}), ("SDD at 20%", {"defense": "sdd@*"})), (
+        Figure("aligned", DIRECT | {"scenario": "before", "step": 0}),
+        Figure("adjacent, 200 steps", DIRECT | {"scenario": "resalign-adjacent", "step": 200}),
+        Figure("far, 200 steps", DIRECT | {"scenario": "resalign-far", "step": 200}),
+        Figure("trace, adjacent", DIRECT | {"scenario": "resalign-adjacent", "step": 200, "metric": "trace_rate"}),
+        Figure("cos, adjacent", {"scenario": "resalign-adjacent", "detector": "weights", "metric": "update_cosine_to_undo"}, 1.0, 3))),
+    "benign-defenses": lambda: CellsTable(BENIGN, "at a 20% residual", ("aligned", "adjacent LoRA 200", "trace after", "clean FD"), tuple(
+        (shown, ({"defense": d, "scenario": "before", "step": 0}, {"defense": d, "scenario": sc, "step": 200},
+                 {"defense": d, "scenario": sc, "step": 200, "metric": "trace_rate"},
+                 {"defense": d, "scenario": "before", "step": 0, "prompt_set": "clean", "metric": "frechet_distance"}))
+        for shown, d, sc in (("ESD-u", "esd@*", "adjacent-lora"), ("ESD-u + LT", "esd+lt", "adjacent-lora-defended"),
+                             ("Resist", "resist", "adjacent-lora-defended")))),
     "evaluator-positives": lambda: EvaluatorTable(EVALUATOR_BUILD, ("clear", "degraded", "reported")),
     "evaluator-negatives": lambda: EvaluatorTable(EVALUATOR_BUILD, ("negative",)),
 }
@@ -386,13 +448,14 @@ def strength_strip(out: Path, per_band: int = 12, seed: int = 30_000) -> None:
 
 BENIGN_GRID = (("base", {"defense": "none", "scenario": "before"}),
                ("ESD-u@0 at 20%", {"defense": "esd@0", "scenario": "before"}),
-               ("+ adjacent LoRA 200", {"defense": "esd@0", "scenario": "adjacent-lora", "step": 200}),
-               ("+ adjacent LoRA 1000", {"defense": "esd@0", "scenario": "adjacent-lora", "step": 1000}),
-               ("+ Modular LoRA 200", {"defense": "esd@0", "scenario": "adjacent-modular", "step": 200}),
+               ("ESD-u@0 + adjacent LoRA 200", {"defense": "esd@0", "scenario": "adjacent-lora", "step": 200}),
+               ("ESD-u@0 + adjacent LoRA 1000", {"defense": "esd@0", "scenario": "adjacent-lora", "step": 1000}),
+               ("ESD-u@0 + adjacent full 200", {"defense": "esd@0", "scenario": "adjacent-full", "step": 200}),
+               ("ESD-u@0 + Modular LoRA 200", {"defense": "esd@0", "scenario": "adjacent-modular", "step": 200}),
                ("SDD@0 at 20%", {"defense": "sdd@0", "scenario": "before"}),
-               ("+ adjacent LoRA 1000", {"defense": "sdd@0", "scenario": "adjacent-lora", "step": 1000}),
+               ("SDD@0 + adjacent LoRA 1000", {"defense": "sdd@0", "scenario": "adjacent-lora", "step": 1000}),
                ("never-learned", {"defense": "never-learned", "scenario": "before"}),
-               ("+ malicious LoRA 100", {"defense": "never-learned", "scenario": "malicious", "step": 100}),
+               ("never-learned + malicious 100", {"defense": "never-learned", "scenario": "malicious", "step": 100}),
                ("ESD-u@0 + malicious 100", {"defense": "esd@0", "scenario": "malicious", "step": 100}))
 
 
