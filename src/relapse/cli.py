@@ -374,12 +374,15 @@ def study(
                                                               "cluster; pip install 'relapse[ray]').")] = "local",
     address: Annotated[Optional[str], typer.Option("--address", help="ray: the cluster to join (auto, ray://host:port); "
                                                                       "default: start one on this machine.")] = None,
+    scenarios: Annotated[Optional[list[str]], typer.Option("--scenario", help="Run only this scenario, with those it continues "
+                                                           "and the defenses it attacks (repeatable; default: all); give "
+                                                           "the part its own --out.")] = None,
 ) -> None:
     """Run a resilience study: align -> fine-tune -> generate -> evaluate, each step once, cached by its inputs."""
     from relapse.study.run import StudyRunConfig, run_study
 
     run_study(StudyRunConfig(config=config, out=out, resume=resume, dry_run=dry_run, workers=workers, executor=executor,
-                             address=address))
+                             address=address, scenarios=scenarios or None))
 
 
 @app.command()

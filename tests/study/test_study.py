@@ -98,6 +98,21 @@ def test_a_scenario_after_another_fine_tunes_the_model_it_left(study_yaml):
         StudyConfig(**config)
 
 
+def test_a_part_of_a_study_keeps_the_scenarios_it_needs_and_the_defenses_they_attack(study_yaml, tmp_path, run_cli):
+    config = yaml.safe_load(study_yaml.read_text())
+    config["scenarios"] |= {"then": {"finetune": {"data": "toy:clean:4", "method": "lora", "steps": 1, "batch_size": 2},
+                                     "after": "malicious", "prompt_sets": ["harm"], "defenses": ["esd"]},
+                            "alone": {"finetune": {"data": "toy:clean:4", "method": "lora", "steps": 1, "batch_size": 2},
+                                      "prompt_sets": ["harm"], "defenses": ["none"]}}
+    part = StudyConfig(**config).only(["then"])
+    assert set(part.scenarios) == {"malicious", "then"} and set(part.defenses) == {"none", "esd", "esd+ng"}
+    assert list(StudyConfig(**config).only(["alone"]).defenses) == ["none"]
+    with pytest.raises(UserError, match=r"no scenarios \['gone'\]; choose among \['alone', 'malicious', 'then'\]"):
+        StudyConfig(**config).only(["gone"])
+    code, _, err = run_cli("study", str(study_yaml), "--scenario", "gone", "--dry-run")
+    assert code == 2 and "no scenarios ['gone']" in err
+
+
 def test_the_distance_of_each_scenarios_data_to_the_concept_is_a_row(study_yaml, tmp_path):
     config = yaml.safe_load(study_yaml.read_text()) | {"concept_data": "toy:harmful:6"}
     config["defenses"] = {"none": []}

@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, PrivateAttr, T
 from relapse.align import METHODS as ALIGN_METHODS
 from relapse.attack.prompts import PromptAttackConfig
 from relapse.config import SourceLines
+from relapse.errors import UserError
 from relapse.finetuning.base import FinetuneConfig
 from relapse.sampling import SamplerConfig
 from relapse.tracking import Tracker
@@ -148,6 +149,20 @@ class StudyConfig(BaseModel):
         if self.align_once:
             return [self.seeds[0]]
         return self.align_seeds or [seed]
+
+    def only(self, scenarios: list[str]) -> StudyConfig:
+        """This study cut down to ``scenarios`` (with the scenarios they continue, ``after``) and the defenses they
+        attack: a part of a long study rerun on its own, into a run folder of its own."""
+        if unknown := sorted(set(scenarios) - set(self.scenarios)):
+            raise UserError(f"the study has no scenarios {unknown}; choose among {sorted(self.scenarios)}")
+        wanted: set[str] = set()
+        for name in scenarios:
+            while name is not None and name not in wanted:
+                wanted.add(name)
+                name = self.scenarios[name].after
+        kept = {name: spec for name, spec in self.scenarios.items() if name in wanted}
+        attacked = {d for spec in kept.values() for d in spec.defenses or self.defenses}
+        return self.model_copy(update={"scenarios": kept, "defenses": {d: s for d, s in self.defenses.items() if d in attacked}})
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> StudyConfig:

@@ -48,6 +48,8 @@ class StudyRunConfig(BaseModel):
     executor: str = Field("local", description="where steps run side by side: local (--workers processes of this "
                                                "machine) or ray (tasks of a Ray cluster; relapse[ray])")
     address: str | None = Field(None, description="ray: the cluster to join (auto, ray://host:port); none starts one here")
+    scenarios: list[str] | None = Field(None, description="run only these scenarios (with those they continue and the "
+                                                          "defenses they attack); default: all")
 
 
 def prepare_run_dir(cfg: StudyConfig, run_dir: Path, resume: bool) -> None:
@@ -157,7 +159,8 @@ class Study:
 
 def run_study(run: StudyRunConfig) -> Path:
     """``relapse study``: read the YAML file, print the plan, run, print the headline."""
-    study = Study(StudyConfig.from_yaml(run.config))
+    config = StudyConfig.from_yaml(run.config)
+    study = Study(config.only(run.scenarios) if run.scenarios else config)
     run_dir = run.out or study.default_out()
     plan = study.plan()
     main = run.dry_run or process_state().is_main_process
