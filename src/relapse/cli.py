@@ -4,20 +4,53 @@ then flags, which win) and calls the package. User errors print one line and exi
 from __future__ import annotations
 
 import logging
+import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, ClassVar, Optional
 
 import typer
+from typer.core import TyperGroup
 
 from relapse.errors import UserError
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+
+class RegisteredCommands(TyperGroup):
+    """A group whose commands are made from a registry when first asked for: registering imports torch, which
+    ``relapse --help`` need not wait for."""
+
+    make: ClassVar[Callable[[], typer.Typer]]
+    loaded = False
+
+    def load(self) -> None:
+        if not self.loaded:
+            self.loaded = True
+            self.commands.update(typer.main.get_group(type(self).make()).commands)
+
+    def list_commands(self, ctx):
+        self.load()
+        return super().list_commands(ctx)
+
+    def get_command(self, ctx, name):
+        self.load()
+        return super().get_command(ctx, name)
+
+
+class TopCommands(RegisteredCommands):
+    make = staticmethod(lambda: top_commands())
+
+
+class AttackCommands(RegisteredCommands):
+    make = staticmethod(lambda: attack_commands())
+
+
+app = typer.Typer(cls=TopCommands, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Keep the safety alignment of text-to-image diffusion models from relapsing, and measure it.")
-toy_app = typer.Typer(no_args_is_help=True, help="The embedded toy world and toy model.")
-app.add_typer(toy_app, name="toy")
-attack_app = typer.Typer(no_args_is_help=True, help="Attacks that are not fine-tuning: adversarial prompts.")
-app.add_typer(attack_app, name="attack")
+toy_app = typer.Typer(cls=TopCommands, no_args_is_help=True, help="The embedded toy world and toy model.")
+app.add_typer(toy_app, name="toy", cls=TyperGroup)
+attack_app = typer.Typer(cls=TopCommands, no_args_is_help=True, help="Attacks that are not fine-tuning: adversarial prompts.")
+app.add_typer(attack_app, name="attack", cls=AttackCommands)
 
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="YAML file with the command's config; flags override it.")]
 ModelOpt = Annotated[Optional[str], typer.Option(help="`toy`, a diffusers pipeline folder, or a hub id in the local cache.")]
@@ -28,20 +61,7 @@ GuidanceOpt = Annotated[Optional[float], typer.Option(help="Classifier-free guid
 PerPromptOpt = Annotated[Optional[int], typer.Option(help="Images per prompt (image k uses seed + k).")]
 BatchOpt = Annotated[Optional[int], typer.Option(help="Images per pipeline call.")]
 DeviceOpt = Annotated[Optional[str], typer.Option(help="cpu, cuda, ... (default: cuda when available).")]
-ResolutionOpt = Annotated[Optional[int], typer.Option(help="Image side in pixels (default: the model's own).")]
-# The training engine's own flags, the same for every training command.
-GradAccumOpt = Annotated[Optional[int], typer.Option(help="Gradient accumulation steps.")]
-PrecisionOpt = Annotated[Optional[str], typer.Option(help="no, fp16 or bf16.")]
-WeightsDtypeOpt = Annotated[Optional[str], typer.Option(help="fp32, bf16 or fp16: the dtype the weights load in.")]
-CheckpointingOpt = Annotated[Optional[bool], typer.Option("--gradient-checkpointing", help="Recompute activations in the "
-                                                          "backward pass: less memory, more time.")]
-OptimizerOpt = Annotated[Optional[str], typer.Option(help="adamw, or adamw8bit (bitsandbytes, optional).")]
-TrackerOpt = Annotated[Optional[str], typer.Option(help="Also log the losses to this tracker (tensorboard, wandb, mlflow, "
-                                                        "aim, ...; into OUT/logs).")]
-LrScheduleOpt = Annotated[Optional[str], typer.Option(help="constant, cosine or linear (decayed to 0 by the last step).")]
-WarmupOpt = Annotated[Optional[int], typer.Option(help="Steps of linear learning-rate warm-up.")]
-CheckpointOpt = Annotated[Optional[int], typer.Option(help="Resumable checkpoint every K steps.")]
-ResumeOpt = Annotated[Optional[bool], typer.Option("--resume", help="Continue from the newest checkpoint in --out.")]
+
 
 
 @toy_app.command("data")
@@ -89,32 +109,54 @@ def toy_build(
     typer.echo(f"built {built} in {record['total_s']:.0f} s -> {out or TOY_MODEL}")
 
 
-@app.command()
-def generate(
-    prompts: Annotated[Optional[str], typer.Option(help="Prompt file (.txt one per line, .jsonl) or toy:NAME.")] = None,
-    out: OutOpt = None,
-    model: ModelOpt = None,
-    lora: Annotated[Optional[list[Path]], typer.Option(help="LoRA (diffusers format, safetensors) to merge; repeatable.")] = None,
-    lora_scale: Annotated[Optional[list[float]], typer.Option(help="Scale per --lora, in order; may be negative.")] = None,
-    embedding: Annotated[Optional[list[Path]], typer.Option(help="Textual inversion (learned_embeds.safetensors or a run "
-                                                                 "folder) whose word the prompts use; repeatable.")] = None,
-    images_per_prompt: PerPromptOpt = None,
-    seed: SeedOpt = None,
-    steps: StepsOpt = None,
-    guidance: GuidanceOpt = None,
-    batch_size: BatchOpt = None,
-    resolution: ResolutionOpt = None,
-    device: DeviceOpt = None,
-    config: ConfigOpt = None,
-) -> None:
-    """Generate images from a prompt set: PNGs plus manifest.jsonl and run.json."""
-    from relapse.config import resolve_config
-    from relapse.sampling import GenerateConfig, run_generate
+def print_generated(cfg) -> None:
+    from relapse.sampling import run_generate
 
-    cfg = resolve_config(GenerateConfig, config, prompts=prompts, out=out, model=model, loras=lora or None,
-                         lora_scales=lora_scale or None, embeddings=embedding or None, images_per_prompt=images_per_prompt, seed=seed, steps=steps,
-                         guidance=guidance, batch_size=batch_size, resolution=resolution, device=device)
     typer.echo(f"images in {run_generate(cfg)}")
+
+
+def print_finetuned(cfg) -> None:
+    from relapse.finetuning.base import run_finetune
+
+    typer.echo(f"fine-tuned ({cfg.method}) -> {run_finetune(cfg)}")
+
+
+def print_attacked(cfg) -> None:
+    from relapse.attack.prompts import PROMPT_FILE, run_attack_prompts
+    from relapse.data.prompts import read_prompts
+
+    file = run_attack_prompts(cfg) / PROMPT_FILE
+    attacked = read_prompts(file)
+    start, end = (sum(p.meta[key] for p in attacked) / len(attacked) for key in ("attack_loss_start", "attack_loss"))
+    typer.echo(f"{len(attacked)} adversarial prompts in {file} (mean denoising loss on the target {start:.4f} -> {end:.4f})")
+
+
+def top_commands() -> typer.Typer:
+    """The top-level commands whose flags are one config class's fields: ``generate`` and ``finetune``."""
+    from relapse.cli_options import config_command
+    from relapse.finetuning.base import FinetuneConfig
+    from relapse.sampling import GenerateConfig, SamplerConfig
+    from relapse.train.engine import TrainConfig
+
+    commands = typer.Typer()
+    commands.command("generate")(config_command(GenerateConfig, print_generated, (
+        "Generate images from a prompt set: PNGs plus manifest.jsonl and run.json."), common=(SamplerConfig, "Sampler")))
+    commands.command("finetune")(config_command(FinetuneConfig, print_finetuned, (
+        "Fine-tune (benign or malicious: the data decides): full, LoRA, Modular LoRA on the base, or a textual inversion "
+        "(one new word, --token)."), common=(TrainConfig, "Every training run")))
+    return commands
+
+
+def attack_commands() -> typer.Typer:
+    from relapse.attack.prompts import AttackPromptsConfig, PromptAttackConfig
+    from relapse.cli_options import config_command
+
+    commands = typer.Typer()
+    commands.command("prompts")(config_command(AttackPromptsConfig, print_attacked, (
+        "Adversarial prompts (UnlearnDiffAtk): a few words in front of each prompt, searched so that the aligned model "
+        "draws the concept again. Writes OUT/prompts.jsonl (read it with --prompts), OUT/targets/ and OUT/run.json."),
+        common=(PromptAttackConfig, "The search")))
+    return commands
 
 
 @app.command()
@@ -139,138 +181,45 @@ def evaluate(
     typer.echo(json.dumps({k: v for k, v in result.items() if k != "per_image"}, indent=2))
 
 
-@app.command()
-def align(
-    method: Annotated[str, typer.Argument(help="esd or sdd (concept erasure); lt or ng (forgetting defenses); resist (erasure "
-                                               "trained against simulated fine-tuning); never-learned (the toy model's UNet "
-                                               "retrained without the concept, the reference point).")],
-    model: ModelOpt = None,
-    concept: Annotated[Optional[list[str]], typer.Option(help="esd/sdd: a prompt naming the concept to erase; repeatable.")] = None,
-    concept_prompts: Annotated[Optional[str], typer.Option(help="esd/sdd: a prompt file (or toy:NAME) whose prompts also name it.")] = None,
-    clean: Annotated[Optional[str], typer.Option(help="lt/ng/resist: clean data, imagefolder or toy:DOMAIN[:N].")] = None,
-    harmful: Annotated[Optional[str], typer.Option(help="lt/ng/resist: harmful data, imagefolder or toy:DOMAIN[:N].")] = None,
-    benign: Annotated[Optional[str], typer.Option(help="resist: data of the simulated benign fine-tunes (default: --clean).")] = None,
-    resist_weight: Annotated[Optional[float], typer.Option(help="resist: beta, weight of the erasure after the simulated attack.")] = None,
-    keep_weight: Annotated[Optional[float], typer.Option(help="resist: weight of the clean distillation.")] = None,
-    attack_steps: Annotated[Optional[list[int]], typer.Option(help="resist: steps of one simulated fine-tune; repeatable (one is drawn per attack).")] = None,
-    inner_steps: Annotated[Optional[int], typer.Option(help="resist: attack steps per outer step (the attack carries on across steps).")] = None,
-    mode: Annotated[Optional[str], typer.Option(help="lt/ng: alignment (from the base) or reinforcement (harden an aligned model).")] = None,
-    lora: Annotated[Optional[list[Path]], typer.Option(help="lt/ng reinforcement: safety LoRA fused into --model first; repeatable.")] = None,
-    lora_scale: Annotated[Optional[list[float]], typer.Option(help="Scale per --lora.")] = None,
-    noise: Annotated[Optional[str], typer.Option(help="ng: fixed or dynamic harmful-noise mean.")] = None,
-    mu: Annotated[Optional[float], typer.Option(help="ng: mean of the harmful noise.")] = None,
-    lambda_: Annotated[Optional[float], typer.Option("--lambda", help="lt/ng: weight of the contrastive term.")] = None,
-    lambda_c: Annotated[Optional[float], typer.Option(help="lt/ng: weight of the push from the clean centre.")] = None,
-    margin: Annotated[Optional[float], typer.Option(help="lt/ng: margin l of the contrastive term.")] = None,
-    lt_scale: Annotated[Optional[float], typer.Option(help="lt: R in x0 <- R x0 + b.")] = None,
-    lt_shift: Annotated[Optional[float], typer.Option(help="lt: b in x0 <- R x0 + b.")] = None,
-    harmful_weight: Annotated[Optional[float], typer.Option(help="lt/ng: weight of the harmful denoising term (-1: Eq. 6 read literally).")] = None,
-    published_code: Annotated[Optional[bool], typer.Option("--published-code", help="lt/ng: reproduce the released code (no L_c gradient, zero harmful gradient).")] = None,
-    as_: Annotated[Optional[str], typer.Option("--as", help="lora (a safety LoRA) or full (a full pipeline).")] = None,
-    params: Annotated[Optional[str], typer.Option(help="xattn (ESD-x), noxattn (ESD-u) or all (the lt/ng default: the full UNet).")] = None,
-    rank: Annotated[Optional[int], typer.Option(help="LoRA rank.")] = None,
-    steps: Annotated[Optional[int], typer.Option(help="Training steps.")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="Learning rate.")] = None,
-    eta: Annotated[Optional[float], typer.Option(help="esd: negative-guidance strength.")] = None,
-    anchor: Annotated[Optional[str], typer.Option(help="esd/sdd: empty (as published) or strip (the prompt minus the --concept words).")] = None,
-    sample_steps: Annotated[Optional[int], typer.Option(help="esd/sdd: steps of the sampler that makes x_t.")] = None,
-    resolution: Annotated[Optional[int], typer.Option(help="esd/sdd: pixels of the x_t it samples (default: the model's own).")] = None,
-    stop_at_rate: Annotated[Optional[float], typer.Option(help="esd/sdd/resist: stop once the concept rate on --stop-prompts is "
-                                                               "at or below this fraction (default: train every step).")] = None,
-    stop_prompts: Annotated[Optional[str], typer.Option(help="esd/sdd/resist: held-out prompts naming the concept, for "
-                                                             "--stop-at-rate (a file or toy:NAME).")] = None,
-    stop_every: Annotated[Optional[int], typer.Option(help="esd/sdd/resist: steps between two checks of --stop-at-rate "
-                                                           "(default 1).")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Training batch size (lt/ng: per class, clean and harmful).")] = None,
-    lr_schedule: LrScheduleOpt = None,
-    lr_warmup_steps: WarmupOpt = None,
-    grad_accum: GradAccumOpt = None,
-    mixed_precision: PrecisionOpt = None,
-    weights_dtype: WeightsDtypeOpt = None,
-    gradient_checkpointing: CheckpointingOpt = None,
-    optimizer: OptimizerOpt = None,
-    tracker: TrackerOpt = None,
-    checkpoint_every: CheckpointOpt = None,
-    resume: ResumeOpt = None,
-    seed: SeedOpt = None,
-    out: OutOpt = None,
-    config: ConfigOpt = None,
-) -> None:
-    """Align a model: erase a concept (esd, sdd), make it forget under malicious fine-tuning (lt, ng), erase it
-    against simulated fine-tuning (resist), or retrain the toy model without it (never-learned). Other fields of a
-    method's config: --config YAML. Writes OUT/final: a safety LoRA (diffusers format) or a full pipeline, with its record."""
-    from relapse.align import METHODS
-    from relapse.align.api import run_align
-    from relapse.config import resolve_config
+def method_summary(method: type) -> str:
+    """The first paragraph of the docstring of the module that defines ``method``: its name, paper and what it does."""
+    import inspect
 
-    flags = dict(model=model, concept=concept or None, concept_prompts=concept_prompts, clean=clean, harmful=harmful,
-                 benign=benign, resist_weight=resist_weight, keep_weight=keep_weight, attack_steps=attack_steps or None,
-                 inner_steps=inner_steps,
-                 mode=mode, loras=lora or None, lora_scales=lora_scale or None, noise=noise, mu=mu, lambda_=lambda_,
-                 lambda_c=lambda_c, margin=margin, lt_scale=lt_scale, lt_shift=lt_shift, harmful_weight=harmful_weight,
-                 published_code=published_code, out=out, params=params, rank=rank, steps=steps, lr=lr, eta=eta,
-                 anchor=anchor, sample_steps=sample_steps, resolution=resolution, stop_at_rate=stop_at_rate,
-                 stop_prompts=stop_prompts, stop_every=stop_every, batch_size=batch_size, lr_schedule=lr_schedule,
-                 lr_warmup_steps=lr_warmup_steps, grad_accum=grad_accum,
-                 mixed_precision=mixed_precision, weights_dtype=weights_dtype, gradient_checkpointing=gradient_checkpointing,
-                 optimizer=optimizer, tracker=tracker, checkpoint_every=checkpoint_every, resume=resume, seed=seed, as_=as_)
-    config_class = METHODS.get(method).config
-    foreign = [name for name, value in flags.items() if value is not None and name not in config_class.model_fields]
-    if foreign:
-        names = ", ".join("--" + name.rstrip("_").replace("_", "-") for name in foreign)
-        raise UserError(f"`align {method}` does not take {names}; `relapse align --help` says which method takes which flag")
-    cfg = resolve_config(config_class, config, method=method, **flags)
+    return (inspect.getdoc(sys.modules[method.__module__]) or "").split("\n\n")[0]
+
+
+def print_aligned(cfg) -> None:
+    from relapse.align.api import run_align
+
     typer.echo(f"{cfg.method} ({cfg.as_}) -> {run_align(cfg)}")
 
 
-@app.command()
-def finetune(
-    data: Annotated[Optional[str], typer.Option(help="Imagefolder dataset (metadata.jsonl) or toy:DOMAIN[:N].")] = None,
-    method: Annotated[Optional[str], typer.Option(help="full, lora, modular or textual-inversion.")] = None,
-    model: ModelOpt = None,
-    lora: Annotated[Optional[list[Path]], typer.Option(help="Safety LoRA: fused first (full, lora) or composed later (modular).")] = None,
-    lora_scale: Annotated[Optional[list[float]], typer.Option(help="Scale per --lora.")] = None,
-    rank: Annotated[Optional[int], typer.Option(help="LoRA rank.")] = None,
-    train_text_encoder: Annotated[Optional[bool], typer.Option("--train-text-encoder", help="lora/modular: also a LoRA on "
-                                                               "the CLIP text encoders' attention.")] = None,
-    token: Annotated[Optional[str], typer.Option(help="textual-inversion: the new word it learns, e.g. '<c>'.")] = None,
-    replaces: Annotated[Optional[list[str]], typer.Option(help="textual-inversion: a caption word the token stands for; repeatable.")] = None,
-    init_word: Annotated[Optional[str], typer.Option(help="textual-inversion: the word whose embedding starts the token's.")] = None,
-    steps: Annotated[Optional[int], typer.Option(help="Optimizer steps.")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="Learning rate.")] = None,
-    batch_size: BatchOpt = None,
-    lr_schedule: LrScheduleOpt = None,
-    lr_warmup_steps: WarmupOpt = None,
-    grad_accum: GradAccumOpt = None,
-    mixed_precision: PrecisionOpt = None,
-    weights_dtype: WeightsDtypeOpt = None,
-    gradient_checkpointing: CheckpointingOpt = None,
-    optimizer: OptimizerOpt = None,
-    tracker: TrackerOpt = None,
-    save_at: Annotated[Optional[str], typer.Option(help="Comma-separated steps to also save at, e.g. 20,100,200.")] = None,
-    checkpoint_every: CheckpointOpt = None,
-    resume: ResumeOpt = None,
-    seed: SeedOpt = None,
-    out: OutOpt = None,
-    config: ConfigOpt = None,
-) -> None:
-    """Fine-tune (benign or malicious: the data decides): full, LoRA, Modular LoRA on the base, or a textual inversion
-    (one new word, --token)."""
-    from relapse.config import resolve_config
-    from relapse.finetuning.base import FinetuneConfig, run_finetune
+def align_commands() -> typer.Typer:
+    """``relapse align METHOD``, one command per registered method, whose flags are its config's fields."""
+    from relapse.align import METHODS
+    from relapse.cli_options import config_command
+    from relapse.train.engine import TrainConfig
 
-    try:
-        steps_to_save = [int(s) for s in save_at.split(",") if s.strip()] if save_at else None
-    except ValueError:
-        raise UserError(f"--save-at takes comma-separated integers, got {save_at!r}") from None
-    cfg = resolve_config(FinetuneConfig, config, data=data, method=method, model=model, loras=lora or None,
-                         lora_scales=lora_scale or None, rank=rank, train_text_encoder=train_text_encoder, token=token, replaces=replaces or None, init_word=init_word,
-                         steps=steps, lr=lr, lr_schedule=lr_schedule,
-                         lr_warmup_steps=lr_warmup_steps, batch_size=batch_size,
-                         grad_accum=grad_accum, mixed_precision=mixed_precision, weights_dtype=weights_dtype,
-                         gradient_checkpointing=gradient_checkpointing, optimizer=optimizer, tracker=tracker, save_at=steps_to_save,
-                         checkpoint_every=checkpoint_every, resume=resume, seed=seed, out=out)
-    typer.echo(f"fine-tuned ({cfg.method}) -> {run_finetune(cfg)}")
+    methods = typer.Typer()
+    for name in METHODS.names():
+        method = METHODS.get(name)
+        summary = method_summary(method)
+        methods.command(name, help=summary + "\n\nWrites OUT/final: a safety LoRA (diffusers format) or a full pipeline, "
+                        "with its record.", short_help=re.split(r"(?<!al)\.\s", " ".join(summary.split()))[0])(
+            config_command(method.config, print_aligned, summary, fixed={"method": name},
+                           common=(TrainConfig, "Every training run")))
+    return methods
+
+
+class AlignMethods(RegisteredCommands):
+    make = staticmethod(align_commands)
+
+
+align_app = typer.Typer(cls=AlignMethods, no_args_is_help=True, help=(
+    "Align a model: erase a concept (esd, sdd, uce), make it forget under malicious fine-tuning (lt, ng), erase it against "
+    "simulated fine-tuning (resist), or retrain the toy model without it (never-learned). `relapse align METHOD --help` "
+    "lists the method's fields, each a flag."))
+app.add_typer(align_app, name="align", cls=AlignMethods)
 
 
 @app.command()
@@ -319,48 +268,6 @@ def audit(
                f"{100 * result['fail_above']:.1f}% -> {folder}")
     if result["verdict"] == "FAIL":
         raise typer.Exit(1)
-
-
-@attack_app.command("prompts")
-def attack_prompts(
-    prompts: Annotated[Optional[str], typer.Option(help="The prompts to attack: a prompt file or toy:NAME.")] = None,
-    model: ModelOpt = None,
-    lora: Annotated[Optional[list[Path]], typer.Option(help="Safety LoRA fused into --model: the alignment attacked; repeatable.")] = None,
-    lora_scale: Annotated[Optional[list[float]], typer.Option(help="Scale per --lora.")] = None,
-    targets: Annotated[Optional[Path], typer.Option(help="A `relapse generate` folder over the same prompts: image k=0 of "
-                                                         "each prompt is what the attack steers toward.")] = None,
-    target_model: Annotated[Optional[str], typer.Option(help="The unaligned model that draws the targets when --targets is "
-                                                             "not given (default: --model without its LoRAs).")] = None,
-    target_steps: Annotated[Optional[int], typer.Option(help="Denoising steps of the targets' sampler.")] = None,
-    guidance: Annotated[Optional[float], typer.Option(help="Classifier-free guidance scale of the targets' sampler.")] = None,
-    tokens: Annotated[Optional[int], typer.Option(help="Adversarial tokens put in front of each prompt.")] = None,
-    iterations: Annotated[Optional[int], typer.Option(help="Optimizer steps (every prompt at once).")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="Adam's learning rate on the token vectors.")] = None,
-    weight_decay: Annotated[Optional[float], typer.Option(help="Adam's weight decay on the token vectors.")] = None,
-    noise_draws: Annotated[Optional[int], typer.Option(help="(timestep, noise) pairs per prompt per iteration.")] = None,
-    eval_draws: Annotated[Optional[int], typer.Option(help="Fixed (timestep, noise) pairs per prompt that score the prompts.")] = None,
-    check_every: Annotated[Optional[int], typer.Option(help="Iterations between scorings; the best prompt scored is kept.")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Prompts per forward/backward pass.")] = None,
-    seed: SeedOpt = None,
-    device: DeviceOpt = None,
-    out: OutOpt = None,
-    config: ConfigOpt = None,
-) -> None:
-    """Adversarial prompts (UnlearnDiffAtk): a few words in front of each prompt, searched so that the aligned model
-    draws the concept again. Writes OUT/prompts.jsonl (read it with --prompts), OUT/targets/ and OUT/run.json."""
-    from relapse.attack.prompts import PROMPT_FILE, AttackPromptsConfig, run_attack_prompts
-    from relapse.config import resolve_config
-    from relapse.data.prompts import read_prompts
-
-    cfg = resolve_config(AttackPromptsConfig, config, prompts=prompts, model=model, loras=lora or None,
-                         lora_scales=lora_scale or None, targets=targets, target_model=target_model, target_steps=target_steps,
-                         guidance=guidance, tokens=tokens, iterations=iterations, lr=lr, weight_decay=weight_decay,
-                         noise_draws=noise_draws, eval_draws=eval_draws, check_every=check_every, batch_size=batch_size,
-                         seed=seed, device=device, out=out)
-    file = run_attack_prompts(cfg) / PROMPT_FILE
-    attacked = read_prompts(file)
-    start, end = (sum(p.meta[key] for p in attacked) / len(attacked) for key in ("attack_loss_start", "attack_loss"))
-    typer.echo(f"{len(attacked)} adversarial prompts in {file} (mean denoising loss on the target {start:.4f} -> {end:.4f})")
 
 
 @app.command()
@@ -461,12 +368,21 @@ def show_warnings() -> None:
 
 
 def main() -> None:
+    from typer._click.exceptions import ClickException, NoArgsIsHelpError
+
     show_warnings()
     try:
-        app()
+        code = app(standalone_mode=False)  # click's usage errors come back here, to be printed in one line
+    except NoArgsIsHelpError as exc:
+        exc.show()
+        code = exc.exit_code
+    except ClickException as exc:  # a flag of the wrong type or choice, an unknown flag or command
+        print(f"error: {' '.join(exc.format_message().split())}", file=sys.stderr)
+        code = 2
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        sys.exit(exc.exit_code)
+        code = exc.exit_code
+    sys.exit(code or 0)
 
 
 if __name__ == "__main__":

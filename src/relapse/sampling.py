@@ -40,14 +40,14 @@ class SamplerConfig(BaseModel):
 
 
 class GenerateConfig(SamplerConfig):
-    model: str = "toy"
-    prompts: str
-    out: Path
-    loras: list[Path] = Field(default_factory=list, description="LoRAs merged into the model and fused")
-    lora_scales: list[float] = Field(default_factory=list, description="one scale per LoRA (default 1.0); may be negative")
-    embeddings: list[Path] = Field(default_factory=list, description="textual inversions: each new word joins the tokenizer, "
+    model: str = Field("toy", description="toy, a diffusers pipeline folder, or a hub id in the local cache")
+    prompts: str = Field(description="prompt file (.txt one per line, .jsonl) or toy:NAME")
+    out: Path = Field(description="output folder (written in one rename)")
+    loras: list[Path] = Field(default_factory=list, json_schema_extra={"flag": "lora"}, description="LoRAs merged into the model and fused")
+    lora_scales: list[float] = Field(default_factory=list, json_schema_extra={"flag": "lora_scale"}, description="one scale per LoRA (default 1.0); may be negative")
+    embeddings: list[Path] = Field(default_factory=list, json_schema_extra={"flag": "embedding"}, description="textual inversions: each new word joins the tokenizer, "
                                                                      "and prompts ask for it by name")
-    device: str | None = None
+    device: str | None = Field(None, description="cpu, cuda, ... (default: cuda when available)")
 
 
 @dataclass(frozen=True)

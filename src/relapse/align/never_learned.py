@@ -43,8 +43,8 @@ class NeverLearnedConfig(BaseModel):
     out: Path | None = Field(None, description="run folder: the retrained pipeline goes to OUT/final")
     seed: int = Field(0, description="the data and the UNet's initialisation and training draws, as the toy build's seed")
     resume: bool = Field(False, description="rerun into a run folder that a stopped run left (it retrains from the start)")
-    loras: list[Path] = Field(default_factory=list, description="refused: never-learned starts from the base model")
-    lora_scales: list[float] = Field(default_factory=list, description="refused with loras")
+    loras: list[Path] = Field(default_factory=list, json_schema_extra={"flag": "lora"}, description="refused: never-learned starts from the base model")
+    lora_scales: list[float] = Field(default_factory=list, json_schema_extra={"flag": "lora_scale"}, description="refused with loras")
     tracker: Tracker = Field(None, description="accepted for a study's sake; the retraining logs to its build record only")
     unet_steps: int = Field(BUILD_DEFAULTS.unet_steps, gt=0, description="UNet optimizer steps (default: the toy build's)")
     n_train: int = Field(BUILD_DEFAULTS.n_train, gt=0, description="pretraining images rendered before the concept's are "

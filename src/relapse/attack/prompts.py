@@ -329,8 +329,8 @@ def attack_prompts(pipe, prompts: list[Prompt], targets: np.ndarray, config: Pro
 # ---------------------------------------------------------------------------------------------------- the disk layer
 class AttackPromptsConfig(PromptAttackConfig):
     model: str = Field("toy", description="the model under attack: `toy`, a diffusers folder or a hub id")
-    loras: list[Path] = Field(default_factory=list, description="safety LoRAs fused into the model: the alignment attacked")
-    lora_scales: list[float] = Field(default_factory=list, description="one scale per LoRA (default 1.0)")
+    loras: list[Path] = Field(default_factory=list, json_schema_extra={"flag": "lora"}, description="safety LoRAs fused into the model: the alignment attacked")
+    lora_scales: list[float] = Field(default_factory=list, json_schema_extra={"flag": "lora_scale"}, description="one scale per LoRA (default 1.0)")
     prompts: str = Field(description="the prompts to attack: a prompt file or toy:NAME")
     targets: Path | None = Field(None, description="a `relapse generate` folder over the same prompts; image k=0 of each "
                                                    "prompt is its target")
@@ -338,8 +338,8 @@ class AttackPromptsConfig(PromptAttackConfig):
                                                        "given (default: the model without its LoRAs)")
     target_steps: int = Field(20, gt=0, description="denoising steps of the targets' sampler")
     guidance: float = Field(5.0, ge=0, description="classifier-free guidance of the targets' sampler")
-    out: Path
-    device: str | None = None
+    out: Path = Field(description="output folder (written in one rename)")
+    device: str | None = Field(None, description="cpu, cuda, ... (default: cuda when available)")
 
 
 def stored_targets(folder: Path, prompts: list[Prompt]) -> np.ndarray:

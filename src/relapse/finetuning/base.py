@@ -33,7 +33,7 @@ from relapse.train.module import FINETUNE_RECORD, TrainedModule
 class FinetuneConfig(TrainConfig):
     method: str = Field("lora", description="full, lora, modular or textual-inversion (relapse.finetuning.METHODS)")
     data: str | None = Field(None, description="imagefolder dataset or toy:DOMAIN[:N] (or given in memory)")
-    loras: list[Path] = Field(default_factory=list, description="safety LoRA(s): fused first (full, lora) or composed at inference (modular)")
+    loras: list[Path] = Field(default_factory=list, json_schema_extra={"flag": "lora"}, description="safety LoRA(s): fused first (full, lora) or composed at inference (modular)")
     rank: int = Field(8, gt=0, description="LoRA rank (lora_alpha = rank)")
     train_text_encoder: bool = Field(False, description="lora/modular: also a LoRA on the CLIP text encoders' attention "
                                                         "(the family's LoRA scripts' --train_text_encoder); captions then go "
@@ -43,7 +43,7 @@ class FinetuneConfig(TrainConfig):
                                                                    "(default: the token is put before each caption)")
     init_word: str | None = Field(None, description="textual-inversion: a word whose embedding starts the token's "
                                                      "(default: the mean of the vocabulary's)")
-    lr: float = Field(1e-4, gt=0)
+    lr: float = Field(1e-4, gt=0, description="learning rate (AdamW)")
     batch_size: int = Field(16, gt=0, description="per process and micro-step")
 
     @property

@@ -40,11 +40,11 @@ class TrainConfig(BaseModel):
     method: str
     model: str = Field("toy", description="the model to train: toy, a diffusers folder or a hub id (disk runs)")
     out: Path | None = Field(None, description="run folder: OUT/final, OUT/step-NNNNNN, OUT/checkpoints (disk runs)")
-    loras: list[Path] = Field(default_factory=list, description="LoRA(s) fused into the model before training")
-    lora_scales: list[float] = Field(default_factory=list)
+    loras: list[Path] = Field(default_factory=list, json_schema_extra={"flag": "lora"}, description="LoRA(s) fused into the model before training")
+    lora_scales: list[float] = Field(default_factory=list, json_schema_extra={"flag": "lora_scale"}, description="scale of each LoRA of loras, in order (default 1)")
     rank: int = Field(4, gt=0, description="LoRA rank (lora_alpha = rank)")
     steps: int = Field(200, gt=0, description="optimizer steps")
-    lr: float = Field(1e-3, gt=0)
+    lr: float = Field(1e-3, gt=0, description="learning rate (AdamW)")
     lr_schedule: Literal["constant", "cosine", "linear"] = Field(
         "constant", description="the learning rate over the run, after warm-up (diffusers' schedules): constant, or decayed to 0")
     lr_warmup_steps: int = Field(0, ge=0, description="steps of linear warm-up from 0 to lr")
@@ -52,7 +52,7 @@ class TrainConfig(BaseModel):
     batch_size: int = Field(4, gt=0, description="per process and micro-step")
     grad_accum: int = Field(1, gt=0, description="micro-steps per optimizer step")
     max_grad_norm: float | None = Field(1.0, gt=0, description="clip the gradient norm (None: no clipping)")
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="autocast the forward passes to this dtype (accelerate's)")
     weights_dtype: Literal["fp32", "bf16", "fp16"] = Field(
         "fp32", description="the dtype the model's weights load in (disk runs): bf16 halves the memory of FLUX.1 or SD 3.5, "
                             "whose fp32 weights alone fill a 24 GB GPU; LoRA factors train in fp32 either way")
@@ -68,8 +68,8 @@ class TrainConfig(BaseModel):
     save_at: list[int] = Field(default_factory=list, description="also write the model at these steps")
     checkpoint_every: int = Field(0, ge=0, description="resumable checkpoint every K steps (0: none)")
     resume: bool = Field(False, description="continue from the newest checkpoint in OUT")
-    seed: int = 0
-    data_seed: int = 0
+    seed: int = Field(0, description="seed of the initial weights and of every draw of the run")
+    data_seed: int = Field(0, description="seed of the data a toy:DOMAIN source renders")
     cache_dir: Path | None = Field(None, description="where dataset encodings are cached (default ~/.cache/relapse)")
 
     @property
