@@ -198,6 +198,7 @@ def align_commands() -> typer.Typer:
     """``relapse align METHOD``, one command per registered method, whose flags are its config's fields."""
     from relapse.align import METHODS
     from relapse.cli_options import config_command
+    from relapse.run_config import RunConfig
     from relapse.train.engine import TrainConfig
 
     methods = typer.Typer()
@@ -207,7 +208,8 @@ def align_commands() -> typer.Typer:
         methods.command(name, help=summary + "\n\nWrites OUT/final: a safety LoRA (diffusers format) or a full pipeline, "
                         "with its record.", short_help=re.split(r"(?<!al)\.\s", " ".join(summary.split()))[0])(
             config_command(method.config, print_aligned, summary, fixed={"method": name},
-                           common=(TrainConfig, "Every training run")))
+                           common=(TrainConfig, "Every training run") if issubclass(method.config, TrainConfig)
+                           else (RunConfig, "Every run")))
     return methods
 
 

@@ -1,8 +1,9 @@
-"""Alignment methods, registered by name. Adding one: a module with a class that subclasses
-``relapse.align.erasure.ErasureMethod`` (ESD-like: ``loss(ctx, x_t, t, cond, anchor)``) or
-``relapse.align.forgetting.ForgettingMethod`` (LT-like: ``harmful_sample(cfg, z0, eps, centres)``),
-registered with ``@METHODS.register(name)``, plus its import here. A method that does not train on the engine
-(never-learned) is a registered class with a ``config`` and a classmethod ``run(cfg) -> OUT/final``."""
+"""Alignment methods, registered by name: a module with the method's config and class, registered with
+``@METHODS.register(name)``, plus its import here; ``relapse align``, the API and studies find it by its name. A method
+that trains subclasses :class:`relapse.align.erasure.ErasureMethod` (ESD-like: ``erasure_loss(model, x_t, t, cond,
+anchor)``) or :class:`relapse.align.forgetting.ForgettingMethod` (LT-like: ``harmful_sample(cfg, z0, eps, centres)``)
+and runs on the training engine; a closed-form one subclasses :class:`relapse.align.edit.EditMethod` (``edit(pipe,
+family)``: the new tensors); one that runs itself (never-learned) has a classmethod ``run(cfg) -> OUT/final``."""
 
 from relapse.registry import Registry
 

@@ -1,6 +1,5 @@
 """The alignment methods' entry points, which look a method up by its config's name: ``relapse align`` on disk
-(:func:`run_align`) and ``relapse.erase`` / ``relapse.harden`` in memory. They stand apart from :mod:`relapse.align.base`
-because they know the method families (erasure, forgetting) that build on it."""
+(:func:`run_align`) and ``relapse.erase`` / ``relapse.harden`` in memory."""
 
 from __future__ import annotations
 
@@ -8,30 +7,30 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from relapse.align import METHODS
-from relapse.align.base import AlignConfig
-from relapse.align.erasure import ConceptConfig
+from relapse.align.concept import NamedConcept
 from relapse.align.forgetting import ForgettingConfig
-from relapse.train.engine import train
 from relapse.train.module import TrainedModule
 
 if TYPE_CHECKING:
-    from relapse.align.never_learned import NeverLearnedConfig
+    from relapse.run_config import RunConfig
 
 
-def run_align(cfg: AlignConfig | NeverLearnedConfig) -> Path:
+def run_align(cfg: RunConfig) -> Path:
     """Run an alignment method on disk (``relapse align``, a study's align step); returns ``OUT/final``. Each method
-    runs itself: the training engine's, or its own (never-learned retrains the toy model's UNet)."""
+    runs itself: on the training engine, as a closed-form edit, or its own way (never-learned retrains the toy model's
+    UNet)."""
     return METHODS.get(cfg.method).run(cfg)
 
 
 def erase(pipe, config, safety=()) -> TrainedModule:
-    """Erase a concept from ``pipe`` in memory (ESD, SDD) and return the safety module; ``pipe`` is left as it was.
+    """Erase a concept from ``pipe`` in memory and return the safety module; ``pipe`` is left as it was.
 
     Args:
-        pipe: the pipeline to align (SD 1.x/2.x, SDXL, SD 3.x or FLUX.1).
-        config: an :class:`~relapse.align.esd.ESDConfig`, :class:`~relapse.align.sdd.SDDConfig` or
-            :class:`~relapse.align.resist.ResistConfig` (``as_="lora"``:
-            a safety LoRA, the default; ``"full"``: the UNet tensors that change).
+        pipe: the pipeline to align (SD 1.x/2.x, SDXL, SD 3.x or FLUX.1; UCE: the first two).
+        config: an :class:`~relapse.align.esd.ESDConfig`, :class:`~relapse.align.sdd.SDDConfig`,
+            :class:`~relapse.align.resist.ResistConfig` (trained; ``as_="lora"``, the default: a safety LoRA; ``"full"``:
+            the denoiser tensors that change) or :class:`~relapse.align.uce.UCEConfig` (a closed-form edit; by default
+            the edited tensors).
         safety: modules fused into ``pipe`` first.
 
     Example:
@@ -39,7 +38,7 @@ def erase(pipe, config, safety=()) -> TrainedModule:
         >>> safety = relapse.erase(pipe, relapse.ESDConfig(concept=["checkered"], params="noxattn", steps=100))
         >>> safety.apply(pipe)  # the aligned model: W0 + dW_safe, fused
     """
-    return _train_in_memory(pipe, config, ConceptConfig, "erase", loras=list(safety))
+    return _in_memory(pipe, config, NamedConcept, "erase", loras=list(safety))
 
 
 def harden(pipe, config, clean, harmful, safety=()) -> TrainedModule:
@@ -55,11 +54,11 @@ def harden(pipe, config, clean, harmful, safety=()) -> TrainedModule:
     Example:
         >>> lt = relapse.harden(pipe, relapse.LTConfig(steps=200, lr=1e-4), clean="toy:clean:1000", harmful="toy:harmful:200")
     """
-    return _train_in_memory(pipe, config, ForgettingConfig, "harden", loras=list(safety), clean=clean, harmful=harmful)
+    return _in_memory(pipe, config, ForgettingConfig, "harden", loras=list(safety), clean=clean, harmful=harmful)
 
 
-def _train_in_memory(pipe, config, family: type, call: str, **inputs) -> TrainedModule:
+def _in_memory(pipe, config, family: type, call: str, **inputs) -> TrainedModule:
     if not isinstance(config, family):
         names = ", ".join(m.config.__name__ for m in METHODS if issubclass(m.config, family))
         raise TypeError(f"relapse.{call} takes one of {names}, not a {type(config).__name__}")
-    return train(pipe, METHODS.get(config.method)(config, **inputs))
+    return METHODS.get(config.method)(config, **inputs).in_memory(pipe)

@@ -10,27 +10,21 @@ from __future__ import annotations
 
 import copy
 from contextlib import contextmanager
-from typing import Literal
 
 import torch
 from pydantic import Field, model_validator
 
 from relapse.align.base import AlignConfig, AlignMethod
-from relapse.data.prompts import replace_words
+from relapse.align.concept import NamedConcept
 from relapse.models.families.base import size, take
 from relapse.sampling import SamplerConfig
 
 PROCESS_SEED_STRIDE = 1_000_003  # process k > 0 of a data-parallel run draws from seed + k * stride
 
 
-class ConceptConfig(AlignConfig):
-    """A concept named by prompts, and what each of its prompts is steered toward."""
+class ConceptConfig(AlignConfig, NamedConcept):
+    """A concept named by prompts, erased by training."""
 
-    concept: list[str] = Field(default_factory=list, description="prompts that name the concept to erase")
-    concept_prompts: str | None = Field(None, description="a prompt file (or toy:NAME) whose prompts also name it")
-    anchor: Literal["empty", "strip"] = Field(
-        "empty", description="what the concept is steered toward: the empty prompt (ESD and SDD as published) or, "
-                             "per concept prompt, the same prompt with the --concept words stripped")
     target_guidance: float = Field(1.0, ge=0, description="guidance-distilled models (FLUX.1-dev): the guidance "
                                                           "embedding of the predictions the erasure trains on (ESD's FLUX "
                                                           "code: 1); other models have none")
@@ -47,27 +41,10 @@ class ConceptConfig(AlignConfig):
     stop_detector: str = Field("toy", description="the registered detector whose verdict the check counts")
 
     @model_validator(mode="after")
-    def _names_a_concept(self) -> ConceptConfig:
-        if not self.concept and not self.concept_prompts:
-            raise ValueError("name the concept to erase with --concept (repeatable) or --concept-prompts FILE")
+    def _stops_on_held_out_prompts(self) -> ConceptConfig:
         if self.stop_at_rate is not None and not self.stop_prompts:
             raise ValueError("--stop-at-rate checks the concept on held-out prompts: give them with --stop-prompts FILE")
         return self
-
-    def concept_texts(self) -> list[str]:
-        from relapse.data.prompts import read_prompts
-
-        extra = [p.text for p in read_prompts(self.concept_prompts)] if self.concept_prompts else []
-        return self.concept + extra
-
-    def anchor_texts(self, texts: list[str] | None = None) -> list[str]:
-        """One anchor per concept prompt (``texts``, default ``concept_texts()``). "strip" keeps everything
-        the prompt says but the concept (the anchor of "a checkered red star" is "a red star"), so erasing
-        it spares shape and colour."""
-        texts = self.concept_texts() if texts is None else texts
-        if self.anchor == "empty":
-            return [""] * len(texts)
-        return [replace_words(text, self.concept) for text in texts]
 
 
 def residual_rate(pipe, prompts, sampler: SamplerConfig, detector) -> float:

@@ -18,40 +18,31 @@ import json
 from pathlib import Path
 from typing import ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from relapse.align import METHODS
 from relapse.data.toy_world import TARGET_FILL
 from relapse.errors import UserError
 from relapse.models.components import ToyModelSize
+from relapse.run_config import RunConfig
 from relapse.toy_build import BUILD_RECORD, Fills, ToyBuildConfig, retrain_unet
-from relapse.tracking import Tracker
 
 BUILD_DEFAULTS = ToyBuildConfig()  # the recipe of the shipped toy model
 
 
-class NeverLearnedConfig(BaseModel):
+class NeverLearnedConfig(RunConfig):
     """What ``relapse align never-learned`` (or a study's stage) retrains; ``model``, ``out``, ``seed`` and ``resume``
-    are the study's."""
-
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    are the study's. LoRAs are refused: it retrains the base model."""
 
     method: Literal["never-learned"] = "never-learned"
     without: Fills = Field(default_factory=lambda: [TARGET_FILL], description="fills whose images the retraining data "
                                                                                "leaves out (default: the target, checkered)")
     model: str = Field("toy", description="the toy build whose UNet is retrained: toy, or a folder `relapse toy build` wrote")
-    out: Path | None = Field(None, description="run folder: the retrained pipeline goes to OUT/final")
-    seed: int = Field(0, description="the data and the UNet's initialisation and training draws, as the toy build's seed")
-    resume: bool = Field(False, description="rerun into a run folder that a stopped run left (it retrains from the start)")
-    loras: list[Path] = Field(default_factory=list, json_schema_extra={"flag": "lora"}, description="refused: never-learned starts from the base model")
-    lora_scales: list[float] = Field(default_factory=list, json_schema_extra={"flag": "lora_scale"}, description="refused with loras")
-    tracker: Tracker = Field(None, description="accepted for a study's sake; the retraining logs to its build record only")
     unet_steps: int = Field(BUILD_DEFAULTS.unet_steps, gt=0, description="UNet optimizer steps (default: the toy build's)")
     n_train: int = Field(BUILD_DEFAULTS.n_train, gt=0, description="pretraining images rendered before the concept's are "
                                                                   "dropped (default: the toy build's)")
 
-    # What a study's dry run reads of a training stage: the UNet trains in full, in fp32, with AdamW.
-    weights_dtype: ClassVar[str] = "fp32"
+    # What a study's dry run reads of a training stage: the UNet trains in full with AdamW.
     optimizer: ClassVar[str] = "adamw"
 
     @property
@@ -63,11 +54,6 @@ class NeverLearnedConfig(BaseModel):
     def as_(self) -> str:
         """What ``relapse align`` reports it wrote."""
         return self.writes
-
-    @property
-    def steps(self) -> int:
-        """Optimizer steps, as a dry run counts them."""
-        return self.unet_steps
 
 
 @METHODS.register("never-learned")
@@ -91,9 +77,10 @@ class NeverLearned:
         return cfg.out / "final"
 
     @classmethod
-    def passes_per_step(cls, cfg: NeverLearnedConfig) -> float:
-        """A UNet batch forward and backward (three passes an image); rendering and encoding the data are not counted."""
-        return 3.0 * BUILD_DEFAULTS.unet_batch
+    def passes(cls, cfg: NeverLearnedConfig) -> float:
+        """A UNet batch forward and backward (three passes an image) per step; rendering and encoding the data are not
+        counted."""
+        return cfg.unet_steps * 3.0 * BUILD_DEFAULTS.unet_batch
 
 
 def build_config(cfg: NeverLearnedConfig) -> ToyBuildConfig:

@@ -1,7 +1,7 @@
 """The cost before the run: what ``relapse study --dry-run`` prints per step kind (estimated step time) and the
 largest memory a training step needs, without loading a weight.
 
-- Work: each step's GFLOP: denoiser passes (a method's ``passes_per_step``, images x sampling steps x the passes a
+- Work: each step's GFLOP: denoiser passes (a method's ``passes``, images x sampling steps x the passes a
   sampling step makes (two under classifier-free guidance, one for a guidance-distilled model), a prompt attack's
   iterations forward and backward and its scorings on fixed draws) times one pass's FLOPs, plus a VAE decode per generated image; both counted by torch's
   FlopCounterMode on the meta device from the model's own config files at the sampler's resolution.
@@ -110,7 +110,7 @@ def step_gflop(step: Step, shape: ModelShape) -> float:
 
         cfg = step.config
         method = (ALIGN if step.kind == "align" else FINETUNE).get(cfg.method)
-        return cfg.steps * method.passes_per_step(cfg) * shape.gflop_per_pass
+        return method.passes(cfg) * shape.gflop_per_pass
     if step.kind == "generate":
         per_image = step.spec["sampler"]["steps"] * shape.passes_per_sample_step * shape.gflop_per_pass
         return step.images * (per_image + shape.decode_gflop)
@@ -196,8 +196,9 @@ def largest_floor(todo: list[Step], shape: ModelShape) -> int:
     floors = [0]
     for cfg in (s.config for s in todo if s.kind in ("align", "finetune")):
         weight = 4 if cfg.weights_dtype == "fp32" else 2
-        trains = shape.parameters if cfg.writes == "full" else 0
-        floors.append(sum(floor_parts(shape.parameters, weight, trains, cfg.optimizer).values()))
+        optimizer = getattr(cfg, "optimizer", None)  # a closed-form edit trains nothing: it holds the weights alone
+        trains = shape.parameters if cfg.writes == "full" and optimizer else 0
+        floors.append(sum(floor_parts(shape.parameters, weight, trains, optimizer).values()))
     return max(floors)
 
 

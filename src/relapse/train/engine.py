@@ -23,25 +23,19 @@ from pathlib import Path
 from typing import ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from relapse.errors import UserError
 from relapse.io import check_output_dir, run_record
 from relapse.progress import progress
-from relapse.tracking import Tracker, tracked
+from relapse.run_config import RunConfig
+from relapse.tracking import tracked
 from relapse.train.module import ALIGN_RECORD, TrainedModule, safety_records
 
 
-class TrainConfig(BaseModel):
+class TrainConfig(RunConfig):
     """The fields every training method shares."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
-
-    method: str
-    model: str = Field("toy", description="the model to train: toy, a diffusers folder or a hub id (disk runs)")
-    out: Path | None = Field(None, description="run folder: OUT/final, OUT/step-NNNNNN, OUT/checkpoints (disk runs)")
-    loras: list[Path] = Field(default_factory=list, json_schema_extra={"flag": "lora"}, description="LoRA(s) fused into the model before training")
-    lora_scales: list[float] = Field(default_factory=list, json_schema_extra={"flag": "lora_scale"}, description="scale of each LoRA of loras, in order (default 1)")
     rank: int = Field(4, gt=0, description="LoRA rank (lora_alpha = rank)")
     steps: int = Field(200, gt=0, description="optimizer steps")
     lr: float = Field(1e-3, gt=0, description="learning rate (AdamW)")
@@ -53,29 +47,17 @@ class TrainConfig(BaseModel):
     grad_accum: int = Field(1, gt=0, description="micro-steps per optimizer step")
     max_grad_norm: float | None = Field(1.0, gt=0, description="clip the gradient norm (None: no clipping)")
     mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="autocast the forward passes to this dtype (accelerate's)")
-    weights_dtype: Literal["fp32", "bf16", "fp16"] = Field(
-        "fp32", description="the dtype the model's weights load in (disk runs): bf16 halves the memory of FLUX.1 or SD 3.5, "
-                            "whose fp32 weights alone fill a 24 GB GPU; LoRA factors train in fp32 either way")
     gradient_checkpointing: bool = Field(False, description="recompute the denoiser's activations in the backward pass: "
                                                             "less memory, about a third more time")
     optimizer: Literal["adamw", "adamw8bit"] = Field("adamw", description="adamw8bit: bitsandbytes' 8-bit AdamW (2 bytes of "
                                                                           "moments per trained weight, not 8; optional install)")
-    tracker: Tracker = Field(None, description="log the losses to this experiment tracker too (accelerate's: tensorboard, "
-                                                  "wandb, mlflow, aim, ...), into OUT/logs where it writes files")
     ema_decay: float | None = Field(None, gt=0, lt=1, description="publish the exponential moving average of the trained "
                                     "weights at this decay (diffusers' EMAModel, as --use_ema; ResAlign's benign fine-tunes); "
                                     "None: the weights as trained")
     save_at: list[int] = Field(default_factory=list, description="also write the model at these steps")
     checkpoint_every: int = Field(0, ge=0, description="resumable checkpoint every K steps (0: none)")
-    resume: bool = Field(False, description="continue from the newest checkpoint in OUT")
-    seed: int = Field(0, description="seed of the initial weights and of every draw of the run")
     data_seed: int = Field(0, description="seed of the data a toy:DOMAIN source renders")
     cache_dir: Path | None = Field(None, description="where dataset encodings are cached (default ~/.cache/relapse)")
-
-    @property
-    def writes(self) -> str:
-        """What the run writes: "lora" (a LoRA that adds to the model) or "full" (weights that replace it)."""
-        raise NotImplementedError
 
     @model_validator(mode="after")
     def _saves_inside_the_run(self) -> TrainConfig:
@@ -145,6 +127,15 @@ class TrainingMethod:
     @property
     def label(self) -> str:
         return f"{self.command} {self.cfg.method}"
+
+    def in_memory(self, pipe) -> TrainedModule:
+        """Train on ``pipe`` and return what trained; ``pipe``'s weights are left as they were."""
+        return train(pipe, self)
+
+    @classmethod
+    def passes(cls, cfg: TrainConfig) -> float:
+        """Denoiser passes the whole run costs (what a dry run estimates its time from)."""
+        return cfg.steps * cls.passes_per_step(cfg)
 
     @classmethod
     def run(cls, cfg: TrainConfig) -> Path:
