@@ -39,6 +39,7 @@ _EXPORTS = {
     "NGConfig": ("relapse.align.ng", "NGConfig"),
     "ResistConfig": ("relapse.align.resist", "ResistConfig"),
     "NeverLearnedConfig": ("relapse.align.never_learned", "NeverLearnedConfig"),
+    "UCEConfig": ("relapse.align.uce", "UCEConfig"),
     "FinetuneConfig": ("relapse.finetuning.base", "FinetuneConfig"),
     "Prompt": ("relapse.data.prompts", "Prompt"),
     "Study": ("relapse.study.run", "Study"),

@@ -590,6 +590,21 @@ def test_a_scenario_can_train_on_the_base_models_own_generations(study_yaml, tmp
     assert -1 <= cosine <= 1 and all(r["value"] > 0 for r in weights if "norm" in r["metric"])
 
 
+def test_a_closed_form_defense_is_a_study_step_like_a_trained_one(study_yaml, tmp_path, capsys):
+    cfg = yaml.safe_load(study_yaml.read_text())
+    cfg["defenses"] = {"uce": [{"method": "uce", "concept": ["a checkered red star"]}],
+                       "uce-lora+ng": [{"method": "uce", "concept": ["a checkered red star"], "as": "lora", "rank": 2},
+                                       cfg["defenses"]["esd+ng"][1]]}
+    config_path = tmp_path / "uce.yaml"
+    config_path.write_text(yaml.safe_dump(cfg))
+    run_study(StudyRunConfig(config=config_path, out=tmp_path / "run", dry_run=True))
+    assert "largest training floor" in capsys.readouterr().out  # a closed-form step costs what its edit costs
+    rows = json.loads((run_study(StudyRunConfig(config=config_path, out=tmp_path / "run")) / "results.json").read_text())["rows"]
+    scored = {(r["defense"], r["scenario"], r["step"]) for r in rows if r["detector"] == "toy"}
+    assert {("uce", "before", 0), ("uce", "malicious", 2), ("uce-lora+ng", "malicious", 2)} <= scored
+    assert {r["value"] for r in rows if r["metric"] == "align_steps" and r["defense"] == "uce"} == {0}
+
+
 @pytest.mark.parametrize("scenario", [{"finetune": {"data": "toy:harmful:4", "steps": 1}, "generated_data": {"prompt_set": "clean"}},
                                       {"finetune": {"steps": 1}}])
 def test_a_scenario_takes_its_data_from_one_place(study_yaml, scenario):
