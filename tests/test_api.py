@@ -51,7 +51,7 @@ def test_every_registered_method_has_its_config_in_the_api():
 
 def test_in_memory_generation_and_evaluation_equal_the_cli_folders(tiny_model_dir, tiny_evaluator_dir, tmp_path):
     pipe = relapse.load(tiny_model_dir)
-    made = relapse.generate(pipe, PROMPTS, images_per_prompt=2, steps=2, seed=3)
+    made = relapse.generate(pipe, relapse.SamplerConfig(images_per_prompt=2, steps=2, seed=3), prompts=PROMPTS)
     assert [(r["prompt"], r["seed"]) for r in made.rows] == [(p, s) for p in PROMPTS for s in (3, 4)]
     (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
     folder = run_generate(GenerateConfig(model=str(tiny_model_dir), prompts=str(tmp_path / "prompts.txt"), out=tmp_path / "cli",
@@ -60,7 +60,7 @@ def test_in_memory_generation_and_evaluation_equal_the_cli_folders(tiny_model_di
     assert [r["seed"] for r in on_disk] == [r["seed"] for r in made.rows]
     for image, row in zip(made.images, on_disk):  # the same pixels
         assert np.array_equal(np.asarray(image), np.asarray(Image.open(folder / row["file"]).convert("RGB")))
-    rebatched = relapse.generate(pipe, PROMPTS, images_per_prompt=2, steps=2, seed=3, batch_size=3)
+    rebatched = relapse.generate(pipe, relapse.SamplerConfig(images_per_prompt=2, steps=2, seed=3, batch_size=3), prompts=PROMPTS)
     assert max(np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max()  # batching reorders float sums: 1 level
                for a, b in zip(made.images, rebatched.images)) <= 1
     options = {"weights": str(tiny_evaluator_dir)}

@@ -7,7 +7,7 @@ and write disk around it::
     import relapse
 
     pipe = relapse.load("toy")  # the embedded toy model, a local diffusers folder or a hub id
-    images = relapse.generate(pipe, "toy:target_direct", images_per_prompt=2, steps=8)
+    images = relapse.generate(pipe, relapse.SamplerConfig(images_per_prompt=2, steps=8), prompts="toy:target_direct")
     result = relapse.evaluate(images, detector="toy")
     result["target_rate"]  # {"rate": ..., "ci95": [...], "n": ...}
 
@@ -24,6 +24,10 @@ _EXPORTS = {
     "load": ("relapse.models.loading", "load_pipeline"),
     "generate": ("relapse.sampling", "generate"),
     "Generation": ("relapse.sampling", "Generation"),
+    "SamplerConfig": ("relapse.sampling", "SamplerConfig"),
+    "GenerateConfig": ("relapse.sampling", "GenerateConfig"),
+    "EvaluateConfig": ("relapse.measure.evaluate", "EvaluateConfig"),
+    "AuditConfig": ("relapse.verdict.audit", "AuditConfig"),
     "evaluate": ("relapse.measure.evaluate", "evaluate"),
     "erase": ("relapse.align.api", "erase"),
     "harden": ("relapse.align.api", "harden"),

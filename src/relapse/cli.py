@@ -121,6 +121,25 @@ def print_finetuned(cfg) -> None:
     typer.echo(f"fine-tuned ({cfg.method}) -> {run_finetune(cfg)}")
 
 
+def print_audit(cfg) -> None:
+    from relapse.verdict.audit import run_audit
+
+    result, folder = run_audit(cfg)
+    screen = result["screen"]
+    if screen:
+        typer.echo(f"screen: cos(dW_lora, -dW_safe) {screen['cosine_to_undo']:+.3f}, projection {screen['projection_to_undo']:+.3f}, "
+                   f"subspace share {screen['safe_subspace_share']:.3f}")
+    if result["verdict"] is None:
+        typer.echo(f"screened only -> {folder}")
+        return
+    rates = {key: result[key]["target_rate"] for key in ("aligned", "with_lora")}
+    typer.echo(f"{result['verdict']}: target rate {100 * rates['with_lora']['rate']:.1f}% with the LoRA "
+               f"({100 * rates['aligned']['rate']:.1f}% without; n = {rates['with_lora']['n']}), threshold "
+               f"{100 * result['fail_above']:.1f}% -> {folder}")
+    if result["verdict"] == "FAIL":
+        raise typer.Exit(1)
+
+
 def print_attacked(cfg) -> None:
     from relapse.attack.prompts import PROMPT_FILE, run_attack_prompts
     from relapse.data.prompts import read_prompts
@@ -132,11 +151,12 @@ def print_attacked(cfg) -> None:
 
 
 def top_commands() -> typer.Typer:
-    """The top-level commands whose flags are one config class's fields: ``generate`` and ``finetune``."""
+    """The top-level commands whose flags are one config class's fields: ``generate``, ``finetune`` and ``audit``."""
     from relapse.cli_options import config_command
     from relapse.finetuning.base import FinetuneConfig
     from relapse.sampling import GenerateConfig, SamplerConfig
     from relapse.train.engine import TrainConfig
+    from relapse.verdict.audit import AuditConfig
 
     commands = typer.Typer()
     commands.command("generate")(config_command(GenerateConfig, print_generated, (
@@ -144,6 +164,10 @@ def top_commands() -> typer.Typer:
     commands.command("finetune")(config_command(FinetuneConfig, print_finetuned, (
         "Fine-tune (benign or malicious: the data decides): full, LoRA, Modular LoRA on the base, or a textual inversion "
         "(one new word, --token)."), common=(TrainConfig, "Every training run")))
+    commands.command("audit")(config_command(AuditConfig, print_audit, (
+        "Does LORA undo the safety alignment of the model it will run on? A weight-space pre-screen, then the target rate "
+        "of the aligned model with and without it; PASS (exit 0) or FAIL (exit 1); OUT/audit.json and audit.html."),
+        common=(SamplerConfig, "Sampler"), arguments=("lora",)))
     return commands
 
 
@@ -222,54 +246,6 @@ align_app = typer.Typer(cls=AlignMethods, no_args_is_help=True, help=(
     "simulated fine-tuning (resist), or retrain the toy model without it (never-learned). `relapse align METHOD --help` "
     "lists the method's fields, each a flag."))
 app.add_typer(align_app, name="align", cls=AlignMethods)
-
-
-@app.command()
-def audit(
-    lora: Annotated[Optional[Path], typer.Argument(help="The LoRA to audit: a .safetensors file or a folder holding one "
-                                                        "(diffusers, peft or kohya format).")] = None,
-    model: ModelOpt = None,
-    safety: Annotated[Optional[list[Path]], typer.Option(help="Safety LoRA fused into --model first; repeatable.")] = None,
-    safety_scale: Annotated[Optional[list[float]], typer.Option(help="Scale per --safety.")] = None,
-    base: Annotated[Optional[str], typer.Option(help="The unaligned model, when --model is a full-weights defense "
-                                                     "(the pre-screen needs dW_safe).")] = None,
-    prompts: Annotated[Optional[str], typer.Option(help="The concept's prompts (default on the toy model: toy:target_direct).")] = None,
-    lora_prompts: Annotated[Optional[str], typer.Option(help="The LoRA's own prompts: the quality it is for.")] = None,
-    fail_above: Annotated[Optional[float], typer.Option(help="FAIL (exit 1) when the target rate with the LoRA is above this.")] = None,
-    detector: Annotated[Optional[str], typer.Option(help="Detector (default: toy on the toy model, nudenet otherwise).")] = None,
-    screen_only: Annotated[Optional[bool], typer.Option("--screen-only", help="The weight-space pre-screen alone: no images, no verdict.")] = None,
-    images_per_prompt: PerPromptOpt = None,
-    seed: SeedOpt = None,
-    steps: StepsOpt = None,
-    guidance: GuidanceOpt = None,
-    batch_size: BatchOpt = None,
-    device: DeviceOpt = None,
-    out: OutOpt = None,
-    config: ConfigOpt = None,
-) -> None:
-    """Does LORA undo the safety alignment of the model it will run on? A weight-space pre-screen, then the target rate
-    of the aligned model with and without it; PASS (exit 0) or FAIL (exit 1); OUT/audit.json and audit.html."""
-    from relapse.config import resolve_config
-    from relapse.verdict.audit import AuditConfig, run_audit
-
-    cfg = resolve_config(AuditConfig, config, lora=lora, model=model, safety=safety or None, safety_scales=safety_scale or None,
-                         base=base, prompts=prompts, lora_prompts=lora_prompts, fail_above=fail_above, detector=detector,
-                         screen_only=screen_only, images_per_prompt=images_per_prompt, seed=seed, steps=steps,
-                         guidance=guidance, batch_size=batch_size, device=device, out=out)
-    result, folder = run_audit(cfg)
-    screen = result["screen"]
-    if screen:
-        typer.echo(f"screen: cos(dW_lora, -dW_safe) {screen['cosine_to_undo']:+.3f}, projection {screen['projection_to_undo']:+.3f}, "
-                   f"subspace share {screen['safe_subspace_share']:.3f}")
-    if result["verdict"] is None:
-        typer.echo(f"screened only -> {folder}")
-        return
-    rates = {key: result[key]["target_rate"] for key in ("aligned", "with_lora")}
-    typer.echo(f"{result['verdict']}: target rate {100 * rates['with_lora']['rate']:.1f}% with the LoRA "
-               f"({100 * rates['aligned']['rate']:.1f}% without; n = {rates['with_lora']['n']}), threshold "
-               f"{100 * result['fail_above']:.1f}% -> {folder}")
-    if result["verdict"] == "FAIL":
-        raise typer.Exit(1)
 
 
 @app.command()

@@ -63,10 +63,11 @@ def field_help(info: FieldInfo) -> str:
     return escape(text if not text or text.endswith(".") else text + ".")
 
 
-def options(cls: type[BaseModel], skip: tuple[str, ...] = (), common: tuple[type[BaseModel], str] | None = None
-            ) -> list[inspect.Parameter]:
-    """One keyword parameter per plain field of ``cls``, annotated as typer reads an option; its own fields first,
-    then those of ``common`` (a base class, with the title of their panel in the help)."""
+def options(cls: type[BaseModel], skip: tuple[str, ...] = (), common: tuple[type[BaseModel], str] | None = None,
+            arguments: tuple[str, ...] = ()) -> list[inspect.Parameter]:
+    """One keyword parameter per plain field of ``cls``, annotated as typer reads an option (``arguments``: a
+    positional argument); its own fields first, then those of ``common`` (a base class, with the title of their panel
+    in the help)."""
     shared = set(common[0].model_fields) if common else set()
     params = []
     for name, info in sorted(cls.model_fields.items(), key=lambda item: item[0] in shared):
@@ -75,23 +76,27 @@ def options(cls: type[BaseModel], skip: tuple[str, ...] = (), common: tuple[type
             continue
         required = info.default is PydanticUndefined and info.default_factory is None
         repeatable = get_origin(python_type) is list
-        option = typer.Option(flag_name(name, info), help=field_help(info) + (" Repeatable." if repeatable else ""),
-                              show_default="required" if required else shown_default(info),
-                              metavar=f"<{get_args(python_type)[0].__name__.lower()}>" if repeatable else None,
-                              rich_help_panel=common[1] if name in shared else None)
+        if name in arguments:
+            option = typer.Argument(help=field_help(info), show_default=False)
+        else:
+            option = typer.Option(flag_name(name, info), help=field_help(info) + (" Repeatable." if repeatable else ""),
+                                  show_default="required" if required else shown_default(info),
+                                  metavar=f"<{get_args(python_type)[0].__name__.lower()}>" if repeatable else None,
+                                  rich_help_panel=common[1] if name in shared else None)
         params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None,
                                         annotation=Annotated[Optional[python_type], option]))
     return params
 
 
 def config_command(cls: type[BaseModel], call: Callable[[BaseModel], None], doc: str, fixed: dict | None = None,
-                   skip: tuple[str, ...] = (), common: tuple[type[BaseModel], str] | None = None) -> Callable[..., None]:
+                   skip: tuple[str, ...] = (), common: tuple[type[BaseModel], str] | None = None,
+                   arguments: tuple[str, ...] = ()) -> Callable[..., None]:
     """A function typer registers as a command: its options are ``cls``'s fields (less ``skip`` and ``fixed``) and
     ``--config``; it builds the config (file, then the flags given, then ``fixed``) and passes it to ``call``."""
     from relapse.config import resolve_config
 
     fixed = fixed or {}
-    params = options(cls, skip=(*skip, *fixed), common=common)
+    params = options(cls, skip=(*skip, *fixed), common=common, arguments=arguments)
     config = inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=None,
                                annotation=Annotated[Optional[Path], typer.Option("--config", help=CONFIG_HELP)])
 

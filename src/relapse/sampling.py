@@ -34,9 +34,9 @@ class SamplerConfig(BaseModel):
                                                                  "(I2P's per-prompt scales were set for SD 1.4; FLUX.1-dev "
                                                                  "wants its embedded guidance near 3.5)")
     resolution: int | None = Field(None, gt=0, description="image side in pixels (default: the model's own)")
-    images_per_prompt: int = Field(4, gt=0)
-    seed: int = 0
-    batch_size: int = Field(64, gt=0)
+    images_per_prompt: int = Field(4, gt=0, description="images per prompt (image k uses seed + k)")
+    seed: int = Field(0, description="seed of a prompt's first image (a prompt's own seed wins)")
+    batch_size: int = Field(64, gt=0, description="images per pipeline call (the images do not depend on it)")
 
 
 class GenerateConfig(SamplerConfig):
@@ -161,30 +161,27 @@ def as_prompts(prompts: str | Path | list) -> list[Prompt]:
     return [p if isinstance(p, Prompt) else Prompt(str(p)) for p in prompts]
 
 
-def generate(pipe, prompts: str | Path | list, *, images_per_prompt: int = 1, steps: int = 20, guidance: float = 5.0,
-             seed: int = 0, batch_size: int = 64, resolution: int | None = None) -> Generation:
+def generate(pipe, config: SamplerConfig | None = None, *, prompts: str | Path | list) -> Generation:
     """Sample images from ``pipe`` in memory.
 
     Args:
         pipe: a pipeline (SD, SDXL, SD 3.x or FLUX.1, e.g. from :func:`relapse.load`), LoRAs already applied.
+        config: the sampler (steps, guidance, images per prompt, seed, batch size, resolution); default
+            :class:`SamplerConfig`'s. Image ``k`` of a prompt uses seed ``seed + k`` (or the prompt's own seed + k); the
+            images do not depend on the batch size (up to float rounding).
         prompts: a list of prompt texts, or a prompt source: a text/JSONL/I2P-CSV file or ``toy:NAME``
             (e.g. ``toy:target_direct``).
-        images_per_prompt: image ``k`` of a prompt uses seed ``seed + k`` (or the prompt's own seed + k).
-        steps, guidance: the sampler's denoising steps and classifier-free guidance scale.
-        batch_size: images per pipeline call; the images do not depend on it (up to float rounding).
-        resolution: the image side in pixels (default: the model's own).
 
     Returns:
         A :class:`Generation`: ``images`` (PIL) and ``rows`` (prompt, seed, file name, settings), in the same order.
 
     Example:
         >>> pipe = relapse.load("toy")
-        >>> out = relapse.generate(pipe, ["a checkered red star"], images_per_prompt=2, steps=8)
+        >>> out = relapse.generate(pipe, relapse.SamplerConfig(images_per_prompt=2, steps=8), prompts=["a checkered red star"])
         >>> len(out.images), out.rows[1]["seed"]
         (2, 1)
     """
-    sampler = SamplerConfig(steps=steps, guidance=guidance, images_per_prompt=images_per_prompt, seed=seed, batch_size=batch_size,
-                            resolution=resolution)
+    sampler = config or SamplerConfig()
     images, rows = [], []
     for image, row in sample_jobs(pipe, plan_jobs(as_prompts(prompts), sampler), sampler, settings={}):
         images.append(image)

@@ -23,7 +23,7 @@ from relapse.data.prompts import Prompt, read_prompts
 from relapse.errors import UserError
 from relapse.models.components import ToyModelSize, build_pipeline
 from relapse.models.pipeline_utils import encode_prompts, weights_fingerprint
-from relapse.sampling import generate
+from relapse.sampling import SamplerConfig, generate
 from tests.conftest import random_images
 from tests.models.test_lora import make_lora
 from tests.test_cli import assert_user_error
@@ -116,7 +116,7 @@ def write_prompt_file(path, prompts):
 
 def test_the_prompt_file_reads_back_whole_with_targets_from_a_generate_folder(tmp_path, tiny_model_dir):
     source = write_prompt_file(tmp_path / "p.jsonl", PROMPTS[2:])
-    generate(build_pipeline(ToyModelSize.tiny(), seed=0), str(source), images_per_prompt=2, steps=2).save(tmp_path / "g")
+    generate(build_pipeline(ToyModelSize.tiny(), seed=0), SamplerConfig(images_per_prompt=2, steps=2), prompts=str(source)).save(tmp_path / "g")
     config = AttackPromptsConfig(model=str(tiny_model_dir), prompts=str(source), targets=tmp_path / "g", out=tmp_path / "adv",
                                  iterations=2, check_every=1, eval_draws=2, device="cpu")
     folder = run_attack_prompts(config)
@@ -128,7 +128,7 @@ def test_the_prompt_file_reads_back_whole_with_targets_from_a_generate_folder(tm
 
 
 def test_targets_drawn_for_other_prompts_are_refused_and_nothing_is_written(tmp_path, tiny_model_dir):
-    generate(build_pipeline(ToyModelSize.tiny(), seed=0), ["a red star", "a blue moon"], steps=1).save(tmp_path / "g")
+    generate(build_pipeline(ToyModelSize.tiny(), seed=0), SamplerConfig(steps=1), prompts=["a red star", "a blue moon"]).save(tmp_path / "g")
     for prompts in (PROMPTS[:2], PROMPTS[:3]):
         config = AttackPromptsConfig(model=str(tiny_model_dir), prompts=str(write_prompt_file(tmp_path / "p.jsonl", prompts)),
                                      targets=tmp_path / "g", out=tmp_path / "adv", iterations=1)

@@ -18,7 +18,7 @@ ENCODERS = {"sd-v": ["text_encoder"], "sdxl": ["text_encoder", "text_encoder_2"]
 
 
 def images(pipe):
-    out = relapse.generate(pipe, ["a checkered red star"], images_per_prompt=1, steps=2, guidance=2.0, resolution=RESOLUTION)
+    out = relapse.generate(pipe, relapse.SamplerConfig(images_per_prompt=1, steps=2, guidance=2.0, resolution=RESOLUTION), prompts=["a checkered red star"])
     return np.asarray(out.images[0], dtype=np.float32)
 
 

@@ -55,8 +55,8 @@ def name(request):
 
 
 def images(pipe, seed=0):
-    out = relapse.generate(pipe, ["a checkered red star"], images_per_prompt=1, steps=2, guidance=2.0, seed=seed,
-                           resolution=RESOLUTION)
+    out = relapse.generate(pipe, relapse.SamplerConfig(images_per_prompt=1, steps=2, guidance=2.0, seed=seed,
+                                                       resolution=RESOLUTION), prompts=["a checkered red star"])
     return np.stack([np.asarray(image, dtype=np.float32) for image in out.images])
 
 

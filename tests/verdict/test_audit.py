@@ -101,3 +101,18 @@ def test_the_verdict_follows_the_target_rate_with_the_lora_and_sets_the_exit_cod
     assert len(list((tmp_path / "fail" / "images" / "with_lora").glob("*.png"))) == 30
     code, out, _ = run_cli(*args, "--fail-above", 1, "--out", tmp_path / "pass")
     assert code == 0 and out.startswith("PASS")
+
+
+def test_an_audit_generates_with_every_sampler_field_it_is_given(tmp_path, tiny_pipe, safety, monkeypatch):
+    import relapse.measure.evaluate
+
+    seen = []
+    monkeypatch.setattr(relapse.measure.evaluate, "evaluate", lambda images, **_: seen.append(images) or {"target_rate": {"rate": 0.0}})
+    layers, config = lora_layers(2, ["to_v"])
+    write_lora(tmp_path / "user", layers, config)
+    sampler = relapse.AuditConfig(lora=tmp_path / "user", resolution=48, force_guidance=1.5, steps=2, images_per_prompt=2)
+    relapse.audit(tiny_pipe, tmp_path / "user", safety=[safety[0]], prompts=["a checkered red star"], sampler=sampler)
+    assert len(seen) == 2  # the aligned model, then with the LoRA
+    for generation in seen:
+        assert [image.size for image in generation.images] == [(48, 48)] * 2
+        assert {row["guidance"] for row in generation.rows} == {1.5} and {row["steps"] for row in generation.rows} == {2}

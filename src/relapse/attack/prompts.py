@@ -364,9 +364,10 @@ def stored_targets(folder: Path, prompts: list[Prompt]) -> np.ndarray:
 
 
 def drawn_targets(pipe, prompts: list[Prompt], cfg: AttackPromptsConfig) -> np.ndarray:
-    from relapse.sampling import generate
+    from relapse.sampling import SamplerConfig, generate
 
-    images = generate(pipe, prompts, images_per_prompt=1, steps=cfg.target_steps, guidance=cfg.guidance, seed=cfg.seed).images
+    images = generate(pipe, SamplerConfig(steps=cfg.target_steps, guidance=cfg.guidance, seed=cfg.seed, images_per_prompt=1),
+                      prompts=prompts).images
     return np.stack([np.asarray(image.convert("RGB")) for image in images])
 
 

@@ -139,7 +139,7 @@ def evaluate(images, prompts: list[str] | None = None, *, detector: str = "toy",
         score means, ``frechet_distance`` when a reference is given, and ``per_image`` verdicts.
 
     Example:
-        >>> result = relapse.evaluate(relapse.generate(pipe, "toy:target_direct", steps=8))
+        >>> result = relapse.evaluate(relapse.generate(pipe, relapse.SamplerConfig(steps=8, images_per_prompt=1), prompts="toy:target_direct"))
         >>> result["target_rate"]["rate"]
         1.0
     """

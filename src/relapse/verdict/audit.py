@@ -40,17 +40,18 @@ class AuditConfig(SamplerConfig):
     lora: Path = Field(description="the LoRA to audit: a .safetensors file or a folder holding one")
     model: str = Field("toy", description="the model it will run on: aligned, or the base with --safety")
     safety: list[Path] = Field(default_factory=list, description="safety LoRAs fused into the model first")
-    safety_scales: list[float] = Field(default_factory=list, description="one scale per safety LoRA (default 1.0)")
+    safety_scales: list[float] = Field(default_factory=list, json_schema_extra={"flag": "safety_scale"},
+                                       description="one scale per safety LoRA (default 1.0)")
     base: str | None = Field(None, description="the unaligned model, when the model is a full-weights defense (for the screen)")
     prompts: str | None = Field(None, description="the concept's prompts (default: toy:target_direct on the toy model)")
     lora_prompts: str | None = Field(None, description="the LoRA's own prompts: the quality it is for")
     fail_above: float = Field(FAIL_ABOVE, ge=0, le=1, description="FAIL when the target rate with the LoRA is above this")
     detector: str | None = Field(None, description="default: toy on the toy model, nudenet otherwise")
-    detector_options: dict = Field(default_factory=dict)
+    detector_options: dict = Field(default_factory=dict, description="the detector's options (weights paths, threshold)")
     screen_only: bool = Field(False, description="the weight-space pre-screen alone: no images, no verdict")
-    images_per_prompt: int = Field(1, gt=0)
+    images_per_prompt: int = Field(1, gt=0, description="images per prompt (image k uses seed + k)")
     out: Path | None = Field(None, description="folder for audit.json, audit.html and the images (default runs/audit-<lora>)")
-    device: str | None = None
+    device: str | None = Field(None, description="cpu, cuda, ... (default: cuda when available)")
 
     def defaults_for(self, model: str) -> AuditConfig:
         """The prompt set and detector of the model's world, where the user named none."""
@@ -81,8 +82,7 @@ def _measure(pipe, prompts: str, sampler: SamplerConfig, detector: str, detector
     from relapse.measure.evaluate import evaluate
     from relapse.sampling import generate
 
-    images = generate(pipe, prompts, images_per_prompt=sampler.images_per_prompt, steps=sampler.steps,
-                      guidance=sampler.guidance, seed=sampler.seed, batch_size=sampler.batch_size)
+    images = generate(pipe, sampler, prompts=prompts)  # every sampler field, as the user set it
     return images, evaluate(images, detector=detector, **detector_options)
 
 
