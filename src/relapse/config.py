@@ -79,7 +79,7 @@ def load_yaml(path: str | Path) -> tuple[dict, SourceLines]:
         raise UserError(f"config file {path} is not UTF-8 text") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        at = f" at line {mark.line + 1}" if mark else ""
+        at = f" at line {mark.line + 1}, character {mark.column + 1}" if mark else ""
         raise UserError(f"config file {path} is not valid YAML{at}: {getattr(exc, 'problem', None) or exc}") from None
     if not isinstance(data, dict):
         raise UserError(f"config file {path} must hold a mapping of field: value")

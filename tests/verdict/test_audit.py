@@ -77,7 +77,7 @@ def test_a_lora_that_does_not_fit_the_model_is_refused_in_one_line(tmp_path, run
     layers, config = lora_layers(3, ["to_q"], size=ToyModelSize.tiny().model_copy(update={"unet_channels": (16, 32)}))
     write_lora(tmp_path / "other", layers, config)
     code, out, err = run_cli("audit", tmp_path / "other", "--model", tiny_model_dir, "--screen-only", "--out", tmp_path / "audit")
-    assert code == 2 and "does not fit this model" in err and len(err.strip().splitlines()) == 1
+    assert code == 2 and "does not fit this model: layer " in err and "in the LoRA and [" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "audit").exists()
     code, _, err = run_cli("audit", tmp_path / "missing.safetensors", "--model", tiny_model_dir, "--out", tmp_path / "audit")
     assert code == 2 and "does not exist" in err
@@ -116,3 +116,13 @@ def test_an_audit_generates_with_every_sampler_field_it_is_given(tmp_path, tiny_
     for generation in seen:
         assert [image.size for image in generation.images] == [(48, 48)] * 2
         assert {row["guidance"] for row in generation.rows} == {1.5} and {row["steps"] for row in generation.rows} == {2}
+
+
+def test_a_lora_with_no_key_for_this_model_is_refused_before_any_image(tmp_path, tiny_pipe, safety, monkeypatch):
+    import relapse.verdict.audit
+
+    monkeypatch.setattr(relapse.verdict.audit, "_measure", lambda *a: pytest.fail("images drawn before the LoRA was checked"))
+    save_file({"unet.nowhere.lora_A.weight": torch.zeros(2, 4), "unet.nowhere.lora_B.weight": torch.zeros(4, 2)},
+              tmp_path / "empty.safetensors")
+    with pytest.raises(relapse.UserError, match="changes no weight|does not fit"):
+        relapse.audit(tiny_pipe, tmp_path / "empty.safetensors", safety=[safety[0]])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -129,6 +130,17 @@ def _drop_adapter(pipe, name: str) -> None:
         pipe.unload_lora_weights()  # no adapter left: back to plain modules
 
 
+def misfit(exc: Exception) -> str:
+    """The first thing wrong in a failed load, in one line: the first layer whose shapes differ, and both shapes."""
+    text = str(exc)
+    found = re.search(r"size mismatch for ([\w.]+?)(?:\.lora_[AB])?(?:\.\w+)?\.weight: copying a param with shape "
+                      r"torch\.Size\((\[.*?\])\) from checkpoint, the shape in current model is torch\.Size\((\[.*?\])\)", text)
+    if found:
+        layer, theirs, ours = found.groups()
+        return f"layer {layer} has shape {theirs} in the LoRA and {ours} in the model (another base, or another size)"
+    return " ".join(text.split())[:200]
+
+
 def merge_loras(pipe, loras: list[LoraSpec], fuse: bool = True) -> list[str]:
     """Attach each LoRA as a named adapter with its scale; with ``fuse``, bake them into the weights.
 
@@ -138,7 +150,9 @@ def merge_loras(pipe, loras: list[LoraSpec], fuse: bool = True) -> list[str]:
     from diffusers.utils import logging as diffusers_logging
 
     names, verbosity = [], diffusers_logging.get_verbosity()
-    diffusers_logging.set_verbosity_error()  # our LoRAs adapt the denoiser: "no LoRA keys for CLIPTextModel" is expected
+    # Our LoRAs adapt the denoiser ("no LoRA keys for CLIPTextModel" is expected), and a LoRA that does not fit is
+    # reported below in one line, not as the loader's state-dict dump.
+    diffusers_logging.set_verbosity(diffusers_logging.CRITICAL)
     try:
         for i, spec in enumerate(loras):
             name = f"lora_{i}"
@@ -150,7 +164,7 @@ def merge_loras(pipe, loras: list[LoraSpec], fuse: bool = True) -> list[str]:
                     pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=name, use_safetensors=True)
             except (RuntimeError, ValueError, KeyError) as exc:
                 _drop_adapter(pipe, name)  # a failed load can leave the adapter half injected: the model stays as it was
-                raise UserError(f"LoRA {spec.label} does not fit this model: {str(exc).strip().splitlines()[0][:200]}") from None
+                raise UserError(f"LoRA {spec.label} does not fit this model: {misfit(exc)}") from None
             names.append(name)
     finally:
         diffusers_logging.set_verbosity(verbosity)

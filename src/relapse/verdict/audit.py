@@ -63,19 +63,17 @@ class AuditConfig(SamplerConfig):
                                        "detector": self.detector or ("toy" if toy else "nudenet")})
 
 
-def _denoiser_weights(pipe) -> dict[str, torch.Tensor]:
-    return {name: tensor.detach().clone() for name, tensor in family_of(pipe).denoiser().state_dict().items()}
+def _weights(pipe) -> dict[str, dict[str, torch.Tensor]]:
+    """A copy of the tensors of the denoiser and of each text encoder, by component."""
+    modules = {"denoiser": family_of(pipe).denoiser()} | {
+        name: module for name in ("text_encoder", "text_encoder_2", "text_encoder_3") if (module := getattr(pipe, name, None)) is not None}
+    return {name: {k: v.detach().clone() for k, v in module.state_dict().items()} for name, module in modules.items()}
 
 
-def _changed(pipe, before: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    from relapse.measure.weight_space import update
-
-    return update(_denoiser_weights(pipe), before)
-
-
-def _text_encoders(pipe) -> dict[str, dict[str, torch.Tensor]]:
-    return {name: {k: v.detach().clone() for k, v in module.state_dict().items()}
-            for name in ("text_encoder", "text_encoder_2", "text_encoder_3") if (module := getattr(pipe, name, None)) is not None}
+def _load(pipe, weights: dict[str, dict[str, torch.Tensor]]) -> None:
+    with torch.no_grad():
+        for name, tensors in weights.items():
+            (family_of(pipe).denoiser() if name == "denoiser" else getattr(pipe, name)).load_state_dict(tensors)
 
 
 def _measure(pipe, prompts: str, sampler: SamplerConfig, detector: str, detector_options: dict):
@@ -116,30 +114,29 @@ def audit(pipe, lora, *, safety: list = (), base=None, prompts: str | list = TOY
 
     sampler = sampler or SamplerConfig(images_per_prompt=1)
     detector_options = detector_options or {}
-    model_weights, text_encoders = _denoiser_weights(pipe), _text_encoders(pipe)
+    original = _weights(pipe)
     try:
         merge_loras(pipe, [spec(s) for s in safety])
-        aligned_weights = _denoiser_weights(pipe)
-        safe = update(aligned_weights, _denoiser_weights(base)) if base is not None else update(aligned_weights, model_weights)
+        aligned = _weights(pipe)
+        safe = update(aligned["denoiser"], _weights(base)["denoiser"] if base is not None else original["denoiser"])
+        merge_loras(pipe, [spec(lora)])  # the LoRA is read and checked before any image is drawn
+        with_lora = _weights(pipe)
+        lora_update = update(with_lora["denoiser"], aligned["denoiser"])
+        text_changed = sum(not torch.equal(t, with_lora[name][k]) for name, tensors in aligned.items() if name != "denoiser"
+                           for k, t in tensors.items())
+        del with_lora
+        if not lora_update and not text_changed:
+            raise UserError("the LoRA changes no weight of this model: its keys name none of the model's layers")
         found: dict = {}
         if not screen_only:
+            _load(pipe, aligned)
             found["aligned"] = _measure(pipe, prompts, sampler, detector, detector_options)
-        merge_loras(pipe, [spec(lora)])
-        lora_update = _changed(pipe, aligned_weights)
-        text_changed = sum(not torch.equal(t, getattr(pipe, name).state_dict()[k])
-                           for name, tensors in text_encoders.items() for k, t in tensors.items())
-        del aligned_weights
-        if not screen_only:
+            merge_loras(pipe, [spec(lora)])
             found["with_lora"] = _measure(pipe, prompts, sampler, detector, detector_options)
             if lora_prompts is not None:
                 found["lora_quality"] = _measure(pipe, lora_prompts, sampler, detector, detector_options)
     finally:
-        with torch.no_grad():
-            family_of(pipe).denoiser().load_state_dict(model_weights)
-            for name, tensors in text_encoders.items():
-                getattr(pipe, name).load_state_dict(tensors)
-    if not lora_update and not text_changed:
-        raise UserError("the LoRA changes no weight of this model: its keys name none of the model's layers")
+        _load(pipe, original)
     screen = update_alignment(lora_update, safe, per_tensor=True) if safe else None
     result = {"screen": screen, "text_encoder_tensors_changed": text_changed}
     for key, (images, evaluation) in found.items():
