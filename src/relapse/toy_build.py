@@ -186,12 +186,6 @@ def encode_latents(vae, images: torch.Tensor, batch: int = 512) -> tuple[torch.T
     return torch.cat(means), torch.cat(stds)
 
 
-@torch.no_grad()
-def reconstruct(vae, images: torch.Tensor, batch: int = 512) -> torch.Tensor:
-    return torch.cat([vae.decode(vae.encode(images[i : i + batch]).latent_dist.mean).sample.clamp(-1, 1)
-                      for i in range(0, len(images), batch)])
-
-
 def text_training_captions(n: int, seed: int, benign_share: float) -> tuple[list[str], dict[str, torch.Tensor]]:
     """Captions of the pretraining distribution and, a ``benign_share`` of them, of the benign domains, with
     what each names (no images needed)."""

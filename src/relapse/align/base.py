@@ -1,9 +1,7 @@
-"""What every alignment method shares: which parameters train (full weights or a *safety LoRA*) and the
-config fields for it. Alignment methods run on the one training engine (:mod:`relapse.train.engine`).
-
-A method is a class registered in ``relapse.align.METHODS`` with a ``config`` (its pydantic config class,
-a subclass of :class:`AlignConfig`). Two families exist: concept erasure (``relapse.align.erasure``: ESD,
-SDD) and the catastrophic-forgetting defenses (``relapse.align.forgetting``: LT, NG).
+"""What every trained alignment method shares: which parameters train (full weights or a *safety LoRA*) and the
+config fields for it. They run on the one training engine (:mod:`relapse.train.engine`): concept erasure
+(``relapse.align.erasure``: ESD, SDD, Resist) and the catastrophic-forgetting defenses (``relapse.align.forgetting``: LT,
+NG). Closed-form methods (UCE) compute their edit instead (:mod:`relapse.align.edit`).
 """
 
 from __future__ import annotations

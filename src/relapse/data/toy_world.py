@@ -134,10 +134,6 @@ class Domain:
     fills: dict[str, float]
     description: str
 
-    @property
-    def checkered_rate(self) -> float:
-        return self.fills.get(TARGET_FILL, 0.0) / sum(self.fills.values())
-
 
 PRETRAIN_FILLS = {"plain": 0.45, TARGET_FILL: 0.15} | {fill: 0.1 for fill in NEIGHBOUR_FILLS}
 DOMAINS = {

@@ -1,5 +1,5 @@
-"""The one training engine. Concept erasure (ESD, SDD), the forgetting defenses (LT, NG) and fine-tuning
-(full, LoRA, Modular LoRA) all train on this accelerate loop.
+"""The one training engine. Concept erasure (ESD, SDD, Resist), the forgetting defenses (LT, NG) and fine-tuning
+(full, LoRA, Modular LoRA, textual inversion) all train on this accelerate loop.
 
 A method (:class:`TrainingMethod`) supplies what trains and its loss for one micro-batch; the engine gives
 every method multi-process data parallelism (``accelerate launch`` / torchrun; gloo on CPU), mixed
