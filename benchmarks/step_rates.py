@@ -1,6 +1,6 @@
 """The rates the dry run's cost estimate reads (``relapse study --dry-run``, :mod:`relapse.study.cost`), measured on
-whatever machine runs this, at the threads a study step gets there (``--workers N``: the cores split N ways, as
-``relapse study --workers N`` splits them):
+whatever machine runs this, at the CPU threads a study step runs with (``--threads N``: a study's ``threads_per_step``,
+1 by default; two workers of one thread each fill a 2-core machine):
 
 - training and sampling throughput in GFLOP/s of the model's passes, both at the model's own resolution (the toy
   world's images scaled up to it for training, as a model trains at its data's resolution);
@@ -11,7 +11,7 @@ whatever machine runs this, at the threads a study step gets there (``--workers 
 Run it on the GPU a study will use, with ``--model`` the study's model (the table records the model's parameters,
 and a dry run on another model says its fixed costs were measured elsewhere).
 
-    .venv/bin/python benchmarks/step_rates.py [--model toy] [--detector toy] [--workers 1] [--steps 20] [--batch-size 16]
+    .venv/bin/python benchmarks/step_rates.py [--model toy] [--detector toy] [--threads 1] [--steps 20] [--batch-size 16]
         [--out FILE]
 
 Writes ``$RELAPSE_CACHE/step_rates.json`` (default ``~/.cache/relapse``), which the estimator reads before the table
@@ -109,11 +109,11 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16, help="images a fine-tune step trains on")
     parser.add_argument("--images", type=int, default=32, help="images generated and scored")
     parser.add_argument("--detector", default="toy", help="the detector timed (a real model's images: the study's, e.g. nudenet)")
-    parser.add_argument("--workers", type=int, default=1, help="steps side by side: each measured at cores / workers threads")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads a step runs with (a study's threads_per_step)")
     parser.add_argument("--out", type=Path, default=default_cache_dir() / RATES)
     args = parser.parse_args()
     relapse.progress.set_enabled(False)
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.workers))
+    torch.set_num_threads(args.threads)
     shape = model_shape(args.model, None)
     pipe = relapse.load(args.model)
     items = training_items(shape.resolution)
@@ -121,8 +121,8 @@ def main() -> None:
     rates |= fixed_costs(pipe, shape, items, args.model, args.batch_size, rates["train_gflop_per_s"])
     device = "cuda: " + torch.cuda.get_device_name() if torch.cuda.is_available() else \
         f"cpu: {cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} thread(s) a step"
-    rates = {"measured_on": device, "source": f"benchmarks/step_rates.py --workers {args.workers} on {args.model}, {date.today()}",
-             **rates, "workers": args.workers, "parameters": shape.parameters}
+    rates = {"measured_on": device, "source": f"benchmarks/step_rates.py --threads {args.threads} on {args.model}, {date.today()}",
+             **rates, "threads": args.threads, "parameters": shape.parameters}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(rates, indent=2) + "\n")
     print(json.dumps(rates, indent=2))

@@ -32,7 +32,7 @@ def test_the_estimate_is_passes_times_a_pass_over_the_measured_rate(tmp_path, ti
     monkeypatch.setenv("RELAPSE_CACHE", str(tmp_path))
     rates = {"measured_on": "a test", "source": "a test", "train_gflop_per_s": 2.0, "sample_gflop_per_s": 4.0,
              "evaluate_s_per_image": 0.5, "load_s": 0.25, "fuse_s": 0.125, "train_run_s": 1.0,
-             "start_s": 3.0, "workers": 2}
+             "start_s": 3.0, "threads": 1}
     (tmp_path / "step_rates.json").write_text(json.dumps(rates))
     (tmp_path / "p.txt").write_text("a checkered red star\na red star\n")
     config = StudyConfig(**yaml.safe_load(f"""
@@ -67,8 +67,10 @@ def test_the_estimate_is_passes_times_a_pass_over_the_measured_rate(tmp_path, ti
     assert lines[0].startswith("estimated time on a test (StableDiffusion") and lines[-1].startswith("largest training floor")
     assert lines[-3].split() == ["start", "6", "s"]  # each of the 2 workers starts once
     assert "with 2 workers side by side at least" in lines[-2]
-    alone = estimate(steps, str(tiny_model_dir), None)  # one step at a time gets every thread: the rates do not hold
-    assert "step_rates.py --workers 1" in alone[-2] and alone[-4].split() == ["start", "3", "s"]
+    alone = estimate(steps, str(tiny_model_dir), None)  # one step at a time, at the same threads: the rates hold
+    assert alone[-3].split() == ["start", "3", "s"] and "step_rates.py" not in "".join(alone)
+    threaded = estimate(steps, str(tiny_model_dir), None, 2, threads=2)  # steps of 2 threads: the rates do not hold
+    assert "step_rates.py --threads 2" in threaded[-2]
     cluster = estimate(steps, str(tiny_model_dir), None, workers=None)  # a Ray cluster joined elsewhere: its size unknown
     assert not any(line.split()[0] == "start" for line in cluster) and cluster[-2].endswith("over the cluster's steps side by side")
     (tmp_path / "step_rates.json").write_text(json.dumps(rates | {"parameters": 4028804}))  # the toy model's table

@@ -129,6 +129,9 @@ class StudyConfig(BaseModel):
     detectors: list[DetectorSpec] = Field(default_factory=lambda: [DetectorSpec()], min_length=1)
     reference: str | None = Field(None, description="real images (imagefolder or toy:DOMAIN[:N]) for a Frechet distance")
     reference_sets: list[str] = Field(default_factory=list, description="prompt sets whose images are compared with reference")
+    threads_per_step: int = Field(1, ge=1, description="CPU threads each step runs with, whatever runs it (one process or "
+                                  "several, local or Ray, fresh or resumed): the order of a float sum, and so some rows, "
+                                  "depend on it, so the rows are a function of the config and seeds alone")
     tracker: Tracker = Field(None, description="also send every training curve (RUN/steps/*/logs) and the study's rows "
                                                   "(RUN/logs/study) to this experiment tracker (accelerate's: tensorboard, "
                                                   "wandb, mlflow, aim, ...)")

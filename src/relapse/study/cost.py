@@ -5,7 +5,7 @@ largest memory a training step needs, without loading a weight.
   sampling step makes (two under classifier-free guidance, one for a guidance-distilled model), a prompt attack's
   iterations forward and backward and its scorings on fixed draws) times one pass's FLOPs, plus a VAE decode per generated image; both counted by torch's
   FlopCounterMode on the meta device from the model's own config files at the sampler's resolution.
-- Rates: a table of measured throughput at the threads a step gets (``benchmarks/step_rates.py --workers N`` writes
+- Rates: a table of measured throughput at the threads a step gets (``benchmarks/step_rates.py --threads N`` writes
   it for whatever machine runs it, to ``$RELAPSE_CACHE/step_rates.json``, which wins over the one shipped, measured on
   the toy model on a 2-core CPU). Each step pays a model load (a weights step three: the base, before and after) and a
   fuse per LoRA it loads, a training run its own fixed cost (data read, base fingerprinted, outputs written); each
@@ -138,10 +138,10 @@ def images_scored(step: Step) -> int:
 MODEL_LOADS = {"weights": 3}  # the base, the model before and after the fine-tune; every other step on the model: one
 
 
-def estimate(todo: list[Step], model: str, resolution: int | None, workers: int | None = 1) -> list[str]:
+def estimate(todo: list[Step], model: str, resolution: int | None, workers: int | None = 1, threads: int = 1) -> list[str]:
     """The dry run's cost lines: per step kind the estimated time of what is left to run, the workers' starts, the
     total, the largest training floor; or one line saying why there is no estimate. ``workers``: steps side by side
-    (None: a cluster whose size is not known here)."""
+    (None: a cluster whose size is not known here); ``threads``: the CPU threads each step runs with."""
     shape = model_shape(model, resolution)
     if shape is None:
         return [f"no cost estimate: the config files of {model} are not on this machine"]
@@ -152,7 +152,7 @@ def estimate(todo: list[Step], model: str, resolution: int | None, workers: int 
     lines = [f"estimated time on {rates['measured_on']} ({shape.family}, {shape.gflop_per_pass:,.1f} GFLOP a denoiser "
              f"pass, {shape.parameters / 1e9:.3f} B parameters; rates from {rates['source']}):"]
     lines += [f"  {kind:<9} {_duration(seconds[kind])}" for kind in (*STEP_KINDS, "start") if kind in seconds]
-    lines += total_lines(sum(seconds.values()), workers, rates.get("workers", 1))
+    lines += total_lines(sum(seconds.values()), workers, threads, rates.get("threads", 1))
     if rates.get("parameters", shape.parameters) != shape.parameters:
         lines.append(f"  (the table was measured on a model of {rates['parameters'] / 1e9:.3f} B parameters: its loads, fuses and "
                      "starts hold for that model; measure them on this one with benchmarks/step_rates.py --model)")
@@ -161,16 +161,17 @@ def estimate(todo: list[Step], model: str, resolution: int | None, workers: int 
     return lines
 
 
-def total_lines(total: float, workers: int | None, measured_with: int) -> list[str]:
-    """The total, the wall time N workers cannot beat, and a warning where the rates were measured for other workers
-    (on a CPU a step's threads are the cores over the workers)."""
+def total_lines(total: float, workers: int | None, threads: int, measured_with: int) -> list[str]:
+    """The total, the wall time N workers cannot beat, and a warning where the rates were measured at another number of
+    threads a step than this study's."""
     if workers is None:
-        return [f"  {'total':<9} {_duration(total)} of step time, over the cluster's steps side by side"]
-    side_by_side = f" of step time; with {workers} workers side by side at least {_duration(total / workers)} of wall time"
-    lines = [f"  {'total':<9} {_duration(total)}" + (side_by_side if workers > 1 else "")]
-    if measured_with != workers:
-        lines.append(f"  (the rates are of steps {measured_with} at a time; this run has {workers}: on a CPU a step's threads "
-                     f"differ, so measure them with benchmarks/step_rates.py --workers {workers})")
+        lines = [f"  {'total':<9} {_duration(total)} of step time, over the cluster's steps side by side"]
+    else:
+        side_by_side = f" of step time; with {workers} workers side by side at least {_duration(total / workers)} of wall time"
+        lines = [f"  {'total':<9} {_duration(total)}" + (side_by_side if workers > 1 else "")]
+    if measured_with != threads:
+        lines.append(f"  (the rates were measured at {measured_with} thread(s) a step; this study runs its steps on {threads}: "
+                     f"measure them with benchmarks/step_rates.py --threads {threads})")
     return lines
 
 

@@ -3,8 +3,9 @@ of this machine (``local``), or tasks of a Ray cluster (``ray``). One scheduler 
 drives both; a pool only starts steps and hands back a future for each. The step cache and the atomic outputs stay the
 source of truth, so a pool that dies loses at most the steps in flight and ``--resume`` starts the rest.
 
-Adding one: a class with ``slots`` (steps in flight at most; None: as many as are ready), ``submit(step) -> Future``
-and ``close(abandon)``, registered with ``@POOLS.register(name)``.
+Adding one: a class built with ``(run_dir, workers, threads, address)`` (``threads``: the CPU threads every step runs
+with), with ``slots`` (steps in flight at most; None: as many as are ready), ``submit(step) -> Future`` and
+``close(abandon)``, registered with ``@POOLS.register(name)``.
 """
 
 from __future__ import annotations
@@ -48,16 +49,6 @@ def die_with_parent(driver: int) -> None:
         os._exit(1)
 
 
-def step_threads(executor: str, workers: int) -> int:
-    """The CPU threads each step runs with: a float sum's order, and so some rows, depend on it (run.json records it).
-    One process: torch's own count; ``workers`` processes: the cores split among them; Ray: one, a one-CPU task each."""
-    import torch
-
-    if executor == "ray":
-        return 1
-    return torch.get_num_threads() if workers == 1 else max(1, (os.cpu_count() or 1) // workers)
-
-
 def start_local_worker(threads: int, driver: int) -> None:
     import torch
 
@@ -70,12 +61,11 @@ class LocalPool:
     """``workers`` processes of this machine. On a small CPU machine, processes of one thread each finish more work
     than one process using every core (the toy model's operations are too small to split well across threads)."""
 
-    def __init__(self, run_dir: Path, workers: int, address: str | None = None):
+    def __init__(self, run_dir: Path, workers: int, threads: int, address: str | None = None):
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
         self.run_dir, self.slots = str(run_dir), workers
-        threads = step_threads("local", workers)
         self.pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                         initializer=start_local_worker, initargs=(threads, os.getpid()))
 
@@ -86,24 +76,24 @@ class LocalPool:
         self.pool.shutdown(wait=not abandon, cancel_futures=abandon)
 
 
-def run_on_ray_worker(run_dir: str, step: Step) -> float:
+def run_on_ray_worker(run_dir: str, threads: int, step: Step) -> float:
     """A Ray task: its worker process first asks to end with its raylet, so a driver killed with the cluster it
     started leaves no task running on into the run folder."""
     if run_dir not in _executors:
         import torch
 
         die_with_parent(os.getppid())
-        torch.set_num_threads(step_threads("ray", 1))  # the task's one CPU, whatever the node's environment says
+        torch.set_num_threads(threads)  # the task's CPUs, whatever the node's environment says
     return run_on_worker(run_dir, step)
 
 
 @POOLS.register("ray")
 class RayPool:
     """Each step a Ray task with the resources its kind needs: a GPU for training, attacks and generation where the
-    cluster has GPUs, one CPU otherwise. ``address``: a running cluster (``auto``, or ``ray://host:port``); None
+    cluster has GPUs, and the study's threads per step in CPUs. ``address``: a running cluster (``auto``, or ``ray://host:port``); None
     starts one on this machine. The run folder must be on storage every node sees (a shared filesystem path)."""
 
-    def __init__(self, run_dir: Path, workers: int, address: str | None = None):
+    def __init__(self, run_dir: Path, workers: int, threads: int, address: str | None = None):
         import logging
 
         try:
@@ -113,14 +103,14 @@ class RayPool:
         self.ray = ray
         ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR,
                  **({} if address else {"num_cpus": os.cpu_count()}))
-        self.run_dir, self.slots = str(Path(run_dir).resolve()), None
+        self.run_dir, self.slots, self.threads = str(Path(run_dir).resolve()), None, threads
         self.gpus = ray.cluster_resources().get("GPU", 0) > 0
         self.task = ray.remote(run_on_ray_worker)
         self.refs: list = []
 
     def submit(self, step: Step) -> Future:
         gpu = STEP_KINDS[step.kind].device and self.gpus
-        ref = self.task.options(num_cpus=1, num_gpus=1 if gpu else 0, max_retries=0).remote(self.run_dir, step)
+        ref = self.task.options(num_cpus=self.threads, num_gpus=1 if gpu else 0, max_retries=0).remote(self.run_dir, self.threads, step)
         self.refs.append(ref)
         return ref.future()
 

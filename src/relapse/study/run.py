@@ -30,7 +30,7 @@ from relapse.study.config import StudyConfig
 from relapse.study.executor import Executor, process_state
 from relapse.study.lock import run_lock
 from relapse.study.plan import Plan, build_plan
-from relapse.study.pools import POOLS, step_threads
+from relapse.study.pools import POOLS
 from relapse.study.results import collect, with_human_rows
 from relapse.study.scheduler import run_steps, step_times
 from relapse.study.summary import describe_plan, print_summary
@@ -132,7 +132,7 @@ class Study:
             processes.wait_for_everyone()
             todo = [s for s in plan.steps if not s.done(run_dir)]
             processes.wait_for_everyone()  # every process sees the same list before any step runs
-            seconds = run_steps(todo, step_runner, run_dir, workers, main, executor, address)
+            seconds = run_steps(todo, step_runner, run_dir, workers, main, self.config.threads_per_step, executor, address)
             if main:
                 rows = with_human_rows(self.config, collect(plan, run_dir), run_dir)
                 source = self.config.source.path if self.config.source else None
@@ -140,7 +140,7 @@ class Study:
                               "executor": executor}
                 write_json(run_dir / RUN_RECORD, run_record("study", invocation, self.config.seeds, steps=len(plan.steps), ran=len(todo),
                                                             processes=processes.num_processes,
-                                                            threads_per_step=step_threads(executor, workers), **step_times(seconds),
+                                                            threads_per_step=self.config.threads_per_step, **step_times(seconds),
                                                             wall_seconds=round(time.perf_counter() - start, 1)))
                 build_report(run_dir)
                 with tracked(self.config.tracker, self.config.name, run_dir / "logs" / "study",
@@ -172,7 +172,8 @@ def run_study(run: StudyRunConfig) -> Path:
         todo = [s for s in plan.steps if not s.done(run_dir)]
         # a Ray cluster started here runs a one-CPU task per core; one joined elsewhere is of a size not known here
         workers = run.workers if run.executor == "local" else None if run.address else os.cpu_count()
-        print("\n".join(estimate(todo, study.config.model, study.config.sampler.resolution, workers)))
+        print("\n".join(estimate(todo, study.config.model, study.config.sampler.resolution, workers,
+                                  study.config.threads_per_step)))
         return run_dir
     study.run(run_dir, resume=run.resume, workers=run.workers, executor=run.executor, address=run.address)
     if main:

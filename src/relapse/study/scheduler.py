@@ -5,6 +5,7 @@ wall time of every step."""
 from __future__ import annotations
 
 from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
 
 from relapse import progress
@@ -13,18 +14,31 @@ from relapse.study.plan import STEP_KINDS, Step
 from relapse.study.pools import POOLS
 
 
-def run_steps(todo: list[Step], executor: Executor, run_dir: Path, workers: int, main: bool, pool: str = "local",
-              address: str | None = None) -> dict[Step, float]:
-    """Run the unfinished steps: in a pool (worker processes, or a Ray cluster), or here in plan order; return each
-    one's wall time (for run.json)."""
+def run_steps(todo: list[Step], executor: Executor, run_dir: Path, workers: int, main: bool, threads: int,
+              pool: str = "local", address: str | None = None) -> dict[Step, float]:
+    """Run the unfinished steps, each on ``threads`` CPU threads: in a pool (worker processes, or a Ray cluster), or
+    here in plan order; return each one's wall time (for run.json)."""
     if pool != "local" or workers > 1:
-        return run_in_pool(todo, run_dir, POOLS.get(pool)(run_dir, workers, address))
+        return run_in_pool(todo, run_dir, POOLS.get(pool)(run_dir, workers, threads, address))
     seconds = {}
-    with study_bar(len(todo), disable=not main) as bar, progress.disabled():  # the study's bar is the one bar
+    with study_bar(len(todo), disable=not main) as bar, progress.disabled(), torch_threads(threads):  # the one bar
         for step in todo:
             seconds[step] = report_finished(bar, step, executor.run(step))
             bar.update()
     return seconds
+
+
+@contextmanager
+def torch_threads(threads: int):
+    """This process's torch threads set to ``threads`` for a while, then put back."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def study_bar(total: int, disable: bool = False):
