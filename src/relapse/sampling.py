@@ -206,20 +206,15 @@ def merge_manifests(out_dir: Path, world: int) -> list[dict]:
 
 
 def run_generate(cfg: GenerateConfig) -> Path:
-    from relapse.models.loading import load_pipeline
-    from relapse.models.lora import merge_loras, resolve_lora_specs
-    from relapse.train.module import embedding_file, load_embeddings
+    from relapse.models.loading import load_model
 
     check_output_dir(cfg.out)
     prompts = read_prompts(cfg.prompts)
-    specs = resolve_lora_specs(cfg.loras, cfg.lora_scales)
-    files = [embedding_file(path) for path in cfg.embeddings]  # checked before the model loads
-    pipe = load_pipeline(cfg.model, device=cfg.device)
-    merge_loras(pipe, specs)
-    words = load_embeddings(pipe, files)
-    settings = {"model": cfg.model, "loras": [[s.label, s.scale] for s in specs]} | ({"embeddings": words} if words else {})
+    loaded = load_model(cfg.model, cfg.loras, cfg.lora_scales, cfg.embeddings, device=cfg.device)
+    settings = {"model": cfg.model, "loras": [[s.label, s.scale] for s in loaded.loras]} | (
+        {"embeddings": loaded.words} if loaded.words else {})
     with atomic_dir(cfg.out) as tmp:
-        rows = generate_images(pipe, prompts, cfg, tmp, settings)
+        rows = generate_images(loaded.pipe, prompts, cfg, tmp, settings)
         write_json(tmp / RUN_RECORD, run_record("generate", cfg, cfg.seed, n_images=len(rows)))
     return cfg.out
 

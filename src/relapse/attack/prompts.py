@@ -391,7 +391,7 @@ def write_attack(out_dir: Path, adversarial: list[Prompt], targets: np.ndarray, 
 
 def run_attack_prompts(cfg: AttackPromptsConfig) -> Path:
     """Attack every prompt of ``cfg.prompts`` on the aligned model; write OUT/prompts.jsonl, OUT/targets/ and OUT/run.json."""
-    from relapse.models.loading import load_pipeline
+    from relapse.models.loading import load_model
     from relapse.models.lora import merge_loras, resolve_lora_specs
 
     check_output_dir(cfg.out)
@@ -401,9 +401,9 @@ def run_attack_prompts(cfg: AttackPromptsConfig) -> Path:
         raise UserError("no targets: with no --lora the model is not its own unaligned version; pass --targets (a "
                         "`relapse generate` folder) or --target-model (the unaligned model)")
     targets = stored_targets(cfg.targets, prompts) if cfg.targets else None
-    pipe = load_pipeline(cfg.model, device=cfg.device)
+    pipe = load_model(cfg.model, device=cfg.device).pipe
     if targets is None:
-        unaligned = load_pipeline(cfg.target_model, device=cfg.device) if cfg.target_model else pipe  # before the LoRAs
+        unaligned = load_model(cfg.target_model, device=cfg.device).pipe if cfg.target_model else pipe  # before the LoRAs
         targets = drawn_targets(unaligned, prompts, cfg)
     merge_loras(pipe, specs)
     started = time.perf_counter()

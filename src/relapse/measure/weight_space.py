@@ -21,8 +21,6 @@ its directions and leave others); the subspace share sees that, the cosine does 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
 
@@ -31,14 +29,12 @@ def fused_unet_weights(model: str, loras: list[str]) -> dict[str, torch.Tensor]:
     B A sums in an order that depends on the thread count, and the same study must give the same figures
     in any process (a study's workers run one thread each, its main process two)."""
     from relapse.models.families import family_of
-    from relapse.models.loading import load_pipeline
-    from relapse.models.lora import merge_loras, resolve_lora_specs
+    from relapse.models.loading import load_model
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        pipe = load_pipeline(model, device="cpu")
-        merge_loras(pipe, resolve_lora_specs([Path(p) for p in loras], []))
+        pipe = load_model(model, loras, device="cpu").pipe
         return {name: tensor.detach().clone() for name, tensor in family_of(pipe).denoiser().state_dict().items()}
     finally:
         torch.set_num_threads(threads)

@@ -1,8 +1,11 @@
-"""Resolve ``--model`` (``toy``, a local diffusers folder, or a hub id in the local cache) to a pipeline."""
+"""The one loading path: ``--model`` (``toy``, a local diffusers folder, or a hub id in the local cache) to a pipeline,
+with its LoRAs fused and its learned words added (:func:`load_model`)."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from relapse.errors import UserError
@@ -95,3 +98,29 @@ def _load_failure(source: Path | str, exc: Exception) -> str:
     return (f"cannot load {source!r}: it is not a local folder and not in the Hugging Face cache, and the hub is "
             f"unreachable ({reason[:120]}); download it where there is internet (`hf download {source}`) "
             "or pass a local diffusers folder")
+
+
+@dataclass
+class LoadedModel:
+    """A pipeline as :func:`load_model` built it, and what went into it (for a run's record)."""
+
+    pipe: object
+    loras: list  # LoraSpec, each with its scale
+    words: list[str]  # the learned words the prompts may ask for
+
+
+def load_model(model: str | Path = "toy", loras: Sequence = (), lora_scales: Sequence[float] = (), embeddings: Sequence = (),
+               *, device: str | None = None, dtype=None) -> LoadedModel:
+    """The model a command or a study step runs: the pipeline, each LoRA fused at its scale (files, or
+    ``relapse.TrainedModule`` LoRAs in memory), each textual inversion's word added. Every LoRA and embedding file is
+    read and checked before any weight loads."""
+    from relapse.models.lora import LoraSpec, merge_loras, resolve_lora_specs
+    from relapse.train.module import embedding_file, load_embeddings
+
+    files = [item for item in loras if isinstance(item, (str, Path))]
+    specs = resolve_lora_specs([Path(p) for p in files], list(lora_scales)) if len(files) == len(loras) else \
+        [item if isinstance(item, LoraSpec) else LoraSpec(item) for item in loras]
+    embedding_files = [embedding_file(path) for path in embeddings]
+    pipe = load_pipeline(model, device=device, dtype=dtype)
+    merge_loras(pipe, specs)
+    return LoadedModel(pipe, specs, load_embeddings(pipe, embedding_files))

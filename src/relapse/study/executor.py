@@ -78,16 +78,12 @@ class Executor:
 
     def load(self, state: ModelState):
         """The pipeline of a model state (kept loaded while the next steps read the same one)."""
-        from relapse.models.loading import load_pipeline
-        from relapse.models.lora import merge_loras, resolve_lora_specs
-        from relapse.train.module import load_embeddings
+        from relapse.models.loading import load_model
 
         model, loras = state.resolve(self.run_dir)
         embedding = state.embedding and state.embedding.weights.resolve(self.run_dir)
         if self.pipe_state != (model, loras, embedding):
-            self.pipe = load_pipeline(model)
-            merge_loras(self.pipe, resolve_lora_specs([Path(p) for p in loras], []))
-            load_embeddings(self.pipe, [embedding] if embedding else [])
+            self.pipe = load_model(model, loras, embeddings=[embedding] if embedding else []).pipe
             self.pipe_state = (model, loras, embedding)
         return self.pipe
 
