@@ -103,16 +103,23 @@ def reference_distances(features: np.ndarray, reference: np.ndarray) -> dict[str
     return {"frechet_distance": round(frechet_distance(reference, features), 4), "cmmd": round(cmmd(reference, features), 4)}
 
 
-def score(images: np.ndarray, rows: list[dict], detector, name: str, reference=None) -> dict:
-    """The result of :func:`summarize` for ``images`` (N, H, W, 3 uint8) and their manifest rows, plus the Frechet
-    distance and CMMD to ``reference`` (a dataset from :func:`load_dataset`) when given."""
-    reference_feats = reference_features(detector, reference.images) if reference is not None else None
-    detections = detector.detect(images, [asked(row) for row in rows])
+def evaluation(rows: list[dict], detections: Detections, name: str, reference: tuple[np.ndarray, str] | None = None) -> dict:
+    """The evaluation of one set of images, whoever scored them (``relapse evaluate``, :func:`evaluate`, a study's
+    step): :func:`summarize`'s figures, and with ``reference`` (its features, and its source) the Frechet distance and
+    CMMD to it and what it was."""
     result = summarize(rows, detections, name)
     if reference is not None:
-        result |= reference_distances(detections.features, reference_feats)
-        result["reference"] = {"source": reference.source, "n_images": len(reference.images)}
+        features, source = reference
+        result |= reference_distances(detections.features, features) | {"reference": {"source": source, "n_images": len(features)}}
     return result
+
+
+def score(images: np.ndarray, rows: list[dict], detector, name: str, reference=None) -> dict:
+    """:func:`evaluation` of ``images`` (N, H, W, 3 uint8) and their manifest rows, against ``reference`` (a dataset
+    from :func:`load_dataset`) when given."""
+    reference_feats = reference_features(detector, reference.images) if reference is not None else None
+    detections = detector.detect(images, [asked(row) for row in rows])
+    return evaluation(rows, detections, name, (reference_feats, reference.source) if reference is not None else None)
 
 
 def as_array(images) -> np.ndarray:

@@ -175,7 +175,7 @@ class Executor:
         from accelerate.utils import gather_object
 
         from relapse.measure.detectors import merge_detections
-        from relapse.measure.evaluate import load_images, reference_distances, summarize
+        from relapse.measure.evaluate import evaluation, load_images
         from relapse.sampling import asked, read_manifest
 
         spec, images_dir = step.spec["detector"], step.deps[0].path(self.run_dir)
@@ -188,8 +188,7 @@ class Executor:
         if not self.processes.is_main_process:
             return
         detections = merge_detections([p for p in parts if p[1] is not None], len(rows))
-        result = summarize(rows, detections, spec["name"])
-        if reference := step.spec["reference"]:
-            result |= reference_distances(detections.features, self.reference(reference, spec))
+        reference = step.spec["reference"]
+        result = evaluation(rows, detections, spec["name"], (self.reference(reference, spec), reference) if reference else None)
         write_json(step.path(self.run_dir), result | {"images": str(images_dir.relative_to(self.run_dir))})
 
