@@ -540,11 +540,11 @@ def test_each_family_study_structure_runs_on_tiny_components(tmp_path, family, c
 
 
 def test_ip_counts_an_image_flagged_by_nudenet_or_q16():
-    from relapse.study.plan import Cell, Step
+    from relapse.study.plan import Cell, EvaluateStep
     from relapse.study.results import inappropriate_rows
 
     def scored(name, label, flags, defense="esd"):
-        step = Step("evaluate", label, {"detector": {"name": name, "options": {}}})
+        step = EvaluateStep(label, {"detector": {"name": name, "options": {}}})
         result = {"per_image": [{"file": f"{i}.png", "is_target": flag} for i, flag in enumerate(flags)]}
         return Cell(defense, "before", 0, 0, "harm", label, step), result, f"steps/{label}.json"
 
@@ -560,10 +560,10 @@ def test_ip_counts_an_image_flagged_by_nudenet_or_q16():
 
 
 def test_quality_scores_become_rows_with_their_interval():
-    from relapse.study.plan import Cell, Step
+    from relapse.study.plan import Cell, EvaluateStep
     from relapse.study.results import cell_rows
 
-    cell = Cell("esd", "before", 0, 1, "clean", "clip_score", Step("evaluate", "e", {}))
+    cell = Cell("esd", "before", 0, 1, "clean", "clip_score", EvaluateStep("e", {}))
     result = {"clip_score": {"mean": 31.5, "sd": 2.0, "ci95": [30.1, 32.9], "n": 8}}
     (row,) = cell_rows(cell, result, "steps/e.json")
     assert (row["metric"], row["value"], row["ci95_low"], row["ci95_high"], row["n"]) == ("clip_score", 31.5, 30.1, 32.9, 8)
@@ -682,7 +682,7 @@ def test_an_adversarial_prompt_set_is_attacked_on_every_model_it_is_scored_on(st
     cfg["scenarios"]["malicious"]["prompt_sets"] = ["adversarial"]
     plan = build_plan(StudyConfig(**cfg))
     attacks = [s for s in plan.steps if s.kind == "attack"]
-    targets = {s.data for s in attacks}
+    targets = {s.targets for s in attacks}
     assert len(targets) == 1 and next(iter(targets)).reads == plan_base(plan)  # the unaligned base draws the targets, once
     # each model the set is scored on is attacked on its own: none and esd before, each one's fine-tune at steps 1 and 2
     assert len(attacks) == 6 and len({json.dumps(s.spec["on"], sort_keys=True) for s in attacks}) == 6

@@ -21,10 +21,12 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from relapse.study.plan import STEP_KINDS, Step
+from relapse.study.plan import STEP_KINDS, AlignStep, AttackStep, EvaluateStep, FinetuneStep, GenerateStep, Step
 
 RATES = "step_rates.json"
 SHIPPED_RATES = Path(__file__).resolve().parent.parent / "assets" / RATES
+
+TRAINING = (AlignStep, FinetuneStep)  # steps that are a run: a training run's fixed cost, a training floor
 
 
 def read_rates() -> dict:
@@ -104,18 +106,18 @@ def gflop(run) -> float:
 
 def step_gflop(step: Step, shape: ModelShape) -> float:
     """The GFLOP a step computes on the model (a forward and backward pass are three passes)."""
-    if step.kind in ("align", "finetune"):
+    if isinstance(step, (AlignStep, FinetuneStep)):
         from relapse.align import METHODS as ALIGN
         from relapse.finetuning import METHODS as FINETUNE
 
         cfg = step.config
-        method = (ALIGN if step.kind == "align" else FINETUNE).get(cfg.method)
+        method = (ALIGN if isinstance(step, AlignStep) else FINETUNE).get(cfg.method)
         return method.passes(cfg) * shape.gflop_per_pass
-    if step.kind == "generate":
+    if isinstance(step, GenerateStep):
         per_image = step.spec["sampler"]["steps"] * shape.passes_per_sample_step * shape.gflop_per_pass
         return step.images * (per_image + shape.decode_gflop)
-    if step.kind == "attack":
-        return attack_passes(step.config, step.data.images) * shape.gflop_per_pass
+    if isinstance(step, AttackStep):
+        return attack_passes(step.config, step.targets.images) * shape.gflop_per_pass
     return 0.0
 
 
@@ -128,14 +130,11 @@ def attack_passes(cfg, prompts: int) -> float:
 
 def lora_fuses(step: Step) -> int:
     """LoRAs fused into the models a step loads."""
-    return sum(len(state.loras) for state in (step.reads, step.before) if state is not None)
+    return sum(len(state.loras) for state in step.models_read())
 
 
 def images_scored(step: Step) -> int:
-    return sum(d.images for d in step.deps if d.kind == "generate") if step.kind == "evaluate" else 0
-
-
-MODEL_LOADS = {"weights": 3}  # the base, the model before and after the fine-tune; every other step on the model: one
+    return step.images_scored if isinstance(step, EvaluateStep) else 0
 
 
 def estimate(todo: list[Step], model: str, resolution: int | None, workers: int | None = 1, threads: int = 1) -> list[str]:
@@ -151,7 +150,7 @@ def estimate(todo: list[Step], model: str, resolution: int | None, workers: int 
         seconds["start"] = workers * rates.get("start_s", 0.0)
     lines = [f"estimated time on {rates['measured_on']} ({shape.family}, {shape.gflop_per_pass:,.1f} GFLOP a denoiser "
              f"pass, {shape.parameters / 1e9:.3f} B parameters; rates from {rates['source']}):"]
-    lines += [f"  {kind:<9} {_duration(seconds[kind])}" for kind in (*STEP_KINDS, "start") if kind in seconds]
+    lines += [f"  {kind:<9} {_duration(seconds[kind])}" for kind in (*(k.kind for k in STEP_KINDS), "start") if kind in seconds]
     lines += total_lines(sum(seconds.values()), workers, threads, rates.get("threads", 1))
     if rates.get("parameters", shape.parameters) != shape.parameters:
         lines.append(f"  (the table was measured on a model of {rates['parameters'] / 1e9:.3f} B parameters: its loads, fuses and "
@@ -181,11 +180,11 @@ def estimated_seconds(todo: list[Step], shape: ModelShape, rates: dict) -> dict[
     on the toy model these are much of a step."""
     seconds: dict[str, float] = {}
     for step in todo:
-        rate = rates["sample_gflop_per_s"] if step.kind == "generate" else rates["train_gflop_per_s"]
-        loads = MODEL_LOADS.get(step.kind, int(STEP_KINDS[step.kind].device))
+        rate = rates["sample_gflop_per_s"] if isinstance(step, GenerateStep) else rates["train_gflop_per_s"]
+        loads = len(step.models_read())
         took = step_gflop(step, shape) / rate + images_scored(step) * rates["evaluate_s_per_image"] \
             + loads * rates.get("load_s", 0.0) + lora_fuses(step) * rates.get("fuse_s", 0.0) \
-            + (rates.get("train_run_s", 0.0) if step.kind in ("align", "finetune") else 0.0)
+            + (rates.get("train_run_s", 0.0) if isinstance(step, TRAINING) else 0.0)
         seconds[step.kind] = seconds.get(step.kind, 0.0) + took
     return seconds
 
@@ -195,7 +194,7 @@ def largest_floor(todo: list[Step], shape: ModelShape) -> int:
     from relapse.train.memory import floor_parts
 
     floors = [0]
-    for cfg in (s.config for s in todo if s.kind in ("align", "finetune")):
+    for cfg in (s.config for s in todo if isinstance(s, TRAINING)):
         weight = 4 if cfg.weights_dtype == "fp32" else 2
         optimizer = getattr(cfg, "optimizer", None)  # a closed-form edit trains nothing: it holds the weights alone
         trains = shape.parameters if cfg.writes == "full" and optimizer else 0

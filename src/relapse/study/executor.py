@@ -12,7 +12,17 @@ import time
 from pathlib import Path
 
 from relapse.io import publish, write_json
-from relapse.study.plan import ModelState, Step
+from relapse.study.plan import (
+    AlignStep,
+    AttackStep,
+    DistanceStep,
+    EvaluateStep,
+    FinetuneStep,
+    GenerateStep,
+    ModelState,
+    Step,
+    WeightsStep,
+)
 
 
 def process_state():
@@ -40,16 +50,16 @@ class Executor:
     def run(self, step: Step) -> float:
         """Run one step; its wall time in seconds."""
         start = time.perf_counter()
-        getattr(self, step.kind)(step)
+        step.run(self)
         self.processes.wait_for_everyone()
         return time.perf_counter() - start
 
-    def align(self, step: Step) -> None:
+    def align(self, step: AlignStep) -> None:
         from relapse.align.api import run_align
 
         run_align(self.training_config(step))
 
-    def finetune(self, step: Step) -> None:
+    def finetune(self, step: FinetuneStep) -> None:
         from relapse.finetuning.base import run_finetune
 
         data = {"data": str(step.data.path(self.run_dir))} if step.data else {}
@@ -65,7 +75,7 @@ class Executor:
         return step.config.model_copy(update={"model": model, "loras": [Path(p) for p in loras], "seed": step.spec["seed"],
                                               "out": out, "resume": resume, **more})
 
-    def weights(self, step: Step) -> None:
+    def weights(self, step: WeightsStep) -> None:
         """The fine-tune's update against the alignment's (:mod:`relapse.measure.weight_space`)."""
         from relapse.measure.weight_space import fused_unet_weights, update, update_alignment
 
@@ -87,7 +97,7 @@ class Executor:
             self.pipe_state = (model, loras, embedding)
         return self.pipe
 
-    def generate(self, step: Step) -> None:
+    def generate(self, step: GenerateStep) -> None:
         """Each process samples its shard into one partial folder; the main process merges and renames it."""
         from relapse.attack.prompts import PROMPT_FILE
         from relapse.data.prompts import asking, read_prompts, with_token
@@ -120,7 +130,7 @@ class Executor:
         spec = step.spec["prompts"]
         return select_prompts(read_prompts(spec["source"]), spec["categories"], spec["min_nudity_percentage"])
 
-    def attack(self, step: Step) -> None:
+    def attack(self, step: AttackStep) -> None:
         """Adversarial prompts against the step's model, toward its target images (:mod:`relapse.attack.prompts`); the
         main process attacks, as the attack is one batch."""
         from relapse.attack.prompts import attack_prompts, stored_targets, write_attack
@@ -129,7 +139,7 @@ class Executor:
         if not self.processes.is_main_process:
             return
         prompts = self.prompt_set(step)
-        targets = stored_targets(step.data.path(self.run_dir), prompts)
+        targets = stored_targets(step.targets.path(self.run_dir), prompts)
         start = time.perf_counter()
         adversarial = attack_prompts(self.load(step.reads), prompts, targets, step.config)
         record = run_record("attack prompts", step.config, step.config.seed, n_prompts=len(prompts), on=step.spec["on"],
@@ -156,7 +166,7 @@ class Executor:
             self.references[key] = reference_features(self.detector(spec), load_dataset(source, seed).images)
         return self.references[key]
 
-    def distance(self, step: Step) -> None:
+    def distance(self, step: DistanceStep) -> None:
         """Frechet distance and CMMD between a scenario's training data and the concept's images, in the detector's features."""
         from relapse.data.datasets import load_dataset
         from relapse.measure.evaluate import reference_distances
@@ -169,7 +179,7 @@ class Executor:
         write_json(step.path(self.run_dir), reference_distances(features, self.reference(spec["concept"], spec["detector"]))
                    | {"n_images": len(data.images)})
 
-    def evaluate(self, step: Step) -> None:
+    def evaluate(self, step: EvaluateStep) -> None:
         """Each process scores its shard of the images; the main process merges the verdicts in image
         order, adds the Frechet distance and writes the result in one rename."""
         from accelerate.utils import gather_object

@@ -11,6 +11,7 @@ import json
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
+from typing import ClassVar
 
 from relapse.config import SourceLines
 from relapse.errors import UserError
@@ -21,40 +22,23 @@ DATA_SEED_OFFSET = 500  # generated training data samples with seeds that evalua
 TARGET_SEED_OFFSET = 700  # so do an adversarial attack's target images
 
 
-@dataclass(frozen=True)
-class StepKind:
-    """What a kind of step writes and when it is done. ``run``: a training run folder, done once its
-    ``final/`` is in place (a stopped run leaves checkpoints to resume from); ``folder`` and ``json``: one
-    output renamed into place when complete. The executor's method of the same name runs it."""
-
-    output: str  # run | folder | json
-    first: int  # scheduling order among ready steps: training first (long, and each unlocks many steps)
-    device: bool  # runs the model (an accelerator where there is one), or only reads results (a CPU)
-
-    def path(self, run_dir: Path, name: str) -> Path:
-        return run_dir / "steps" / (name + (".json" if self.output == "json" else ""))
-
-    def done(self, path: Path) -> bool:
-        return (path / "final").is_dir() if self.output == "run" else path.exists()
-
-
-STEP_KINDS = {"align": StepKind("run", 0, True), "finetune": StepKind("run", 1, True), "attack": StepKind("folder", 2, True),
-              "generate": StepKind("folder", 2, True), "evaluate": StepKind("json", 3, False),
-              "weights": StepKind("json", 3, False), "distance": StepKind("json", 3, False)}
-
-
 @dataclass(eq=False)
 class Step:
-    kind: str  # align | finetune | attack | generate | evaluate | weights | distance
+    """A unit of a study's work, under ``RUN_DIR/steps/KIND-KEY``: its settings (``spec``) and inputs (``deps``) decide
+    its output, so its key hashes them. A kind of step is a subclass: its typed inputs, where its output goes and when
+    it is done (``output``: ``run``, a training run folder, done once its ``final/`` is in place, as a stopped run leaves
+    checkpoints to resume from; ``folder`` or ``json``, one output renamed into place when complete), and how it runs
+    (:meth:`run`, on the :class:`~relapse.study.executor.Executor` that keeps models loaded between steps)."""
+
     label: str
     spec: dict  # everything besides its inputs that decides the output
     deps: list[Step] = field(default_factory=list)
-    images: int = 0  # images a generate step makes
-    reads: ModelState | None = None  # the model an align, finetune, attack or generate step starts from (its deps, as paths)
-    data: Step | None = None  # a finetune's data when a generate step made it; an attack's targets
-    prompts: Step | None = None  # a generate step's prompts when an attack step wrote them
-    before: ModelState | None = None  # a weights step: the model before the fine-tune (``reads`` is after it)
-    config: object = None  # an align or finetune step: its typed config, less what the study sets when it runs
+
+    kind: ClassVar[str]
+    output: ClassVar[str]  # run | folder | json
+    first: ClassVar[int]  # scheduling order among ready steps: training first (long, and each unlocks many steps)
+    device: ClassVar[bool]  # runs the model (an accelerator where there is one), or only reads results (a CPU)
+    images: ClassVar[int] = 0  # images the step makes
 
     @cached_property
     def key(self) -> str:
@@ -62,10 +46,123 @@ class Step:
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
     def path(self, run_dir: Path) -> Path:
-        return STEP_KINDS[self.kind].path(run_dir, f"{self.kind}-{self.key}")
+        return run_dir / "steps" / (f"{self.kind}-{self.key}" + (".json" if self.output == "json" else ""))
 
     def done(self, run_dir: Path) -> bool:
-        return STEP_KINDS[self.kind].done(self.path(run_dir))
+        path = self.path(run_dir)
+        return (path / "final").is_dir() if self.output == "run" else path.exists()
+
+    def models_read(self) -> list[ModelState]:
+        """The models the step loads, each with its LoRAs fused (what its cost counts)."""
+        return []
+
+    def run(self, executor) -> None:
+        raise NotImplementedError
+
+
+@dataclass(eq=False)
+class AlignStep(Step):
+    """An alignment stage on ``reads``: a training run, a closed-form edit or a retraining (its method's ``run``)."""
+
+    reads: ModelState | None = None
+    config: object = None  # the stage's typed config, less what the study sets when it runs
+    kind, output, first, device = "align", "run", 0, True
+
+    def models_read(self) -> list[ModelState]:
+        return [self.reads]
+
+    def run(self, executor) -> None:
+        executor.align(self)
+
+
+@dataclass(eq=False)
+class FinetuneStep(Step):
+    """A fine-tune of ``reads`` on its data (``data``: the generate step that made it, or else the config's source)."""
+
+    reads: ModelState | None = None
+    data: GenerateStep | None = None
+    config: object = None  # the fine-tune's typed config, less what the study sets when it runs
+    kind, output, first, device = "finetune", "run", 1, True
+
+    def models_read(self) -> list[ModelState]:
+        return [self.reads]
+
+    def run(self, executor) -> None:
+        executor.finetune(self)
+
+
+@dataclass(eq=False)
+class AttackStep(Step):
+    """Adversarial prompts against ``reads``, toward the images ``targets`` drew."""
+
+    reads: ModelState | None = None
+    targets: GenerateStep | None = None
+    config: object = None  # the prompt set's attack config
+    kind, output, first, device = "attack", "folder", 2, True
+
+    def models_read(self) -> list[ModelState]:
+        return [self.reads]
+
+    def run(self, executor) -> None:
+        executor.attack(self)
+
+
+@dataclass(eq=False)
+class GenerateStep(Step):
+    """Images of a prompt set on ``reads`` (``prompts``: the attack step that wrote them, for an adversarial set)."""
+
+    reads: ModelState | None = None
+    images: int = 0
+    prompts: AttackStep | None = None
+    kind, output, first, device = "generate", "folder", 2, True
+
+    def models_read(self) -> list[ModelState]:
+        return [self.reads]
+
+    def run(self, executor) -> None:
+        executor.generate(self)
+
+
+@dataclass(eq=False)
+class EvaluateStep(Step):
+    """A detector's verdicts and figures on the images of its one dependency, a generate step."""
+
+    kind, output, first, device = "evaluate", "json", 3, False
+
+    @property
+    def images_scored(self) -> int:
+        return sum(d.images for d in self.deps)
+
+    def run(self, executor) -> None:
+        executor.evaluate(self)
+
+
+@dataclass(eq=False)
+class WeightsStep(Step):
+    """A fine-tune's update (``reads`` against ``before``) against its alignment's (``before`` against the base)."""
+
+    reads: ModelState | None = None
+    before: ModelState | None = None
+    kind, output, first, device = "weights", "json", 3, False
+
+    def models_read(self) -> list[ModelState]:
+        return [ModelState(Weights(model=self.spec["base"]["model"])), self.before, self.reads]
+
+    def run(self, executor) -> None:
+        executor.weights(self)
+
+
+@dataclass(eq=False)
+class DistanceStep(Step):
+    """How far a scenario's training data (its dependency's images, or the config's source) lies from the concept's."""
+
+    kind, output, first, device = "distance", "json", 3, False
+
+    def run(self, executor) -> None:
+        executor.distance(self)
+
+
+STEP_KINDS: tuple[type[Step], ...] = (AlignStep, FinetuneStep, AttackStep, GenerateStep, EvaluateStep, WeightsStep, DistanceStep)
 
 
 @dataclass(frozen=True)
@@ -135,7 +232,7 @@ class Cell:
     seed: int
     prompt_set: str
     detector: str
-    evaluate: Step
+    evaluate: EvaluateStep
 
 
 @dataclass(frozen=True)
@@ -146,7 +243,7 @@ class WeightCell:
     scenario: str
     step: int
     seed: int
-    weights: Step
+    weights: WeightsStep
 
 
 @dataclass(frozen=True)
@@ -155,7 +252,7 @@ class AlignCell:
 
     defense: str
     seed: int
-    align: Step
+    align: AlignStep
 
 
 @dataclass(frozen=True)
@@ -165,7 +262,7 @@ class DistanceCell:
     scenario: str
     seed: int
     detector: str
-    distance: Step
+    distance: DistanceStep
 
 
 @dataclass
@@ -212,7 +309,7 @@ class Planner:
             stage = stage.model_copy(update={"mode": written["mode"]})
         elif hardening:
             raise UserError(f"defense {name}: erasure stage {stage.method} must come first (it runs on the base model)")
-        step = self.add(Step("align", f"align {name}: {stage.method} (seed {seed})",
+        step = self.add(AlignStep(f"align {name}: {stage.method} (seed {seed})",
                              {"stage": written, "seed": seed, "on": state.describe()}, state.producers(), reads=state,
                              config=self.with_tracker(stage)))
         return state.with_output(step, stage.writes, "final"), step
@@ -248,7 +345,7 @@ class Planner:
         spec = {"model": state.describe(), "prompts": prompt_set.model_dump(exclude={"attack"}),
                 "sampler": sampler.model_dump(exclude_none=True)}
         attack = self.attack(state, set_name, label) if adversarial and prompt_set.attack else None
-        return self.add(Step("generate", label, spec, state.producers() + ([attack] if attack else []),
+        return self.add(GenerateStep(label, spec, state.producers() + ([attack] if attack else []),
                              images=self.count_prompts(set_name) * sampler.images_per_prompt, reads=state, prompts=attack))
 
     def attack(self, state: ModelState, set_name: str, label: str) -> Step:
@@ -261,7 +358,8 @@ class Planner:
                                                       "images_per_prompt": 1})
         targets = self.generate(self.base, set_name, drawing, f"generate attack targets {set_name} (base)", adversarial=False)
         spec = {"attack": prompt_set.attack.model_dump(), "prompts": prompt_set.model_dump(exclude={"attack"}), "on": state.describe()}
-        return self.add(Step("attack", label.replace("generate", "attack", 1), spec, state.producers() + [targets], reads=state, data=targets, config=prompt_set.attack))
+        return self.add(AttackStep(label.replace("generate", "attack", 1), spec, state.producers() + [targets], reads=state,
+                                   targets=targets, config=prompt_set.attack))
 
     def score(self, state: ModelState, set_name: str, seed: int, labels: dict) -> None:
         sampler = self.cfg.sampler.model_copy(update={"seed": self.cfg.sampler.seed + SEED_STRIDE * seed})
@@ -269,7 +367,7 @@ class Planner:
                                                            f"step {labels['step']}, seed {seed})")
         for detector in self.cfg.detectors:
             reference = self.cfg.reference if set_name in self.cfg.reference_sets and detector is self.fd_detector else None
-            evaluate = self.add(Step("evaluate", f"evaluate {generate.label} with {detector.label}",
+            evaluate = self.add(EvaluateStep(f"evaluate {generate.label} with {detector.label}",
                                      {"detector": detector.settings(), "reference": reference} | self.detector_weights(detector),
                                      [generate]))
             self.cells.append(Cell(labels["defense"], labels["scenario"], labels["step"], seed, set_name, detector.label, evaluate))
@@ -290,7 +388,7 @@ class Planner:
         finetune = self.cfg.scenarios[name].finetune
         source = {"generated": data.key} if data else {"data": finetune.data, "data_seed": seed}
         spec = {"concept": self.cfg.concept_data, "detector": self.fd_detector.settings(), **source} | self.detector_weights(self.fd_detector)
-        step = self.add(Step("distance", f"distance of {name}'s data to the concept (seed {seed})", spec, [data] if data else []))
+        step = self.add(DistanceStep(f"distance of {name}'s data to the concept (seed {seed})", spec, [data] if data else []))
         if not any(c.scenario == name and c.seed == seed for c in self.distance_cells):  # once per scenario, not per defense
             self.distance_cells.append(DistanceCell(name, seed, self.fd_detector.label, step))
 
@@ -300,7 +398,7 @@ class Planner:
         settings = spec.finetune.model_dump(mode="json", exclude_unset=True)  # the step's key: what the user wrote
         data = self.generated_data(name, seed)
         self.distance(name, seed, data)
-        finetune = self.add(Step("finetune", f"finetune {name} on {defense} (seed {seed})",
+        finetune = self.add(FinetuneStep(f"finetune {name} on {defense} (seed {seed})",
                                  {"finetune": settings, "seed": seed, "on": state.describe()} | ({"data": data.key} if data else {}),
                                  state.producers() + ([data] if data else []), reads=state, data=data,
                                  config=self.with_tracker(spec.finetune)))
@@ -316,7 +414,7 @@ class Planner:
             self.weights(defense, name, seed, aligned, at, sweep[-1])
 
     def weights(self, defense: str, scenario: str, seed: int, before: ModelState, after: ModelState, step: int) -> None:
-        weights = self.add(Step("weights", f"weights {scenario} on {defense} (seed {seed})",
+        weights = self.add(WeightsStep(f"weights {scenario} on {defense} (seed {seed})",
                                 {"base": self.base.describe(), "before": before.describe(), "after": after.describe()},
                                 after.producers(), reads=after, before=before))
         self.weight_cells.append(WeightCell(defense, scenario, step, seed, weights))

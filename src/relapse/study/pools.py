@@ -17,7 +17,7 @@ from pathlib import Path
 from relapse import progress
 from relapse.errors import UserError
 from relapse.registry import Registry
-from relapse.study.plan import STEP_KINDS, Step
+from relapse.study.plan import Step
 
 POOLS: Registry = Registry("executor")
 
@@ -109,7 +109,7 @@ class RayPool:
         self.refs: list = []
 
     def submit(self, step: Step) -> Future:
-        gpu = STEP_KINDS[step.kind].device and self.gpus
+        gpu = step.device and self.gpus
         ref = self.task.options(num_cpus=self.threads, num_gpus=1 if gpu else 0, max_retries=0).remote(self.run_dir, self.threads, step)
         self.refs.append(ref)
         return ref.future()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from relapse import progress
 from relapse.study.executor import Executor
-from relapse.study.plan import STEP_KINDS, Step
+from relapse.study.plan import Step
 from relapse.study.pools import POOLS
 
 
@@ -56,7 +56,7 @@ def run_in_pool(todo: list[Step], run_dir: Path, pool) -> dict[Step, float]:
     with study_bar(len(todo)) as bar:
         try:
             while waiting or running:
-                ready = sorted((s for s in waiting if all(d.key in finished for d in s.deps)), key=lambda s: STEP_KINDS[s.kind].first)
+                ready = sorted((s for s in waiting if all(d.key in finished for d in s.deps)), key=lambda s: s.first)
                 free = len(ready) if pool.slots is None else pool.slots - len(running)
                 for step in ready[:free]:
                     waiting.remove(step)

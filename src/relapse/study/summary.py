@@ -10,9 +10,9 @@ from relapse.study.plan import STEP_KINDS, Plan
 def describe_plan(plan: Plan, run_dir: Path) -> str:
     lines = [f"{'kind':<9} {'steps':>6} {'cached':>6} {'to run':>6} {'images to make':>15}"]
     for kind in STEP_KINDS:
-        steps = [s for s in plan.steps if s.kind == kind]
+        steps = [s for s in plan.steps if isinstance(s, kind)]
         todo = [s for s in steps if not s.done(run_dir)]
-        lines.append(f"{kind:<9} {len(steps):>6} {len(steps) - len(todo):>6} {len(todo):>6} {sum(s.images for s in todo):>15}")
+        lines.append(f"{kind.kind:<9} {len(steps):>6} {len(steps) - len(todo):>6} {len(todo):>6} {sum(s.images for s in todo):>15}")
     return "\n".join(lines)
 
 
