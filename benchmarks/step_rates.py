@@ -74,8 +74,8 @@ def throughput(pipe, shape, items: list, steps: int, batch: int, images: int, de
     """Training and sampling GFLOP/s and the detector's seconds per image, on a warm pipeline."""
     config = relapse.FinetuneConfig(method="lora", steps=steps, batch_size=batch)
     data = as_arrays(items)
-    relapse.finetune(pipe, config.model_copy(update={"steps": 1}), data)  # encodings cached, caches warm
-    train_s = timed(lambda: relapse.finetune(pipe, config, data))
+    relapse.finetune(pipe, config.model_copy(update={"steps": 1}), data=data)  # encodings cached, caches warm
+    train_s = timed(lambda: relapse.finetune(pipe, config, data=data))
     prompts = ["a checkered red star", "a blue circle"] * (images // 2)
     sample_s = timed(lambda: relapse.generate(pipe, relapse.SamplerConfig(images_per_prompt=1, steps=20, guidance=5.0), prompts=prompts))
     drawn = relapse.generate(pipe, relapse.SamplerConfig(images_per_prompt=1, steps=2), prompts=prompts)
@@ -90,7 +90,7 @@ def fixed_costs(pipe, shape, items: list, model: str, batch: int, train_gflop_pe
     """What a step pays besides its passes: a model load, a LoRA fuse, a training run's own work (data read, base
     fingerprinted, outputs written), and a worker process's start (the interpreter, the imports, a first load)."""
     load_s = min(timed(lambda: relapse.load(model)) for _ in range(3))
-    lora = relapse.finetune(pipe, relapse.FinetuneConfig(method="lora", steps=1, batch_size=batch, rank=8), as_arrays(items[:batch]))
+    lora = relapse.finetune(pipe, relapse.FinetuneConfig(method="lora", steps=1, batch_size=batch, rank=8), data=as_arrays(items[:batch]))
     fuse_s = min(timed(lambda: lora.apply(relapse.load(model))) for _ in range(3)) - load_s
     with tempfile.TemporaryDirectory() as tmp:
         one_step = relapse.FinetuneConfig(method="lora", steps=1, batch_size=batch, model=model,

@@ -99,7 +99,7 @@ def test_the_readme_erase_finetune_evaluate_script_runs_on_the_toy_model(tmp_pat
     rates = {name: re.findall(r"(\d+)%", text) for name, text in (line.split(": ", 1) for line in capsys.readouterr().out.strip().splitlines())}
     assert int(rates["base"][0]) >= 90 and rates["base"][1] == "100"  # the base draws the concept, at least a trace on every image
     assert rates["aligned"] == ["0", "0"]  # ESD-u erased the fill, traces too
-    reread = relapse.SafetyModule.load(tmp_path / "runs" / "esd-u")
+    reread = relapse.TrainedModule.load(tmp_path / "runs" / "esd-u")
     assert reread.kind == "lora" and all(torch.equal(reread.weights[k], scope["safety"].weights[k]) for k in reread.weights)
     assert scope["benign"].record["composes_with"][0]["align_record"]["method"] == "esd"
 
@@ -112,11 +112,11 @@ def test_in_memory_training_gives_the_weights_of_the_cli_runs(tiny_model_dir, tm
     pipe = relapse.load(tiny_model_dir)
     before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
     safety = relapse.erase(pipe, esd)
-    on_disk = relapse.SafetyModule.load(run_align(esd.model_copy(update={"model": str(tiny_model_dir), "out": tmp_path / "esd"})))
+    on_disk = relapse.TrainedModule.load(run_align(esd.model_copy(update={"model": str(tiny_model_dir), "out": tmp_path / "esd"})))
     assert safety.weights.keys() == on_disk.weights.keys()
     assert all(torch.equal(safety.weights[k], on_disk.weights[k]) for k in safety.weights)
     ft = relapse.FinetuneConfig(method="modular", steps=2, batch_size=2, lr=1e-3, cache_dir=tmp_path / "cache")
-    benign = relapse.finetune(pipe, ft, "toy:shapes:8", safety=[safety])
+    benign = relapse.finetune(pipe, ft, data="toy:shapes:8", safety=[safety])
     cli = relapse.TrainedModule.load(run_finetune(ft.model_copy(update={
         "model": str(tiny_model_dir), "data": "toy:shapes:8", "loras": [tmp_path / "esd"], "out": tmp_path / "ft"})))
     assert all(torch.equal(benign.weights[k], cli.weights[k]) for k in benign.weights)
@@ -137,3 +137,14 @@ def test_harden_takes_arrays_in_memory_and_returns_full_weights(tiny_model_dir, 
     assert all(torch.equal(pipe.unet.state_dict()[k], v) for k, v in lt.weights.items())
     with pytest.raises(TypeError, match="relapse.harden takes one of LTConfig, NGConfig"):
         relapse.harden(pipe, relapse.ESDConfig(concept=["x"]), clean="toy:clean:4", harmful="toy:harmful:4")
+
+
+def test_every_call_leaves_the_callers_pipeline_as_it_found_it_safety_modules_included(tiny_pipe, tmp_path):
+    """A fine-tune on an aligned model fuses the safety module for its run and takes it out again, so a Modular
+    fine-tune on the same pipeline next is not refused as made for another base."""
+    before = {n: p.clone() for n, p in tiny_pipe.unet.named_parameters()}
+    safety = relapse.erase(tiny_pipe, relapse.ESDConfig(concept=["checkered"], steps=1, batch_size=1, sample_steps=2, lr=1e-2))
+    for method in ("lora", "full", "modular"):
+        relapse.finetune(tiny_pipe, relapse.FinetuneConfig(method=method, steps=1, batch_size=2, cache_dir=tmp_path),
+                         data="toy:shapes:4", safety=[safety])
+        assert all(torch.equal(p, before[n]) for n, p in tiny_pipe.unet.named_parameters()), method

@@ -36,7 +36,6 @@ _EXPORTS = {
     "attack_prompts": ("relapse.attack.prompts", "attack_prompts"),
     "PromptAttackConfig": ("relapse.attack.prompts", "PromptAttackConfig"),
     "TrainedModule": ("relapse.train.module", "TrainedModule"),
-    "SafetyModule": ("relapse.train.module", "TrainedModule"),  # what erase and harden return: the same class
     "ESDConfig": ("relapse.align.esd", "ESDConfig"),
     "SDDConfig": ("relapse.align.sdd", "SDDConfig"),
     "LTConfig": ("relapse.align.lt", "LTConfig"),

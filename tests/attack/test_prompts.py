@@ -44,7 +44,7 @@ def attacked():
     pipe = build_pipeline(ToyModelSize.tiny(), seed=0)
     before = frozen_state(pipe)
     targets = random_images(len(PROMPTS))
-    return pipe, targets, before, attack_prompts(pipe, PROMPTS, targets, SEARCH)
+    return pipe, targets, before, attack_prompts(pipe, SEARCH, prompts=PROMPTS, targets=targets)
 
 
 def test_the_adversarial_words_are_plain_vocabulary_words_in_front_of_the_prompt(attacked):
@@ -81,14 +81,14 @@ def test_the_model_is_left_as_it_was_and_frozen(attacked):
 def test_descent_lowers_the_denoising_loss_below_the_unmodified_prompt(tiny_pipe):
     """One scoring at the end, so no selection helps: the words come from the gradient alone (ascent raises it)."""
     config = PromptAttackConfig(iterations=10, check_every=10, lr=0.1, eval_draws=4)
-    adversarial = attack_prompts(tiny_pipe, PROMPTS, random_images(len(PROMPTS)), config)
+    adversarial = attack_prompts(tiny_pipe, config, prompts=PROMPTS, targets=random_images(len(PROMPTS)))
     assert np.mean([p.meta["attack_loss"] for p in adversarial]) < np.mean([p.meta["attack_loss_start"] for p in adversarial])
 
 
 def test_the_seed_decides_the_prompts_and_the_batch_size_does_not(tiny_pipe):
     config, targets = PromptAttackConfig(iterations=2, check_every=2, eval_draws=2), random_images(2)
     changes = ({"seed": 0}, {"seed": 0, "batch_size": 1}, {"seed": 1})
-    runs = [attack_prompts(tiny_pipe, PROMPTS[:2], targets, config.model_copy(update=change)) for change in changes]
+    runs = [attack_prompts(tiny_pipe, config.model_copy(update=change), prompts=PROMPTS[:2], targets=targets) for change in changes]
     texts = [[p.text for p in run] for run in runs]
     assert texts[0] == texts[1] and texts[0] != texts[2]
     assert [p.meta["attack_loss"] for p in runs[0]] == pytest.approx([p.meta["attack_loss"] for p in runs[1]], abs=2e-6)
@@ -96,7 +96,7 @@ def test_the_seed_decides_the_prompts_and_the_batch_size_does_not(tiny_pipe):
 
 def test_targets_of_the_wrong_size_are_refused(tiny_pipe):
     with pytest.raises(UserError, match="32x32"):
-        attack_prompts(tiny_pipe, PROMPTS, random_images(len(PROMPTS) - 1), SEARCH)
+        attack_prompts(tiny_pipe, SEARCH, prompts=PROMPTS, targets=random_images(len(PROMPTS) - 1))
 
 
 def test_the_simplex_projection_is_the_nearest_probability_vector():

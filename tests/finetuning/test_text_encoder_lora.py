@@ -27,7 +27,7 @@ def test_a_text_encoder_lora_trains_and_loads_in_plain_diffusers(tmp_path, name)
     pipe = build(name)
     before = {n: {k: v.clone() for k, v in getattr(pipe, n).state_dict().items()} for n in ENCODERS[name]}
     config = FinetuneConfig(method="lora", steps=3, batch_size=2, lr=5e-2, train_text_encoder=True, cache_dir=tmp_path)
-    module = relapse.finetune(pipe, config, "toy:harmful:6")
+    module = relapse.finetune(pipe, config, data="toy:harmful:6")
     assert sorted(module.text_encoders) == ENCODERS[name]
     for layers, _ in module.text_encoders.values():
         assert any(".lora_B." in k and v.abs().max() > 0 for k, v in layers.items()), "the text-encoder LoRA did not train"

@@ -93,7 +93,7 @@ def test_fine_tuning_trains_each_family_and_leaves_the_pipeline_as_it_was(name, 
     pipe = build(name)
     denoiser = family_of(pipe).denoiser()
     before = {n: p.clone() for n, p in denoiser.named_parameters()}
-    module = relapse.finetune(pipe, relapse.FinetuneConfig(method=method, steps=2, batch_size=2, lr=1e-3), "toy:harmful:6")
+    module = relapse.finetune(pipe, relapse.FinetuneConfig(method=method, steps=2, batch_size=2, lr=1e-3), data="toy:harmful:6")
     assert all(np.isfinite(h["loss"]) for h in module.record["history"])
     assert all(torch.equal(p, before[n]) for n, p in denoiser.named_parameters())
     module.apply(pipe)
@@ -103,7 +103,7 @@ def test_fine_tuning_trains_each_family_and_leaves_the_pipeline_as_it_was(name, 
 def test_modular_lora_composes_with_a_safety_lora_on_each_family(tmp_path, name):
     base = build(name)
     safety = relapse.erase(base, relapse.ESDConfig(concept=["checkered"], steps=1, batch_size=1, sample_steps=2, resolution=RESOLUTION))
-    benign = relapse.finetune(base, relapse.FinetuneConfig(method="modular", steps=1, batch_size=2), "toy:patterns:4", safety=[safety])
+    benign = relapse.finetune(base, relapse.FinetuneConfig(method="modular", steps=1, batch_size=2), data="toy:patterns:4", safety=[safety])
     assert benign.record["composes_with"] and benign.component == safety.component
     safety.apply(base)
     benign.apply(base)
@@ -119,7 +119,7 @@ def test_the_forgetting_defenses_train_on_each_family(name, method):
 
 def test_textual_inversion_is_refused_on_a_family_with_several_text_encoders():
     with pytest.raises(UserError, match="textual inversion learns one word of one CLIP text encoder"):
-        relapse.finetune(build("sdxl"), relapse.FinetuneConfig(method="textual-inversion", token="<c>", steps=1), "toy:harmful:4")
+        relapse.finetune(build("sdxl"), relapse.FinetuneConfig(method="textual-inversion", token="<c>", steps=1), data="toy:harmful:4")
 
 
 def test_resist_trains_against_a_simulated_attacker_on_each_family(tmp_path, name):
@@ -163,11 +163,11 @@ def test_flux_erasure_predicts_at_its_target_guidance_and_fine_tunes_at_the_scri
                                           resolution=RESOLUTION))
     assert 1.0 in seen and set(seen) <= {1.0, 3.5}
     seen.clear()
-    relapse.finetune(pipe, relapse.FinetuneConfig(method="lora", steps=1, batch_size=2), "toy:shapes:4")
+    relapse.finetune(pipe, relapse.FinetuneConfig(method="lora", steps=1, batch_size=2), data="toy:shapes:4")
     assert set(seen) == {None} and TRAINING_GUIDANCE == 3.5
 
 
 def test_adversarial_prompts_refuse_a_family_with_several_text_encoders():
     with pytest.raises(UserError, match="serves SD 1.x/2.x models"):
-        relapse.attack_prompts(build("sdxl"), [relapse.Prompt("a checkered red star")], np.zeros((1, 32, 32, 3), np.uint8),
-                               relapse.PromptAttackConfig())
+        relapse.attack_prompts(build("sdxl"), relapse.PromptAttackConfig(), prompts=[relapse.Prompt("a checkered red star")],
+                               targets=np.zeros((1, 32, 32, 3), np.uint8))

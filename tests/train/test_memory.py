@@ -78,7 +78,7 @@ def test_gradient_checkpointing_changes_memory_not_the_result():
     for checkpointing in (False, True):
         pipe = build("sd3")
         module = relapse.finetune(pipe, FinetuneConfig(method="full", steps=2, batch_size=2, gradient_checkpointing=checkpointing),
-                                  "toy:shapes:4")
+                                  data="toy:shapes:4")
         weights.append(module.weights)
         assert not family_of(pipe).denoiser().is_gradient_checkpointing  # left as it was found
     for name, tensor in weights[0].items():
@@ -88,4 +88,4 @@ def test_gradient_checkpointing_changes_memory_not_the_result():
 def test_8bit_adam_without_bitsandbytes_says_how_to_install_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # an import of it fails, installed or not
     with pytest.raises(UserError, match="pip install bitsandbytes"):
-        relapse.finetune(build("sdxl"), FinetuneConfig(method="lora", steps=1, optimizer="adamw8bit"), "toy:shapes:4")
+        relapse.finetune(build("sdxl"), FinetuneConfig(method="lora", steps=1, optimizer="adamw8bit"), data="toy:shapes:4")

@@ -22,7 +22,7 @@ def run_align(cfg: RunConfig) -> Path:
     return METHODS.get(cfg.method).run(cfg)
 
 
-def erase(pipe, config, safety=()) -> TrainedModule:
+def erase(pipe, config, *, safety=()) -> TrainedModule:
     """Erase a concept from ``pipe`` in memory and return the safety module; ``pipe`` is left as it was.
 
     Args:
@@ -41,7 +41,7 @@ def erase(pipe, config, safety=()) -> TrainedModule:
     return _in_memory(pipe, config, NamedConcept, "erase", loras=list(safety))
 
 
-def harden(pipe, config, clean, harmful, safety=()) -> TrainedModule:
+def harden(pipe, config, *, clean, harmful, safety=()) -> TrainedModule:
     """Train a forgetting defense (LT, NG) in memory and return it; ``pipe`` is left as it was.
 
     Args:

@@ -8,7 +8,6 @@ In memory the caller's pipeline is left as it was: the safety LoRAs fused for th
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from pathlib import Path
 from typing import ClassVar, Literal
 
@@ -101,6 +100,7 @@ def compute_edit(pipe, method: EditMethod, restore: bool) -> TrainedModule:
     """Fuse the method's LoRAs into ``pipe``, compute its edit, and return it as a module with its record (``restore``:
     take the LoRAs out of ``pipe`` again)."""
     from relapse.models.families import family_of
+    from relapse.models.lora import merge_loras, restored
     from relapse.models.pipeline_utils import weights_fingerprints
 
     if not method.checked:
@@ -109,7 +109,8 @@ def compute_edit(pipe, method: EditMethod, restore: bool) -> TrainedModule:
     denoiser = family.denoiser()
     fingerprints = weights_fingerprints(denoiser)
     composes_with = safety_records(method.specs, fingerprints)
-    with fused(pipe, method.specs, restore):
+    with restored(pipe, restore and bool(method.specs)):
+        merge_loras(pipe, method.specs)
         with torch.no_grad():
             edited = method.edit(pipe, family)
         current = dict(denoiser.named_parameters())
@@ -122,24 +123,6 @@ def compute_edit(pipe, method: EditMethod, restore: bool) -> TrainedModule:
                                  family.denoiser_name)
         weights, lora_config = low_rank_lora({n: edited[n] - current[n].detach() for n in edited}, method.cfg.rank)
         return TrainedModule("lora", weights, record, lora_config, ALIGN_RECORD, family.denoiser_name)
-
-
-@contextmanager
-def fused(pipe, specs: list, restore: bool):
-    """``pipe`` with ``specs`` fused into its weights; with ``restore``, every tensor they changed is put back after."""
-    from relapse.models.families import family_of
-    from relapse.models.lora import merge_loras
-
-    family = family_of(pipe)
-    modules = [family.denoiser(), *family.text_encoders()]
-    saved = [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in modules] if restore and specs else None
-    merge_loras(pipe, specs)
-    try:
-        yield
-    finally:
-        if saved is not None:
-            for module, state in zip(modules, saved):
-                module.load_state_dict(state)
 
 
 def low_rank_lora(deltas: dict[str, torch.Tensor], rank: int) -> tuple[dict[str, torch.Tensor], dict]:

@@ -294,16 +294,16 @@ def adversarial_prompt(prompt: Prompt, words: list[str], loss: float, start: flo
     return reworded
 
 
-def attack_prompts(pipe, prompts: list[Prompt], targets: np.ndarray, config: PromptAttackConfig) -> list[Prompt]:
+def attack_prompts(pipe, config: PromptAttackConfig, *, prompts: list[Prompt], targets: np.ndarray) -> list[Prompt]:
     """Adversarial prompts that make an erased model draw its concept again (UnlearnDiffAtk; the module docstring).
 
     Args:
         pipe: a ``StableDiffusionPipeline`` holding the model under attack (LoRAs already fused). Its weights are left
             as they were; every weight's ``requires_grad`` is False afterwards.
+        config: the attack's settings; ``seed`` makes it deterministic.
         prompts: the prompts to attack.
         targets: one uint8 image (H, W, 3) per prompt, in prompt order, at the pipeline's resolution: the concept as
             the prompt should show it (e.g. the unaligned model's image of the prompt).
-        config: the attack's settings; ``seed`` makes it deterministic.
 
     Returns:
         One :class:`Prompt` per input: the adversarial words then the original text, the same seed and guidance, and
@@ -407,7 +407,7 @@ def run_attack_prompts(cfg: AttackPromptsConfig) -> Path:
         targets = drawn_targets(unaligned, prompts, cfg)
     merge_loras(pipe, specs)
     started = time.perf_counter()
-    adversarial = attack_prompts(pipe, prompts, targets, cfg)
+    adversarial = attack_prompts(pipe, cfg, prompts=prompts, targets=targets)
     seconds = time.perf_counter() - started
     losses = {key: float(np.mean([p.meta[key] for p in adversarial])) for key in ("attack_loss_start", "attack_loss")}
     record = run_record("attack prompts", cfg, cfg.seed, n_prompts=len(prompts), attack_s=round(seconds, 1),

@@ -137,9 +137,9 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
     return run_training(METHODS.get(cfg.method)(cfg))
 
 
-def finetune(pipe, config: FinetuneConfig, data, safety=()) -> TrainedModule:
-    """Fine-tune ``pipe`` in memory (full, LoRA or Modular LoRA) and return what trained; ``pipe`` is left as it was
-    (but for ``safety`` fused into it by full and LoRA fine-tunes).
+def finetune(pipe, config: FinetuneConfig, *, data, safety=()) -> TrainedModule:
+    """Fine-tune ``pipe`` in memory (full, LoRA, Modular LoRA or a textual inversion) and return what trained; ``pipe``
+    is left as it was (the safety modules fused for the run taken out again).
 
     Args:
         pipe: the model a downstream user fine-tunes: the aligned one for ``full``/``lora``, the base W0 for ``modular``.
@@ -149,7 +149,7 @@ def finetune(pipe, config: FinetuneConfig, data, safety=()) -> TrainedModule:
             fine-tune composes with at inference (shape-checked against ``pipe`` and recorded, never trained on).
 
     Example:
-        >>> benign = relapse.finetune(pipe, relapse.FinetuneConfig(method="modular"), "toy:patterns:500", safety=[safety])
+        >>> benign = relapse.finetune(pipe, relapse.FinetuneConfig(method="modular"), data="toy:patterns:500", safety=[safety])
         >>> safety.apply(pipe); benign.apply(pipe)  # W0 + dW_safe + dW_ft
     """
     from relapse.finetuning import METHODS

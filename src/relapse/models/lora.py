@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -185,3 +186,23 @@ def adapted_components(pipe) -> list[str]:
     family = family_of(pipe)
     names = [family.denoiser_name, "text_encoder", "text_encoder_2", "text_encoder_3"]
     return [name for name in names if getattr(getattr(pipe, name, None), "peft_config", None)]
+
+
+@contextmanager
+def restored(pipe, when: bool = True):
+    """``pipe``'s denoiser and text encoders put back as they were on leaving (``when``: else nothing is kept): what a
+    call that fuses LoRAs into a caller's pipeline for a while owes the caller."""
+    from relapse.models.families import family_of
+
+    family = family_of(pipe)
+    modules = [family.denoiser(), *family.text_encoders()]
+    saved = [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in modules] if when else None
+    try:
+        yield
+    finally:
+        if saved is not None:
+            import torch
+
+            with torch.no_grad():
+                for module, state in zip(modules, saved):
+                    module.load_state_dict(state)

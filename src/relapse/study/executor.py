@@ -141,7 +141,7 @@ class Executor:
         prompts = self.prompt_set(step)
         targets = stored_targets(step.targets.path(self.run_dir), prompts)
         start = time.perf_counter()
-        adversarial = attack_prompts(self.load(step.reads), prompts, targets, step.config)
+        adversarial = attack_prompts(self.load(step.reads), step.config, prompts=prompts, targets=targets)
         record = run_record("attack prompts", step.config, step.config.seed, n_prompts=len(prompts), on=step.spec["on"],
                             attack_s=round(time.perf_counter() - start, 1))
         with atomic_dir(step.path(self.run_dir)) as tmp:

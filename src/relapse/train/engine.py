@@ -240,17 +240,25 @@ def train(pipe, method: TrainingMethod, out: Path | None = None, restore: bool =
         pipe: a diffusers pipeline of a family relapse serves (SD, SDXL, SD 3.x, FLUX.1); training starts from its weights.
         method: the method with its config.
         out: a run folder for ``save_at`` snapshots, checkpoints and the final module; none by default.
-        restore: leave ``pipe`` as it was (the adapter removed, trained full weights put back); apply the
-            returned module to get the trained model.
+        restore: leave ``pipe`` as it was (the adapter removed, trained full weights put back, the safety LoRAs fused
+            for the run taken out); apply the returned module to get the trained model.
         stage_on: a device for a pipeline loaded on the CPU: the text encoders and the VAE go there to encode the data
             and prompts and come back, then the denoiser goes there to train, so the two never share the device; each
             phase's memory floor is checked first (:mod:`relapse.train.memory`). None: train where ``pipe`` is.
     """
+    from relapse.models.lora import restored
+
+    if not method.checked:
+        method.check()
+    with restored(pipe, restore and bool(method.specs)):
+        return trained(pipe, method, out, restore, accelerator, stage_on)
+
+
+def trained(pipe, method: TrainingMethod, out: Path | None, restore: bool, accelerator, stage_on) -> TrainedModule:
+    """:func:`train`'s run, from the method's setup (its safety LoRAs fused) to what it trained."""
     from relapse.models.families import family_of
 
     cfg = method.cfg
-    if not method.checked:
-        method.check()
     accelerator = accelerator or make_accelerator(cfg)
     if stage_on is not None:
         from relapse.train.memory import check_encoding_fits

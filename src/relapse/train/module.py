@@ -48,7 +48,7 @@ class TrainedModule:
         >>> safety = relapse.erase(pipe, relapse.ESDConfig(concept=["checkered"], steps=50))
         >>> safety.apply(pipe)             # W0 + dW_safe, fused
         >>> safety.save("esd-checkered")   # a diffusers LoRA folder
-        >>> relapse.SafetyModule.load("esd-checkered").kind
+        >>> relapse.TrainedModule.load("esd-checkered").kind
         'lora'
     """
 
