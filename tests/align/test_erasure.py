@@ -171,3 +171,15 @@ def test_checking_the_residual_does_not_change_what_trains(tmp_path, tiny_pipe, 
 def test_stopping_at_a_rate_needs_held_out_prompts(tmp_path):
     with pytest.raises(ValueError, match="--stop-prompts"):
         small_cfg(tmp_path, "esd", stop_at_rate=0.2)
+
+
+def test_sdd_publishes_its_student_not_its_teacher(tmp_path, tiny_pipe):
+    """SDD's EMA teacher is a training device: the safety module is the trained student, unless ema_decay asks the
+    engine to publish a moving average."""
+    from relapse.models.lora import adapter_lora
+
+    method = METHODS.get("sdd")(small_cfg(tmp_path, "sdd", lr=5e-2, steps=4))
+    module = train(tiny_pipe, method, restore=False)
+    student, _ = adapter_lora(tiny_pipe.unet)
+    assert method.cfg.ema_decay is None and method.teacher.decay == 0.999
+    assert all(torch.equal(module.weights[name], tensor) for name, tensor in student.items())

@@ -21,7 +21,8 @@ from relapse.align.erasure import ErasureConfig, ErasureMethod
 
 class SDDConfig(ErasureConfig):
     method: Literal["sdd"] = "sdd"
-    ema_decay: float = Field(0.999, gt=0, lt=1, description="SDD's EMA teacher")
+    # Not ``ema_decay``: that engine field says which weights a run publishes, and SDD publishes its student.
+    teacher_decay: float = Field(0.999, gt=0, lt=1, description="decay of SDD's EMA teacher")
 
 
 @METHODS.register("sdd")
@@ -32,7 +33,7 @@ class SDD(ErasureMethod):
         from diffusers.training_utils import EMAModel
 
         self.params = super().trainable(pipe)
-        self.teacher = EMAModel(self.params, decay=self.cfg.ema_decay)
+        self.teacher = EMAModel(self.params, decay=self.cfg.teacher_decay)
         return self.params
 
     def erasure_loss(self, model, x_t, t, cond, anchor) -> torch.Tensor:
