@@ -156,7 +156,7 @@ def top_commands() -> typer.Typer:
     from relapse.finetuning.base import FinetuneConfig
     from relapse.sampling import GenerateConfig, SamplerConfig
     from relapse.train.engine import TrainConfig
-    from relapse.verdict.audit import AuditConfig
+    from relapse.verdict.audit import AuditRunConfig
 
     commands = typer.Typer()
     commands.command("generate")(config_command(GenerateConfig, print_generated, (
@@ -164,7 +164,7 @@ def top_commands() -> typer.Typer:
     commands.command("finetune")(config_command(FinetuneConfig, print_finetuned, (
         "Fine-tune (benign or malicious: the data decides): full, LoRA, Modular LoRA on the base, or a textual inversion "
         "(one new word, --token)."), common=(TrainConfig, "Every training run")))
-    commands.command("audit")(config_command(AuditConfig, print_audit, (
+    commands.command("audit")(config_command(AuditRunConfig, print_audit, (
         "Does LORA undo the safety alignment of the model it will run on? A weight-space pre-screen, then the target rate "
         "of the aligned model with and without it; PASS (exit 0) or FAIL (exit 1); OUT/audit.json and audit.html."),
         common=(SamplerConfig, "Sampler"), arguments=("lora",)))

@@ -31,6 +31,9 @@ def write_kohya(path, layers: dict, alpha: float):
     return path
 
 
+SCREEN = relapse.AuditConfig(screen_only=True)
+
+
 @pytest.fixture
 def safety(tmp_path):
     layers, config = lora_layers(1, ["to_q", "to_k"])
@@ -44,7 +47,7 @@ def test_a_lora_that_negates_the_safety_lora_screens_as_undoing_all_of_it_in_eve
     sources = [write_lora(tmp_path / "ours", undo, config).parent, write_kohya(tmp_path / "kohya.safetensors", undo, 4.0)]
     before = {k: v.clone() for k, v in tiny_pipe.unet.state_dict().items()}
     for source in sources:
-        screen = relapse.audit(tiny_pipe, source, safety=[path], screen_only=True)["screen"]
+        screen = relapse.audit(tiny_pipe, SCREEN, lora=source, safety=[path])["screen"]
         assert screen["tensors_shared"] == screen["tensors_ft"] == screen["tensors_safe"] > 0
         for figure in ("cosine_to_undo", "projection_to_undo", "safe_subspace_share"):
             assert screen[figure] == pytest.approx(1, abs=1e-5), (source, figure)
@@ -57,7 +60,7 @@ def test_a_lora_on_layers_the_safety_lora_never_touched_screens_as_harmless(tmp_
     # written as diffusers' train_text_to_image_lora.py writes its LoRA (peft tensors in diffusers' naming, no metadata)
     StableDiffusionPipeline.save_lora_weights(tmp_path / "script", unet_lora_layers=convert_state_dict_to_diffusers(layers),
                                               safe_serialization=True)
-    screen = relapse.audit(tiny_pipe, tmp_path / "script", safety=[safety[0]], screen_only=True)["screen"]
+    screen = relapse.audit(tiny_pipe, SCREEN, lora=tmp_path / "script", safety=[safety[0]])["screen"]
     assert screen["tensors_shared"] == 0 and screen["tensors_ft"] > 0
     assert screen["projection_to_undo"] == screen["safe_subspace_share"] == 0.0 and screen["cosine_to_undo"] is None
 
@@ -68,8 +71,8 @@ def test_a_full_weights_defense_is_screened_against_its_base(tmp_path, safety):
     relapse.TrainedModule("lora", layers, lora_config=config).apply(aligned)  # an "aligned model" with no safety LoRA
     undo = {name: -t if "lora_B" in name else t for name, t in layers.items()}
     source = write_lora(tmp_path / "undo", undo, config).parent
-    assert relapse.audit(aligned, source, screen_only=True)["screen"] is None  # nothing to compare with
-    screen = relapse.audit(aligned, source, base=build_pipeline(ToyModelSize.tiny(), seed=0), screen_only=True)["screen"]
+    assert relapse.audit(aligned, SCREEN, lora=source)["screen"] is None  # nothing to compare with
+    screen = relapse.audit(aligned, SCREEN, lora=source, base=build_pipeline(ToyModelSize.tiny(), seed=0))["screen"]
     assert screen["projection_to_undo"] == pytest.approx(1, abs=1e-5)
 
 
@@ -110,11 +113,11 @@ def test_an_audit_generates_with_every_sampler_field_it_is_given(tmp_path, tiny_
     monkeypatch.setattr(relapse.measure.evaluate, "evaluate", lambda images, **_: seen.append(images) or {"target_rate": {"rate": 0.0}})
     layers, config = lora_layers(2, ["to_v"])
     write_lora(tmp_path / "user", layers, config)
-    sampler = relapse.AuditConfig(lora=tmp_path / "user", resolution=48, force_guidance=1.5, steps=2, images_per_prompt=2)
-    relapse.audit(tiny_pipe, tmp_path / "user", safety=[safety[0]], prompts=["a checkered red star"], sampler=sampler)
+    config = relapse.AuditConfig(prompts="toy:target_direct", resolution=48, force_guidance=1.5, steps=2, images_per_prompt=2)
+    relapse.audit(tiny_pipe, config, lora=tmp_path / "user", safety=[safety[0]])
     assert len(seen) == 2  # the aligned model, then with the LoRA
     for generation in seen:
-        assert [image.size for image in generation.images] == [(48, 48)] * 2
+        assert {image.size for image in generation.images} == {(48, 48)} and len(generation.images) == 60
         assert {row["guidance"] for row in generation.rows} == {1.5} and {row["steps"] for row in generation.rows} == {2}
 
 
@@ -125,4 +128,4 @@ def test_a_lora_with_no_key_for_this_model_is_refused_before_any_image(tmp_path,
     save_file({"unet.nowhere.lora_A.weight": torch.zeros(2, 4), "unet.nowhere.lora_B.weight": torch.zeros(4, 2)},
               tmp_path / "empty.safetensors")
     with pytest.raises(relapse.UserError, match="changes no weight|does not fit"):
-        relapse.audit(tiny_pipe, tmp_path / "empty.safetensors", safety=[safety[0]])
+        relapse.audit(tiny_pipe, lora=tmp_path / "empty.safetensors", safety=[safety[0]])
