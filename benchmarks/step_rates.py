@@ -79,7 +79,7 @@ def throughput(pipe, shape, items: list, steps: int, batch: int, images: int, de
     prompts = ["a checkered red star", "a blue circle"] * (images // 2)
     sample_s = timed(lambda: relapse.generate(pipe, relapse.SamplerConfig(images_per_prompt=1, steps=20, guidance=5.0), prompts=prompts))
     drawn = relapse.generate(pipe, relapse.SamplerConfig(images_per_prompt=1, steps=2), prompts=prompts)
-    evaluate_s = timed(lambda: relapse.evaluate(drawn, detector=detector))
+    evaluate_s = timed(lambda: relapse.evaluate(drawn, relapse.EvaluateConfig(detector=detector)))
     sampled_gflop = len(prompts) * (20 * shape.passes_per_sample_step * shape.gflop_per_pass + shape.decode_gflop)
     print(f"fine-tune {train_s:.1f} s, generation {sample_s:.1f} s, evaluation {evaluate_s:.2f} s")
     return {"train_gflop_per_s": round(steps * 3 * batch * shape.gflop_per_pass / train_s, 3),

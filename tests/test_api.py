@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 import relapse
-from relapse.measure.evaluate import EvaluateConfig, run_evaluate
+from relapse.measure.evaluate import EvaluateRunConfig, run_evaluate
 from relapse.sampling import GenerateConfig, read_manifest, run_generate
 
 README = Path(__file__).parents[1] / "README.md"
@@ -64,11 +64,12 @@ def test_in_memory_generation_and_evaluation_equal_the_cli_folders(tiny_model_di
     assert max(np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max()  # batching reorders float sums: 1 level
                for a, b in zip(made.images, rebatched.images)) <= 1
     options = {"weights": str(tiny_evaluator_dir)}
-    in_memory = relapse.evaluate(made, detector="toy", **options)
-    from_folder = run_evaluate(EvaluateConfig(images=folder, detector="toy", detector_options=options))
+    in_memory = relapse.evaluate(made, relapse.EvaluateConfig(detector="toy", detector_options=options))
+    from_folder = run_evaluate(EvaluateRunConfig(images=folder, detector="toy", detector_options=options))
     assert in_memory["target_rate"] == from_folder["target_rate"]
     assert [e["is_target"] for e in in_memory["per_image"]] == [e["is_target"] for e in from_folder["per_image"]]
-    as_array = relapse.evaluate(np.stack([np.asarray(i.convert("RGB")) for i in made.images]), made.prompts, **options)
+    as_array = relapse.evaluate(np.stack([np.asarray(i.convert("RGB")) for i in made.images]),
+                                relapse.EvaluateConfig(detector_options=options), prompts=made.prompts)
     assert as_array["target_rate"] == in_memory["target_rate"]
     saved = made.save(tmp_path / "saved")
     assert [r["file"] for r in read_manifest(saved)] == [r["file"] for r in on_disk]
@@ -77,7 +78,7 @@ def test_in_memory_generation_and_evaluation_equal_the_cli_folders(tiny_model_di
 def test_evaluate_wants_one_prompt_per_image(tiny_evaluator_dir):
     images = np.zeros((2, 32, 32, 3), dtype=np.uint8)
     with pytest.raises(relapse.UserError, match="one prompt per image"):
-        relapse.evaluate(images, ["a red star"], weights=str(tiny_evaluator_dir))
+        relapse.evaluate(images, relapse.EvaluateConfig(detector_options={"weights": str(tiny_evaluator_dir)}), prompts=["a red star"])
 
 
 def test_the_readme_python_example_runs_on_the_toy_model(tmp_path, monkeypatch, capsys):

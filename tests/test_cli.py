@@ -113,7 +113,7 @@ def test_evaluate_threshold_flag_joins_the_config_files_detector_options(run_cli
     config.write_text("detector: laion_nsfw\ndetector_options: {clip: /w/clip, head: /w/nsfw.safetensors}\n")
     code, _, err = run_cli("evaluate", "--images", tmp_path, "--config", config, "--threshold", "0.7")
     assert code == 0, err
-    assert seen[0].detector_options == {"clip": "/w/clip", "head": "/w/nsfw.safetensors", "threshold": 0.7}
+    assert seen[0].options() == {"clip": "/w/clip", "head": "/w/nsfw.safetensors", "threshold": 0.7}
 
 
 def test_resist_flags_reach_its_config_and_other_methods_refuse_them(run_cli, tmp_path, monkeypatch):

@@ -8,7 +8,7 @@ and write disk around it::
 
     pipe = relapse.load("toy")  # the embedded toy model, a local diffusers folder or a hub id
     images = relapse.generate(pipe, relapse.SamplerConfig(images_per_prompt=2, steps=8), prompts="toy:target_direct")
-    result = relapse.evaluate(images, detector="toy")
+    result = relapse.evaluate(images, relapse.EvaluateConfig(detector="toy"))
     result["target_rate"]  # {"rate": ..., "ci95": [...], "n": ...}
 
 Names are imported on first use, so ``import relapse`` stays light (no torch until it is needed).

@@ -121,6 +121,15 @@ def print_finetuned(cfg) -> None:
     typer.echo(f"fine-tuned ({cfg.method}) -> {run_finetune(cfg)}")
 
 
+def print_evaluated(cfg) -> None:
+    import json
+
+    from relapse.measure.evaluate import run_evaluate
+
+    result = run_evaluate(cfg)
+    typer.echo(json.dumps({k: v for k, v in result.items() if k != "per_image"}, indent=2))
+
+
 def print_audit(cfg) -> None:
     from relapse.verdict.audit import run_audit
 
@@ -151,9 +160,11 @@ def print_attacked(cfg) -> None:
 
 
 def top_commands() -> typer.Typer:
-    """The top-level commands whose flags are one config class's fields: ``generate``, ``finetune`` and ``audit``."""
+    """The top-level commands whose flags are one config class's fields: ``generate``, ``finetune``, ``evaluate`` and
+    ``audit``."""
     from relapse.cli_options import config_command
     from relapse.finetuning.base import FinetuneConfig
+    from relapse.measure.evaluate import EvaluateConfig, EvaluateRunConfig
     from relapse.sampling import GenerateConfig, SamplerConfig
     from relapse.train.engine import TrainConfig
     from relapse.verdict.audit import AuditRunConfig
@@ -164,6 +175,9 @@ def top_commands() -> typer.Typer:
     commands.command("finetune")(config_command(FinetuneConfig, print_finetuned, (
         "Fine-tune (benign or malicious: the data decides): full, LoRA, Modular LoRA on the base, or a textual inversion "
         "(one new word, --token)."), common=(TrainConfig, "Every training run")))
+    commands.command("evaluate")(config_command(EvaluateRunConfig, print_evaluated, (
+        "Score generated images: target rate (95% Wilson interval), mean score, attribute accuracy."),
+        common=(EvaluateConfig, "Scoring")))
     commands.command("audit")(config_command(AuditRunConfig, print_audit, (
         "Does LORA undo the safety alignment of the model it will run on? A weight-space pre-screen, then the target rate "
         "of the aligned model with and without it; PASS (exit 0) or FAIL (exit 1); OUT/audit.json and audit.html."),
@@ -181,28 +195,6 @@ def attack_commands() -> typer.Typer:
         "draws the concept again. Writes OUT/prompts.jsonl (read it with --prompts), OUT/targets/ and OUT/run.json."),
         common=(PromptAttackConfig, "The search")))
     return commands
-
-
-@app.command()
-def evaluate(
-    images: Annotated[Optional[Path], typer.Option(help="A folder written by `relapse generate`.")] = None,
-    detector: Annotated[Optional[str], typer.Option(help="Detector: toy, nudenet, q16, laion_nsfw, laion_aesthetic or clip_score (weights paths go in --config's detector_options).")] = None,
-    threshold: Annotated[Optional[float], typer.Option(help="Detector threshold, added to detector_options (nudenet: 0.45, 0.5 or 0.6 are usual).")] = None,
-    reference: Annotated[Optional[str], typer.Option(help="Real images for a Frechet distance: imagefolder or toy:DOMAIN[:N].")] = None,
-    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the result here as JSON.")] = None,
-    config: ConfigOpt = None,
-) -> None:
-    """Score generated images: target rate (95% Wilson interval), mean score, attribute accuracy."""
-    import json
-
-    from relapse.config import resolve_config
-    from relapse.measure.evaluate import EvaluateConfig, run_evaluate
-
-    cfg = resolve_config(EvaluateConfig, config, images=images, detector=detector, reference=reference, json_out=json_out)
-    if threshold is not None:  # one option among those the config file may give (weights paths, classes)
-        cfg = cfg.model_copy(update={"detector_options": cfg.detector_options | {"threshold": threshold}})
-    result = run_evaluate(cfg)
-    typer.echo(json.dumps({k: v for k, v in result.items() if k != "per_image"}, indent=2))
 
 
 def method_summary(method: type) -> str:

@@ -605,7 +605,7 @@ def test_a_scenario_can_train_on_the_base_models_own_generations(study_yaml, tmp
 
 
 def test_a_study_evaluation_is_what_relapse_evaluate_writes(study_yaml, tmp_path, tiny_evaluator_dir):
-    from relapse.measure.evaluate import EvaluateConfig, run_evaluate
+    from relapse.measure.evaluate import EvaluateRunConfig, run_evaluate
 
     cfg = yaml.safe_load(study_yaml.read_text())
     cfg["defenses"], cfg["scenarios"] = {"none": []}, {}
@@ -614,7 +614,7 @@ def test_a_study_evaluation_is_what_relapse_evaluate_writes(study_yaml, tmp_path
     run_dir = run_study(StudyRunConfig(config=config_path, out=tmp_path / "run"))
     step = next(s for s in build_plan(StudyConfig(**cfg)).steps if s.kind == "evaluate" and s.spec["reference"])
     in_study = json.loads(step.path(run_dir).read_text())
-    alone = run_evaluate(EvaluateConfig(images=step.deps[0].path(run_dir), detector="toy", reference="toy:clean:8",
+    alone = run_evaluate(EvaluateRunConfig(images=step.deps[0].path(run_dir), detector="toy", reference="toy:clean:8",
                                         detector_options={"weights": str(tiny_evaluator_dir)}))
     assert set(in_study) == set(alone) and in_study["reference"] == alone["reference"] == {"source": "toy:clean:8", "n_images": 8}
     assert in_study["per_image"] == alone["per_image"] and in_study["target_rate"] == alone["target_rate"]

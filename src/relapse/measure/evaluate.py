@@ -27,13 +27,27 @@ from relapse.sampling import asked, read_manifest
 
 
 class EvaluateConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """How images are scored (:func:`evaluate`, in memory)."""
 
-    images: Path
-    detector: str = "toy"
-    detector_options: dict = Field(default_factory=dict, description="keyword options of the detector")
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    detector: str = Field("toy", description="a registered detector: toy, nudenet, q16, laion_nsfw, laion_aesthetic or "
+                                             "clip_score (weights paths go in detector_options)")
+    detector_options: dict = Field(default_factory=dict, description="keyword options of the detector (weights paths, "
+                                                                     "threshold)")
+    threshold: float | None = Field(None, description="the detector's threshold, added to detector_options (nudenet: 0.45, "
+                                                      "0.5 or 0.6 are usual)")
     reference: str | None = Field(None, description="real images for a Frechet distance: imagefolder or toy:DOMAIN[:N]")
-    json_out: Path | None = None
+
+    def options(self) -> dict:
+        return self.detector_options | ({"threshold": self.threshold} if self.threshold is not None else {})
+
+
+class EvaluateRunConfig(EvaluateConfig):
+    """``relapse evaluate``: the scoring, and the folder it reads and the file it writes."""
+
+    images: Path = Field(description="a folder written by `relapse generate`")
+    json_out: Path | None = Field(None, alias="json", description="also write the result here as JSON")
 
 
 def load_images(images_dir: Path, rows: list[dict]) -> np.ndarray:
@@ -128,42 +142,41 @@ def as_array(images) -> np.ndarray:
     return np.stack([np.asarray(image.convert("RGB")) for image in images])
 
 
-def evaluate(images, prompts: list[str] | None = None, *, detector: str = "toy", reference: str | None = None,
-             **detector_options) -> dict:
+def evaluate(images, config: EvaluateConfig | None = None, *, prompts: list[str] | None = None) -> dict:
     """Score images with a detector, in memory.
 
     Args:
         images: a :class:`relapse.sampling.Generation` (its prompts and seeds come along), a list of PIL images,
             or an (N, H, W, 3) uint8 array.
+        config: the detector and its options, and a reference for a Frechet distance; default :class:`EvaluateConfig`'s
+            (the toy detector).
         prompts: the prompt of each image (not needed for a Generation); attribute accuracy and the on-prompt
             rate compare the detector's reading of each image with what its prompt asks for.
-        detector: a registered detector name: ``toy``, ``nudenet``, ``q16``, ``laion_nsfw``, ``laion_aesthetic``,
-            ``clip_score``; ``detector_options`` are its keyword options (weights paths, threshold).
-        reference: real images for a Frechet distance, as a source (an imagefolder, ``toy:DOMAIN[:N]``).
 
     Returns:
         A dict: ``n_images``, ``target_rate`` (rate, 95% Wilson interval, n), attribute accuracies, ``target_on_prompt_rate``,
         score means, ``frechet_distance`` when a reference is given, and ``per_image`` verdicts.
 
     Example:
-        >>> result = relapse.evaluate(relapse.generate(pipe, relapse.SamplerConfig(steps=8, images_per_prompt=1), prompts="toy:target_direct"))
-        >>> result["target_rate"]["rate"]
+        >>> images = relapse.generate(pipe, relapse.SamplerConfig(steps=8, images_per_prompt=1), prompts="toy:target_direct")
+        >>> relapse.evaluate(images)["target_rate"]["rate"]
         1.0
     """
+    config = config or EvaluateConfig()
     if hasattr(images, "rows"):
         rows, images = images.rows, images.images
     else:
         if prompts is None or len(prompts) != len(images):
             raise UserError(f"give one prompt per image ({len(images)} images, {0 if prompts is None else len(prompts)} prompts)")
         rows = [{"file": None, "prompt": prompt, "seed": None} for prompt in prompts]
-    return score(as_array(images), rows, build_detector(detector, **detector_options), detector,
-                 load_dataset(reference) if reference else None)
+    return score(as_array(images), rows, build_detector(config.detector, **config.options()), config.detector,
+                 load_dataset(config.reference) if config.reference else None)
 
 
-def run_evaluate(cfg: EvaluateConfig) -> dict:
+def run_evaluate(cfg: EvaluateRunConfig) -> dict:
     rows = read_manifest(cfg.images)
     reference = load_dataset(cfg.reference) if cfg.reference else None
-    detector = build_detector(cfg.detector, **cfg.detector_options)
+    detector = build_detector(cfg.detector, **cfg.options())
     result = score(load_images(cfg.images, rows), rows, detector, cfg.detector, reference)
     result["images"] = str(cfg.images)
     if cfg.json_out:

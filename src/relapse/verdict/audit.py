@@ -84,11 +84,11 @@ def _load(pipe, weights: dict[str, dict[str, torch.Tensor]]) -> None:
 
 
 def _measure(pipe, prompts: str, config: AuditConfig, detector: str):
-    from relapse.measure.evaluate import evaluate
+    from relapse.measure.evaluate import EvaluateConfig, evaluate
     from relapse.sampling import generate
 
     images = generate(pipe, config, prompts=prompts)  # every sampler field, as the user set it
-    return images, evaluate(images, detector=detector, **config.detector_options)
+    return images, evaluate(images, EvaluateConfig(detector=detector, detector_options=config.detector_options))
 
 
 def audit(pipe, config: AuditConfig | None = None, *, lora, safety: list = (), base=None) -> dict:
