@@ -4,6 +4,7 @@
     python docs/generate.py --check    # exit 1, naming the table, where a page differs from what its results give
     python docs/generate.py --figures  # also draw docs/evaluator-strength.png (the shipped evaluator reading the toy families)
     python docs/generate.py --grid runs/benign-relapse  # also draw docs/benign-relapse-grid.png from that run's images
+    python docs/generate.py --grid-hypotheses runs/benign-relapse-hypotheses  # and the second part's
 
 A table sits between ``<!-- table:NAME -->`` and ``<!-- /table:NAME -->`` in a page; NAME is one of TABLES
 below, which says which results file it reads and which rows and columns it shows. The test suite runs
@@ -27,16 +28,36 @@ ROOT = Path(__file__).resolve().parent.parent
 PAGES = ("README.md", "docs/toy-study.md", "docs/toy-world.md", "docs/benign-relapse.md")
 DEMO = "docs/results/toy-study/results.csv"
 BENIGN = "docs/results/benign-relapse/results.csv"
+# the same config's second part (relapse study configs/benign-relapse.yaml --scenario ...: its run.json names them), with
+# the main run's rows: the alignments both share must give the same rows (rows_of checks it)
+BENIGN_ALL = (BENIGN, "docs/results/benign-relapse-hypotheses/results.csv")
 EVALUATOR_BUILD = "src/relapse/assets/toy/evaluator/relapse_build.json"
 
 
+LABELS = ("defense", "scenario", "step", "seed", "prompt_set", "detector", "metric")
+
+
 @cache
-def rows_of(results: str) -> tuple[dict, ...]:
-    with open(ROOT / results, newline="") as handle:
-        return tuple({**r, "value": float(r["value"]), "n": int(r["n"])} for r in csv.DictReader(handle))
+def rows_of(results: str | tuple[str, ...]) -> tuple[dict, ...]:
+    """The rows of a results file, or of several runs of one config, each row once: a row two runs share (the same
+    aligned model scored the same way) must have one value in both, else the runs disagree and no table is drawn."""
+    if isinstance(results, str):
+        with open(ROOT / results, newline="") as handle:
+            return tuple({**r, "value": float(r["value"]), "n": int(r["n"])} for r in csv.DictReader(handle))
+    kept: list[dict] = []
+    for part in results:
+        earlier = {tuple(r[k] for k in LABELS): r["value"] for r in kept}
+        for row in rows_of(part):
+            label = tuple(row[k] for k in LABELS)
+            if label not in earlier:
+                kept.append(row)
+            elif earlier[label] != row["value"]:
+                raise SystemExit(f"{part} disagrees with an earlier run on {dict(zip(LABELS, label))}: "
+                                 f"{earlier[label]} against {row['value']}")
+    return tuple(kept)
 
 
-def matching(results: str, **match) -> list[dict]:
+def matching(results: str | tuple[str, ...], **match) -> list[dict]:
     """Rows equal to ``match`` on each key (a tuple: any of its values)."""
     wanted = {k: tuple(map(str, v)) if isinstance(v, tuple) else (str(v),) for k, v in match.items()}
     return [r for r in rows_of(results) if all(r[k] in values for k, values in wanted.items())]
@@ -67,7 +88,7 @@ class Column:
 class RateTable:
     """Defenses as rows, model states as columns; each cell the concept rate over seeds, its trace rate in brackets."""
 
-    results: str
+    results: str | tuple[str, ...]
     rows: tuple[tuple[str, str], ...]  # (shown name, defense)
     columns: tuple[Column, ...]
     detector: str = "toy"
@@ -97,7 +118,7 @@ class HumanTable:
     """Each cell people labelled (seed ``seed``): their concept and trace rates beside the detector's on the same images
     (every image of the cell was labelled), with 95% Wilson intervals; ≠ where two intervals lie apart."""
 
-    results: str
+    results: str | tuple[str, ...]
     cells: tuple[tuple[str, dict], ...]  # (shown name, match)
     seed: int = 0
     detector: str = "toy"
@@ -135,7 +156,7 @@ class EvaluatorTable:
         return lines
 
 
-def runs(results: str, defense: str | None = None, **match) -> list[dict]:
+def runs(results: str | tuple[str, ...], defense: str | None = None, **match) -> list[dict]:
     """The rows of one figure, one per run; a defense written ``NAME@*`` pools every alignment of it (NAME@0, NAME@1, ...)."""
     found = matching(results, **match)
     if defense is None:
@@ -169,7 +190,7 @@ class Figure:
 class RunsTable:
     """Rows and columns that each add to a match; each cell the mean over its runs with a 95% interval over them."""
 
-    results: str
+    results: str | tuple[str, ...]
     corner: str
     rows: tuple[tuple[str, dict], ...]
     columns: tuple[Figure, ...]
@@ -191,19 +212,64 @@ class CellsTable:
     """Each row names its own cell under each column (a sequence of fine-tunes, defenses whose scenarios differ);
     each cell the mean over its runs with a 95% interval over them, empty where the row has none."""
 
-    results: str
+    results: str | tuple[str, ...]
     corner: str
     titles: tuple[str, ...]
     rows: tuple[tuple[str, tuple[dict | None, ...]], ...]
     figure: dict = field(default_factory=lambda: DIRECT)
+    scales: tuple[float, ...] = ()  # per column: 100 (a rate in %, the default) or 1 (a value as it is)
 
     def markdown(self) -> list[str]:
         lines = [f"| {self.corner} | " + " | ".join(self.titles) + " |", "|" + " --- |" * (len(self.titles) + 1)]
+        scales = self.scales or (100.0,) * len(self.titles)
         for shown, matches in self.rows:
-            cells = [over_runs(found) if match is not None and (found := runs(self.results, **(self.figure | match))) else ""
-                     for match in matches]
+            cells = [over_runs(found, scale) if match is not None and (found := runs(self.results, **(self.figure | match))) else ""
+                     for match, scale in zip(matches, scales)]
             if any(cells):
                 lines.append(f"| {shown} | " + " | ".join(cells) + " |")
+        return lines
+
+
+def ranks(values: list[float]) -> list[float]:
+    """Ranks from 1, ties sharing their mean rank."""
+    order = sorted(range(len(values)), key=values.__getitem__)
+    found = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in order[i:j + 1]:
+            found[k] = (i + j) / 2 + 1
+        i = j + 1
+    return found
+
+
+def spearman(x: list[float], y: list[float]) -> float:
+    return statistics.correlation(ranks(x), ranks(y))
+
+
+@dataclass(frozen=True)
+class RankTable:
+    """How well closeness orders relapse: over the domains, the Spearman correlation of each domain's rise in the concept
+    rate (after ``step`` fine-tune steps, minus before; mean over runs) with its closeness to the concept (the negated
+    distance of its data to the concept's images, by each measure)."""
+
+    results: str | tuple[str, ...]
+    domains: tuple[str, ...]  # scenarios
+    defense: str
+    step: int
+    measures: tuple[tuple[str, str], ...] = (("Frechet distance", "data_frechet_to_concept"), ("CMMD", "data_cmmd_to_concept"))
+
+    def markdown(self) -> list[str]:
+        def mean(**match) -> float:
+            return statistics.fmean(r["value"] for r in runs(self.results, self.defense if "defense" not in match else None, **match))
+
+        rises = [mean(**DIRECT, scenario=d, step=self.step) - mean(**DIRECT, scenario=d, step=0) for d in self.domains]
+        lines = ["| closeness by | Spearman correlation with the rise | domains |", "| --- | --- | --- |"]
+        for title, metric in self.measures:
+            closeness = [-statistics.fmean(r["value"] for r in runs(self.results, metric=metric, scenario=d)) for d in self.domains]
+            lines.append(f"| {title} | {spearman(closeness, rises):+.2f} | {len(self.domains)} |")
         return lines
 
 
@@ -212,7 +278,7 @@ class RelearningTable:
     """Relearning speed: the step at which each run's concept rate first reaches ``level`` on its sweep (linear between
     the two points around it); the median and range over the runs that reach it, and how many do."""
 
-    results: str
+    results: str | tuple[str, ...]
     scenario: str | tuple[str, ...]  # a tuple: whichever of them a model ran
     models: tuple[tuple[str, str], ...]  # (shown name, defense)
     level: float = 0.5
@@ -249,6 +315,11 @@ BENIGN_FINETUNES = (("adjacent LoRA, 200 steps", "adjacent-lora", 200), ("adjace
                     ("adjacent full, 200", "adjacent-full", 200), ("far full, 200", "far-full", 200),
                     ("own-generations full, 200", "own-full", 200), ("adjacent Modular LoRA, 200", "adjacent-modular", 200),
                     ("far Modular, 200", "far-modular", 200), ("own-generations Modular, 200", "own-modular", 200))
+
+
+H2_TITLES = ("far: new shapes", "far: sketches", "the base's own generations", "gradient new shapes", "striped new shapes",
+             "dotted new shapes", "gridded new shapes", "striped and dotted (adjacent)")
+H2_DOMAINS = ("far-lora", "sketch-lora", "own-lora", "gradient-lora", "striped-lora", "dotted-lora", "gridded-lora", "adjacent-lora")
 
 
 def _col(title: str, scenario: str, step: int, prompt_set: str = "target_direct", metric: str = "target_rate") -> Column:
@@ -347,20 +418,18 @@ TABLES: dict[str, Callable[[], object]] = {
         for title, scenario, step in (("aligned", "before", 0), *BENIGN_FINETUNES[:2], BENIGN_FINETUNES[2], BENIGN_FINETUNES[3],
                                       BENIGN_FINETUNES[4], BENIGN_FINETUNES[7])
         if defense != "never-learned" or scenario in ("before", "adjacent-lora", "far-lora", "own-lora"))),
-    "relearning": lambda: RelearningTable(BENIGN, ("malicious", "malicious-defended"), (
+    "relearning": lambda: RelearningTable(BENIGN_ALL, ("malicious", "malicious-defended"), (
         ("the unaligned base", "none"), ("never-learned", "never-learned"), ("ESD-u at 20%", "esd@*"), ("SDD at 20%", "sdd@*"),
-        ("ESD-u, 100 steps (0%)", "esd-complete"), ("ESD-u at 20% + LT", "esd+lt"), ("Resist at 20%", "resist"))),
-    "benign-h2": lambda: RunsTable(BENIGN, "benign data (LoRA, 200 steps)", tuple(
-        (title, {"scenario": scenario}) for title, scenario in (
-            ("far: new shapes", "far-lora"), ("far: sketches", "sketch-lora"), ("the base's own generations", "own-lora"),
-            ("gradient new shapes", "gradient-lora"), ("striped new shapes", "striped-lora"), ("dotted new shapes", "dotted-lora"),
-            ("gridded new shapes", "gridded-lora"), ("striped and dotted (adjacent)", "adjacent-lora"))), (
+        ("ESD-u, 100 steps (0%)", "esd-complete"), ("ESD-u at 20% + LT", "esd+lt"),
+        ("Resist (asked for 20%, at 5% on its first check)", "resist"))),
+    "benign-h2": lambda: RunsTable(BENIGN_ALL, "benign data (LoRA, 200 steps)", tuple(
+        (title, {"scenario": scenario}) for title, scenario in zip(H2_TITLES, H2_DOMAINS)), (
         Figure("FD to the concept's images", {"metric": "data_frechet_to_concept"}, 1.0),
         Figure("CMMD to them", {"metric": "data_cmmd_to_concept"}, 1.0, 2),
         Figure("ESD-u: concept after 200", DIRECT | {"defense": "esd@*", "step": 200}),
         Figure("ESD-u: trace", DIRECT | {"defense": "esd@*", "step": 200, "metric": "trace_rate"}),
         Figure("ESD-u: concept before", DIRECT | {"defense": "esd@*", "step": 0}))),
-    "benign-h3": lambda: CellsTable(BENIGN, "ESD-u at 20%, LoRA on", ("200 steps", "400", "600"), (
+    "benign-h3": lambda: CellsTable(BENIGN_ALL, "ESD-u at 20%, LoRA on", ("200 steps", "400", "600"), (
         ("shapes, then sketches, then patterns", ({"defense": "esd@*", "scenario": "sequence-1-shapes", "step": 200},
                                                   {"defense": "esd@*", "scenario": "sequence-2-sketch", "step": 200},
                                                   {"defense": "esd@*", "scenario": "sequence-3-patterns", "step": 200})),
@@ -369,19 +438,24 @@ TABLES: dict[str, Callable[[], object]] = {
         ("sketches alone", ({"defense": "esd@*", "scenario": "sketch-lora", "step": 200}, None,
                             {"defense": "esd@*", "scenario": "sketch-lora", "step": 600})),
         ("shapes alone", ({"defense": "esd@*", "scenario": "far-lora", "step": 200}, None, None)))),
-    "benign-h4": lambda: RunsTable(BENIGN, "ResAlign's protocol on", (
+    "benign-h4": lambda: RunsTable(BENIGN_ALL, "ResAlign's protocol on", (
         ("ESD-u at 20%", {"defense": "esd@*"}), ("SDD at 20%", {"defense": "sdd@*"})), (
         Figure("aligned", DIRECT | {"scenario": "before", "step": 0}),
         Figure("adjacent, 200 steps", DIRECT | {"scenario": "resalign-adjacent", "step": 200}),
         Figure("far, 200 steps", DIRECT | {"scenario": "resalign-far", "step": 200}),
         Figure("trace, adjacent", DIRECT | {"scenario": "resalign-adjacent", "step": 200, "metric": "trace_rate"}),
         Figure("cos, adjacent", {"scenario": "resalign-adjacent", "detector": "weights", "metric": "update_cosine_to_undo"}, 1.0, 3))),
-    "benign-defenses": lambda: CellsTable(BENIGN, "at a 20% residual", ("aligned", "adjacent LoRA 200", "trace after", "clean FD"), tuple(
+    "benign-defenses": lambda: CellsTable(BENIGN_ALL, "at a 20% residual", ("aligned", "adjacent LoRA 200", "trace after", "clean FD"), tuple(
         (shown, ({"defense": d, "scenario": "before", "step": 0}, {"defense": d, "scenario": sc, "step": 200},
                  {"defense": d, "scenario": sc, "step": 200, "metric": "trace_rate"},
                  {"defense": d, "scenario": "before", "step": 0, "prompt_set": "clean", "metric": "frechet_distance"}))
         for shown, d, sc in (("ESD-u", "esd@*", "adjacent-lora"), ("ESD-u + LT", "esd+lt", "adjacent-lora-defended"),
-                             ("Resist", "resist", "adjacent-lora-defended")))),
+                             ("Resist", "resist", "adjacent-lora-defended"))), scales=(100.0, 100.0, 100.0, 1.0)),
+    "benign-h2-rank": lambda: RankTable(BENIGN_ALL, H2_DOMAINS, "esd@*", 200),
+    "benign-defenses-human": lambda: HumanTable(BENIGN_ALL, tuple(
+        (f"{shown}, {title}", {"defense": defense, "scenario": scenario, "step": step, "prompt_set": "target_direct"})
+        for shown, defense in (("ESD-u + LT", "esd+lt"), ("Resist", "resist"))
+        for title, scenario, step in (("aligned", "before", 0), ("adjacent LoRA 200", "adjacent-lora-defended", 200)))),
     "evaluator-positives": lambda: EvaluatorTable(EVALUATOR_BUILD, ("clear", "degraded", "reported")),
     "evaluator-negatives": lambda: EvaluatorTable(EVALUATOR_BUILD, ("negative",)),
 }
@@ -457,9 +531,22 @@ BENIGN_GRID = (("base", {"defense": "none", "scenario": "before"}),
                ("never-learned", {"defense": "never-learned", "scenario": "before"}),
                ("never-learned + malicious 100", {"defense": "never-learned", "scenario": "malicious", "step": 100}),
                ("ESD-u@0 + malicious 100", {"defense": "esd@0", "scenario": "malicious", "step": 100}))
+HYPOTHESES_GRID = (("ESD-u@0 + striped LoRA 200", {"defense": "esd@0", "scenario": "striped-lora", "step": 200}),
+                   ("ESD-u@0 + dotted LoRA 200", {"defense": "esd@0", "scenario": "dotted-lora", "step": 200}),
+                   ("ESD-u@0 + gridded LoRA 200", {"defense": "esd@0", "scenario": "gridded-lora", "step": 200}),
+                   ("ESD-u@0 + gradient LoRA 200", {"defense": "esd@0", "scenario": "gradient-lora", "step": 200}),
+                   ("ESD-u@0 + sketch LoRA 600", {"defense": "esd@0", "scenario": "sketch-lora", "step": 600}),
+                   ("ESD-u@0 + shapes, sketch, patterns", {"defense": "esd@0", "scenario": "sequence-3-patterns", "step": 200}),
+                   ("ESD-u@0 + ResAlign's adjacent 200", {"defense": "esd@0", "scenario": "resalign-adjacent", "step": 200}),
+                   ("SDD@0 + ResAlign's adjacent 200", {"defense": "sdd@0", "scenario": "resalign-adjacent", "step": 200}),
+                   ("ESD-u + LT", {"defense": "esd+lt", "scenario": "before"}),
+                   ("ESD-u + LT + adjacent LoRA 200", {"defense": "esd+lt", "scenario": "adjacent-lora-defended", "step": 200}),
+                   ("Resist at 20%", {"defense": "resist", "scenario": "before"}),
+                   ("Resist + adjacent LoRA 200", {"defense": "resist", "scenario": "adjacent-lora-defended", "step": 200}),
+                   ("Resist + malicious 100", {"defense": "resist", "scenario": "malicious-defended", "step": 100}))
 
 
-def cell_grid(run_dir: Path, out: Path, cells=BENIGN_GRID, columns: int = 10, seed: int = 0) -> None:
+def cell_grid(run_dir: Path, out: Path, cells=BENIGN_GRID, results: str = BENIGN, columns: int = 10, seed: int = 0) -> None:
     """The first ``columns`` images of seed ``seed`` of each cell (direct prompts), found through the results file's
     sources in the study's run folder, one row per cell."""
     from relapse.measure.evaluate import load_images
@@ -468,7 +555,7 @@ def cell_grid(run_dir: Path, out: Path, cells=BENIGN_GRID, columns: int = 10, se
 
     rows = {}
     for label, match in cells:
-        found = runs(BENIGN, **(DIRECT | {"seed": seed, "step": 0} | match))
+        found = runs(results, **(DIRECT | {"seed": seed, "step": 0} | match))
         images_dir = run_dir / json.loads((run_dir / found[0]["source"]).read_text())["images"]
         rows[label] = list(load_images(images_dir, read_manifest(images_dir)[:columns]))
     save_grid(rows, out)
@@ -480,11 +567,15 @@ def main() -> int:
     parser.add_argument("--figures", action="store_true", help="also draw the figures made from code")
     parser.add_argument("--grid", type=Path, help="also draw docs/benign-relapse-grid.png from this run of "
                                                   "configs/benign-relapse.yaml (its images are not committed)")
+    parser.add_argument("--grid-hypotheses", type=Path, help="also draw docs/benign-relapse-hypotheses-grid.png from this "
+                                                             "run of the config's second part")
     args = parser.parse_args()
     if args.figures:
         strength_strip(ROOT / "docs" / "evaluator-strength.png")
     if args.grid:
         cell_grid(args.grid, ROOT / "docs" / "benign-relapse-grid.png")
+    if args.grid_hypotheses:
+        cell_grid(args.grid_hypotheses, ROOT / "docs" / "benign-relapse-hypotheses-grid.png", HYPOTHESES_GRID, BENIGN_ALL[1])
     stale = []
     for name in PAGES:
         page = Page(ROOT / name)
