@@ -110,7 +110,7 @@ def test_an_audit_generates_with_every_sampler_field_it_is_given(tmp_path, tiny_
     import relapse.measure.evaluate
 
     seen = []
-    monkeypatch.setattr(relapse.measure.evaluate, "evaluate", lambda images, **_: seen.append(images) or {"target_rate": {"rate": 0.0}})
+    monkeypatch.setattr(relapse.measure.evaluate, "evaluate", lambda images, *_, **__: seen.append(images) or {"target_rate": {"rate": 0.0}})
     layers, config = lora_layers(2, ["to_v"])
     write_lora(tmp_path / "user", layers, config)
     config = relapse.AuditConfig(prompts="toy:target_direct", resolution=48, force_guidance=1.5, steps=2, images_per_prompt=2)

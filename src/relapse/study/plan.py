@@ -61,63 +61,57 @@ class Step:
 
 
 @dataclass(eq=False)
-class AlignStep(Step):
-    """An alignment stage on ``reads``: a training run, a closed-form edit or a retraining (its method's ``run``)."""
+class OnModel(Step):
+    """A step that loads a model (``reads``: its base and LoRAs, as the steps that made them)."""
 
     reads: ModelState | None = None
-    config: object = None  # the stage's typed config, less what the study sets when it runs
-    kind, output, first, device = "align", "run", 0, True
 
     def models_read(self) -> list[ModelState]:
         return [self.reads]
+
+
+@dataclass(eq=False)
+class AlignStep(OnModel):
+    """An alignment stage on ``reads``: a training run, a closed-form edit or a retraining (its method's ``run``)."""
+
+    config: object = None  # the stage's typed config, less what the study sets when it runs
+    kind, output, first, device = "align", "run", 0, True
 
     def run(self, executor) -> None:
         executor.align(self)
 
 
 @dataclass(eq=False)
-class FinetuneStep(Step):
+class FinetuneStep(OnModel):
     """A fine-tune of ``reads`` on its data (``data``: the generate step that made it, or else the config's source)."""
 
-    reads: ModelState | None = None
     data: GenerateStep | None = None
     config: object = None  # the fine-tune's typed config, less what the study sets when it runs
     kind, output, first, device = "finetune", "run", 1, True
-
-    def models_read(self) -> list[ModelState]:
-        return [self.reads]
 
     def run(self, executor) -> None:
         executor.finetune(self)
 
 
 @dataclass(eq=False)
-class AttackStep(Step):
+class AttackStep(OnModel):
     """Adversarial prompts against ``reads``, toward the images ``targets`` drew."""
 
-    reads: ModelState | None = None
     targets: GenerateStep | None = None
     config: object = None  # the prompt set's attack config
     kind, output, first, device = "attack", "folder", 2, True
-
-    def models_read(self) -> list[ModelState]:
-        return [self.reads]
 
     def run(self, executor) -> None:
         executor.attack(self)
 
 
 @dataclass(eq=False)
-class GenerateStep(Step):
+class GenerateStep(OnModel):
     """Images of a prompt set on ``reads`` (``prompts``: the attack step that wrote them, for an adversarial set)."""
 
-    reads: ModelState | None = None
     images: int = 0
     prompts: AttackStep | None = None
     kind, output, first, device = "generate", "folder", 2, True
-
-    def models_read(self) -> list[ModelState]:
-        return [self.reads]
 
     def run(self, executor) -> None:
         executor.generate(self)
@@ -138,10 +132,9 @@ class EvaluateStep(Step):
 
 
 @dataclass(eq=False)
-class WeightsStep(Step):
+class WeightsStep(OnModel):
     """A fine-tune's update (``reads`` against ``before``) against its alignment's (``before`` against the base)."""
 
-    reads: ModelState | None = None
     before: ModelState | None = None
     kind, output, first, device = "weights", "json", 3, False
 
