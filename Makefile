@@ -29,7 +29,7 @@ browser:
 	  ($(SUDO) apt-get update && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium chromium-driver)
 
 # Two test processes of one thread each: the tests' models are too small to split across threads, and two
-# processes of two threads on two cores slow each other several-fold (docs/measurements.md, session 15).
+# processes of two threads on two cores slow each other several-fold (docs/measurements.md).
 test: setup browser
 	OMP_NUM_THREADS=1 $(VENV)/bin/pytest -q -n 2
 

@@ -396,11 +396,11 @@ def test_shipped_toy_studies_plan(name, tmp_path, run_cli):
     assert code == 0, err
     assert "finetune" in out and "weights" in out and not (tmp_path / "run").exists()
     config, demo = (yaml.safe_load((configs / f"{n}.yaml").read_text()) for n in (name, "toy"))
-    assert {"none", "esd", "sdd", "lt", "ng", "esd+lt", "resist"} <= set(config["defenses"])  # issue 13: side by side
+    assert {"none", "esd", "sdd", "lt", "ng", "esd+lt", "resist"} <= set(config["defenses"])  # every defense side by side
     assert config["defenses"]["esd"][0]["params"] == "noxattn"  # ESD-u, the nudity protocol
     groups = {s["group"] for s in config["scenarios"].values()}
     assert {"benign", "malicious", "other roads back"} <= groups <= {"benign", "malicious", "unsimulated", "other roads back"}
-    assert any(spec.get("attack") for spec in config["prompt_sets"].values())  # issue 14: adversarial prompts, too
+    assert any(spec.get("attack") for spec in config["prompt_sets"].values())  # adversarial prompts, too
     if name == "toy-quick":  # the demo's grid, with few steps
         assert (set(config["defenses"]), set(config["scenarios"])) == (set(demo["defenses"]), set(demo["scenarios"]))
     if name == "toy-full":  # every defense of the real protocol
