@@ -61,3 +61,17 @@ def test_align_lists_every_registered_method(run_cli, monkeypatch):
     monkeypatch.setenv("COLUMNS", "300")
     code, out, _ = run_cli("align", "--help")
     assert code == 0 and all(f" {name} " in out for name in METHODS.names())
+
+
+def test_every_flag_of_every_command_says_what_it_is():
+    from relapse.attack.prompts import AttackPromptsConfig
+    from relapse.finetuning.base import FinetuneConfig
+    from relapse.measure.evaluate import EvaluateRunConfig
+    from relapse.sampling import GenerateConfig
+    from relapse.verdict.audit import AuditRunConfig
+
+    configs = [METHODS.get(n).config for n in METHODS.names()] + [FinetuneConfig, GenerateConfig, EvaluateRunConfig,
+                                                                   AuditRunConfig, AttackPromptsConfig]
+    silent = [f"{c.__name__}.{n}" for c in configs for n, i in c.model_fields.items()
+              if n != "method" and plain_type(i.annotation) is not None and not i.description]
+    assert not silent

@@ -71,8 +71,8 @@ class ResistConfig(ConceptConfig):
     attack_steps: list[int] = Field([200], min_length=1, description="steps of one simulated fine-tune (one is drawn per attack)")
     inner_steps: int = Field(5, gt=0, description="K: attack steps per outer step; an attack carries on across outer steps "
                                                    "until it has taken its attack_steps")
-    attack_rank: int = Field(8, gt=0)
-    attack_batch: int = Field(8, gt=0)
+    attack_rank: int = Field(8, gt=0, description="rank of the simulated LoRA attacks")
+    attack_batch: int = Field(8, gt=0, description="images per step of a simulated attack")
     benign_share: float = Field(0.25, ge=0, le=1, description="probability that a simulated attack trains on benign data")
 
 
