@@ -66,11 +66,13 @@ def test_in_memory_generation_and_evaluation_equal_the_cli_folders(tiny_model_di
     options = {"weights": str(tiny_evaluator_dir)}
     in_memory = relapse.evaluate(made, relapse.EvaluateConfig(detector="toy", detector_options=options))
     from_folder = run_evaluate(EvaluateRunConfig(images=folder, detector="toy", detector_options=options))
-    assert in_memory["target_rate"] == from_folder["target_rate"]
-    assert [e["is_target"] for e in in_memory["per_image"]] == [e["is_target"] for e in from_folder["per_image"]]
+    assert in_memory.target_rate.model_dump() == from_folder["target_rate"]  # the same figures, in memory and on disk
+    assert in_memory.to_json()["target_rate"] == from_folder["target_rate"] and in_memory.target_rate.n == len(made.images)
+    assert in_memory.target_rate.interval == tuple(from_folder["target_rate"]["ci95"])
+    assert [e["is_target"] for e in in_memory.per_image] == [e["is_target"] for e in from_folder["per_image"]]
     as_array = relapse.evaluate(np.stack([np.asarray(i.convert("RGB")) for i in made.images]),
                                 relapse.EvaluateConfig(detector_options=options), prompts=made.prompts)
-    assert as_array["target_rate"] == in_memory["target_rate"]
+    assert as_array.target_rate == in_memory.target_rate
     saved = made.save(tmp_path / "saved")
     assert [r["file"] for r in read_manifest(saved)] == [r["file"] for r in on_disk]
 
@@ -86,8 +88,8 @@ def test_the_readme_python_example_runs_on_the_toy_model(tmp_path, monkeypatch, 
     monkeypatch.chdir(tmp_path)
     exec(compile(block, "README.md", "exec"), {})
     printed = capsys.readouterr().out
-    concept, trace, _ = printed.strip().splitlines()[-1].rsplit(" ", 2)
-    assert eval(concept)["rate"] >= 0.9 and float(trace) == 1.0  # the unaligned toy model draws the concept on every direct prompt
+    concept, trace, distance = map(float, printed.strip().splitlines()[-1].split())
+    assert concept >= 0.9 and trace == 1.0 and distance > 0  # the unaligned toy model draws the concept on every direct prompt
     assert len(read_manifest(tmp_path / "runs" / "direct")) == 30
 
 

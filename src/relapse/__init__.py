@@ -9,7 +9,7 @@ and write disk around it::
     pipe = relapse.load("toy")  # the embedded toy model, a local diffusers folder or a hub id
     images = relapse.generate(pipe, relapse.SamplerConfig(images_per_prompt=2, steps=8), prompts="toy:target_direct")
     result = relapse.evaluate(images, relapse.EvaluateConfig(detector="toy"))
-    result["target_rate"]  # {"rate": ..., "ci95": [...], "n": ...}
+    result.target_rate.rate, result.target_rate.interval, result.target_rate.n
 
 Names are imported on first use, so ``import relapse`` stays light (no torch until it is needed).
 """
@@ -27,6 +27,9 @@ _EXPORTS = {
     "SamplerConfig": ("relapse.sampling", "SamplerConfig"),
     "GenerateConfig": ("relapse.sampling", "GenerateConfig"),
     "EvaluateConfig": ("relapse.measure.evaluate", "EvaluateConfig"),
+    "Evaluation": ("relapse.measure.evaluate", "Evaluation"),
+    "Rate": ("relapse.measure.evaluate", "Rate"),
+    "AuditResult": ("relapse.verdict.audit", "AuditResult"),
     "AuditConfig": ("relapse.verdict.audit", "AuditConfig"),
     "evaluate": ("relapse.measure.evaluate", "evaluate"),
     "erase": ("relapse.align.api", "erase"),

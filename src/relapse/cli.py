@@ -134,18 +134,17 @@ def print_audit(cfg) -> None:
     from relapse.verdict.audit import run_audit
 
     result, folder = run_audit(cfg)
-    screen = result["screen"]
+    screen = result.screen
     if screen:
         typer.echo(f"screen: cos(dW_lora, -dW_safe) {screen['cosine_to_undo']:+.3f}, projection {screen['projection_to_undo']:+.3f}, "
                    f"subspace share {screen['safe_subspace_share']:.3f}")
-    if result["verdict"] is None:
+    if result.verdict is None:
         typer.echo(f"screened only -> {folder}")
         return
-    rates = {key: result[key]["target_rate"] for key in ("aligned", "with_lora")}
-    typer.echo(f"{result['verdict']}: target rate {100 * rates['with_lora']['rate']:.1f}% with the LoRA "
-               f"({100 * rates['aligned']['rate']:.1f}% without; n = {rates['with_lora']['n']}), threshold "
-               f"{100 * result['fail_above']:.1f}% -> {folder}")
-    if result["verdict"] == "FAIL":
+    with_lora, aligned = result.with_lora.target_rate, result.aligned.target_rate
+    typer.echo(f"{result.verdict}: target rate {100 * with_lora.rate:.1f}% with the LoRA ({100 * aligned.rate:.1f}% without; "
+               f"n = {with_lora.n}), threshold {100 * result.fail_above:.1f}% -> {folder}")
+    if result.verdict == "FAIL":
         raise typer.Exit(1)
 
 

@@ -142,7 +142,7 @@ def test_the_audit_screens_a_lora_on_each_denoiser_kind(tmp_path, name):
     undo = relapse.TrainedModule("lora", {k: -v if ".lora_B." in k else v for k, v in safety.weights.items()},
                                  lora_config=safety.lora_config, component=safety.component)
     undo.save(tmp_path / "undo")
-    report = relapse.audit(pipe, relapse.AuditConfig(screen_only=True), lora=tmp_path / "undo", safety=[safety])
+    report = relapse.audit(pipe, relapse.AuditConfig(screen_only=True), lora=tmp_path / "undo", safety=[safety]).to_json({})
     assert report["screen"]["cosine_to_undo"] == pytest.approx(1.0, abs=1e-4)
 
 

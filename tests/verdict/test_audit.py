@@ -47,7 +47,7 @@ def test_a_lora_that_negates_the_safety_lora_screens_as_undoing_all_of_it_in_eve
     sources = [write_lora(tmp_path / "ours", undo, config).parent, write_kohya(tmp_path / "kohya.safetensors", undo, 4.0)]
     before = {k: v.clone() for k, v in tiny_pipe.unet.state_dict().items()}
     for source in sources:
-        screen = relapse.audit(tiny_pipe, SCREEN, lora=source, safety=[path])["screen"]
+        screen = relapse.audit(tiny_pipe, SCREEN, lora=source, safety=[path]).screen
         assert screen["tensors_shared"] == screen["tensors_ft"] == screen["tensors_safe"] > 0
         for figure in ("cosine_to_undo", "projection_to_undo", "safe_subspace_share"):
             assert screen[figure] == pytest.approx(1, abs=1e-5), (source, figure)
@@ -60,7 +60,7 @@ def test_a_lora_on_layers_the_safety_lora_never_touched_screens_as_harmless(tmp_
     # written as diffusers' train_text_to_image_lora.py writes its LoRA (peft tensors in diffusers' naming, no metadata)
     StableDiffusionPipeline.save_lora_weights(tmp_path / "script", unet_lora_layers=convert_state_dict_to_diffusers(layers),
                                               safe_serialization=True)
-    screen = relapse.audit(tiny_pipe, SCREEN, lora=tmp_path / "script", safety=[safety[0]])["screen"]
+    screen = relapse.audit(tiny_pipe, SCREEN, lora=tmp_path / "script", safety=[safety[0]]).screen
     assert screen["tensors_shared"] == 0 and screen["tensors_ft"] > 0
     assert screen["projection_to_undo"] == screen["safe_subspace_share"] == 0.0 and screen["cosine_to_undo"] is None
 
@@ -71,8 +71,8 @@ def test_a_full_weights_defense_is_screened_against_its_base(tmp_path, safety):
     relapse.TrainedModule("lora", layers, lora_config=config).apply(aligned)  # an "aligned model" with no safety LoRA
     undo = {name: -t if "lora_B" in name else t for name, t in layers.items()}
     source = write_lora(tmp_path / "undo", undo, config).parent
-    assert relapse.audit(aligned, SCREEN, lora=source)["screen"] is None  # nothing to compare with
-    screen = relapse.audit(aligned, SCREEN, lora=source, base=build_pipeline(ToyModelSize.tiny(), seed=0))["screen"]
+    assert relapse.audit(aligned, SCREEN, lora=source).screen is None  # nothing to compare with
+    screen = relapse.audit(aligned, SCREEN, lora=source, base=build_pipeline(ToyModelSize.tiny(), seed=0)).screen
     assert screen["projection_to_undo"] == pytest.approx(1, abs=1e-5)
 
 
@@ -110,7 +110,8 @@ def test_an_audit_generates_with_every_sampler_field_it_is_given(tmp_path, tiny_
     import relapse.measure.evaluate
 
     seen = []
-    monkeypatch.setattr(relapse.measure.evaluate, "evaluate", lambda images, *_, **__: seen.append(images) or {"target_rate": {"rate": 0.0}})
+    monkeypatch.setattr(relapse.measure.evaluate, "evaluate", lambda images, *_, **__: seen.append(images) or relapse.Evaluation(
+        detector="toy", n_images=len(images.images), target_rate={"rate": 0.0, "ci95": [0.0, 1.0], "n": 0, "k": 0}))
     layers, config = lora_layers(2, ["to_v"])
     write_lora(tmp_path / "user", layers, config)
     config = relapse.AuditConfig(prompts="toy:target_direct", resolution=48, force_guidance=1.5, steps=2, images_per_prompt=2)

@@ -50,6 +50,39 @@ class EvaluateRunConfig(EvaluateConfig):
     json_out: Path | None = Field(None, alias="json", description="also write the result here as JSON")
 
 
+class Rate(BaseModel):
+    """A rate with its 95% Wilson interval: ``k`` of ``n`` images."""
+
+    model_config = ConfigDict(frozen=True)
+
+    rate: float
+    ci95: list[float]
+    n: int
+    k: int
+
+    @property
+    def interval(self) -> tuple[float, float]:
+        return self.ci95[0], self.ci95[1]
+
+
+class Evaluation(BaseModel):
+    """What :func:`evaluate` finds in a set of images: ``target_rate`` and ``trace_rate`` (:class:`Rate`: ``.rate``,
+    ``.interval``, ``.n``), and every other figure the detector declares as an attribute of the same name
+    (``shape_accuracy``, ``frechet_distance``, a score's ``{"mean", "sd", "ci95", "n"}``); ``per_image`` keeps each
+    image's verdicts. :meth:`to_json` is what ``relapse evaluate`` writes."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    detector: str
+    n_images: int
+    target_rate: Rate | None = None
+    trace_rate: Rate | None = None
+    per_image: list[dict] = Field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return self.model_dump(mode="json", exclude_none=True)
+
+
 def load_images(images_dir: Path, rows: list[dict]) -> np.ndarray:
     arrays = []
     for row in rows:
@@ -142,7 +175,7 @@ def as_array(images) -> np.ndarray:
     return np.stack([np.asarray(image.convert("RGB")) for image in images])
 
 
-def evaluate(images, config: EvaluateConfig | None = None, *, prompts: list[str] | None = None) -> dict:
+def evaluate(images, config: EvaluateConfig | None = None, *, prompts: list[str] | None = None) -> Evaluation:
     """Score images with a detector, in memory.
 
     Args:
@@ -154,12 +187,12 @@ def evaluate(images, config: EvaluateConfig | None = None, *, prompts: list[str]
             rate compare the detector's reading of each image with what its prompt asks for.
 
     Returns:
-        A dict: ``n_images``, ``target_rate`` (rate, 95% Wilson interval, n), attribute accuracies, ``target_on_prompt_rate``,
-        score means, ``frechet_distance`` when a reference is given, and ``per_image`` verdicts.
+        An :class:`Evaluation`: ``target_rate`` (``.rate``, its 95% Wilson ``.interval``, ``.n``), attribute accuracies,
+        ``target_on_prompt_rate``, score means, ``frechet_distance`` when a reference is given, ``per_image`` verdicts.
 
     Example:
         >>> images = relapse.generate(pipe, relapse.SamplerConfig(steps=8, images_per_prompt=1), prompts="toy:target_direct")
-        >>> relapse.evaluate(images)["target_rate"]["rate"]
+        >>> relapse.evaluate(images).target_rate.rate
         1.0
     """
     config = config or EvaluateConfig()
@@ -169,8 +202,8 @@ def evaluate(images, config: EvaluateConfig | None = None, *, prompts: list[str]
         if prompts is None or len(prompts) != len(images):
             raise UserError(f"give one prompt per image ({len(images)} images, {0 if prompts is None else len(prompts)} prompts)")
         rows = [{"file": None, "prompt": prompt, "seed": None} for prompt in prompts]
-    return score(as_array(images), rows, build_detector(config.detector, **config.options()), config.detector,
-                 load_dataset(config.reference) if config.reference else None)
+    return Evaluation(**score(as_array(images), rows, build_detector(config.detector, **config.options()), config.detector,
+                              load_dataset(config.reference) if config.reference else None))
 
 
 def run_evaluate(cfg: EvaluateRunConfig) -> dict:
