@@ -180,7 +180,7 @@ AUDIT_JSON = "audit.json"
 def run_audit(cfg: AuditRunConfig) -> tuple[AuditResult, Path]:
     """``relapse audit``: load, audit, and write OUT (audit.json, audit.html, the images) in one rename."""
     from relapse.io import atomic_dir, run_record, write_json
-    from relapse.models.loading import load_pipeline
+    from relapse.models.loading import load_model
     from relapse.models.lora import checked_lora_file, resolve_lora_specs
     from relapse.verdict.page import write_audit_page
 
@@ -188,8 +188,8 @@ def run_audit(cfg: AuditRunConfig) -> tuple[AuditResult, Path]:
     cfg = cfg.defaults_for(cfg.model)
     safety = resolve_lora_specs(cfg.safety, cfg.safety_scales)
     out = cfg.out or Path("runs") / f"audit-{lora_path.parent.name if lora_path.parent.name else lora_path.stem}"
-    pipe = load_pipeline(cfg.model, device=cfg.device)
-    base = load_pipeline(cfg.base, device="cpu") if cfg.base else None
+    pipe = load_model(cfg.model, device=cfg.device).pipe  # the safety LoRAs are the audit's to fuse: it measures both sides
+    base = load_model(cfg.base, device="cpu").pipe if cfg.base else None
     result = audit(pipe, cfg, lora=lora_path, safety=safety, base=base)
     with atomic_dir(out) as tmp:
         folders = {key: str(images.save(tmp / "images" / key).relative_to(tmp)) for key, images in result.images.items()}
