@@ -46,6 +46,7 @@ _EXPORTS = {
     "ResistConfig": ("relapse.align.resist", "ResistConfig"),
     "NeverLearnedConfig": ("relapse.align.never_learned", "NeverLearnedConfig"),
     "UCEConfig": ("relapse.align.uce", "UCEConfig"),
+    "CAConfig": ("relapse.align.ca", "CAConfig"),
     "FinetuneConfig": ("relapse.finetuning.base", "FinetuneConfig"),
     "Prompt": ("relapse.data.prompts", "Prompt"),
     "Study": ("relapse.study.run", "Study"),

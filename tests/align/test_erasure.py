@@ -11,6 +11,7 @@ from relapse.align import METHODS
 from relapse.align.api import run_align
 from relapse.align.erasure import ErasureMethod
 from relapse.align.esd import ESDConfig
+from relapse.errors import UserError
 from relapse.models.components import ToyModelSize, build_pipeline
 from relapse.models.families import family_of
 from relapse.models.lora import LoraSpec, merge_loras
@@ -22,8 +23,9 @@ ERASERS = [name for name in METHODS.names() if issubclass(METHODS.get(name), Era
 
 
 def small_cfg(tmp_path, method, **kw):
+    named = {"concept": ["checkered"]} if method == "ca" else {}  # CA steers each prompt to itself less the concept's words
     return METHODS.get(method).config(**{"concept": CONCEPT, "out": tmp_path / "out", "steps": 3, "batch_size": 2,
-                                         "sample_steps": 3} | kw)
+                                         "sample_steps": 3} | named | kw)
 
 
 def ready(pipe, cfg):
@@ -183,3 +185,29 @@ def test_sdd_publishes_its_student_not_its_teacher(tmp_path, tiny_pipe):
     student, _ = adapter_lora(tiny_pipe.unet)
     assert method.cfg.ema_decay is None and method.teacher.decay == 0.999
     assert all(torch.equal(module.weights[name], tensor) for name, tensor in student.items())
+
+
+def test_ca_pulls_the_concept_prompt_toward_its_anchor_on_the_anchors_images(tmp_path, tiny_pipe):
+    """CA (model-based): on the anchor's images, the concept prompt's prediction moves to the anchor prompt's."""
+    cfg = small_cfg(tmp_path, "ca", anchor_images=2, lr=1e-2, **{"as": "full"})
+    ca, params = ready(tiny_pipe, cfg)
+    again, _ = ready(build_pipeline(ToyModelSize.tiny(), seed=0), cfg)
+    assert ca.anchor_latents.shape[:2] == (1, 2) and torch.equal(ca.anchor_latents, again.anchor_latents)  # from the seed
+    assert ca.frozen_denoiser is None  # no frozen copy: the target is the training model's own prediction
+    assert {n for n, p in tiny_pipe.unet.named_parameters() if p.requires_grad} == {
+        n for n, _ in tiny_pipe.unet.named_parameters() if ".attn2.to_k." in n or ".attn2.to_v." in n}
+    optimizer = torch.optim.Adam(params, lr=cfg.lr)
+    losses = []
+    for step in range(10):
+        ca.gen.manual_seed(7)  # the same batch, noise and steps each time
+        loss, _ = ca.loss(tiny_pipe.unet, step, 0, 0)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[0] > 0 and losses[-1] < 0.5 * losses[0]
+
+
+def test_ca_refuses_a_concept_prompt_that_is_its_own_anchor(tmp_path):
+    with pytest.raises(UserError, match="is its own anchor"):
+        METHODS.get("ca")(small_cfg(tmp_path, "ca", concept=CONCEPT)).check()

@@ -16,17 +16,27 @@ from relapse.train.engine import TrainConfig, TrainingMethod
 
 class AlignConfig(TrainConfig):
     as_: Literal["lora", "full"] = Field("lora", alias="as", description="a safety LoRA or full weights")
-    params: Literal["xattn", "noxattn", "all"] = Field("xattn", description="cross-attention (ESD-x), the rest (ESD-u) or every layer")
+    params: Literal["xattn", "xattn-kv", "noxattn", "all"] = Field(
+        "xattn", description="cross-attention (ESD-x), its key and value projections alone (CA's, UCE's), the rest (ESD-u) "
+                             "or every layer")
 
     @property
     def writes(self) -> str:
         return self.as_
 
 
+KEY_VALUE = (".to_k.", ".to_v.", ".add_k_proj.", ".add_v_proj.")  # where the text becomes keys and values
+
+
 def selects(name: str, params: str, family) -> bool:
     """Whether parameter ``name`` is in the set: the layers that read the text (a UNet's cross-attention, an MMDiT's
-    text-stream projections), the rest, or all."""
-    return params == "all" or (params == "xattn") == any(mark in name for mark in family.cross_attention)
+    text-stream projections), their key and value projections alone, the rest, or all."""
+    if params == "all":
+        return True
+    reads_text = any(mark in name for mark in family.cross_attention)
+    if params == "xattn-kv":
+        return reads_text and any(mark in name for mark in KEY_VALUE)
+    return (params == "xattn") == reads_text
 
 
 def lora_targets(denoiser, params: str, family) -> list[str]:

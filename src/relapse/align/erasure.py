@@ -144,7 +144,7 @@ class ConceptMethod(AlignMethod):
 
 
 class ErasureMethod(ConceptMethod):
-    """Base of ESD-like methods: override ``erasure_loss``; ``after_step`` and the state hooks are optional."""
+    """Base of ESD-like methods: override ``erasure_loss``; ``draw_xt``, ``after_step`` and the state hooks are optional."""
 
     config = ErasureConfig
 
@@ -154,6 +154,11 @@ class ErasureMethod(ConceptMethod):
         self.gen = torch.Generator().manual_seed(self.cfg.seed + PROCESS_SEED_STRIDE * process)
         self.concept, self.anchor = self.family.encode(self.concepts), self.family.encode(self.anchors)
         self.uncond = self.family.encode([""])
+
+    def draw_xt(self, pick: torch.Tensor, cond: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """x_t and its timestep for the concept prompts ``pick`` (encoded: ``cond``): sampled from the model being
+        trained (ESD, SDD); a method that noises images instead overrides this."""
+        return self.sample_xt(cond, take(self.uncond, torch.zeros(len(pick), dtype=torch.long)))
 
     @torch.no_grad()
     def sample_xt(self, cond: dict, uncond: dict):
@@ -171,10 +176,9 @@ class ErasureMethod(ConceptMethod):
 
     def loss(self, model, step: int, micro: int, process: int) -> tuple[torch.Tensor, dict[str, float]]:
         """Pick concept prompts, sample x_t from the model being trained, and take the method's loss."""
-        batch = self.cfg.batch_size
-        pick = torch.randint(0, size(self.concept), (batch,), generator=self.gen)
+        pick = torch.randint(0, size(self.concept), (self.cfg.batch_size,), generator=self.gen)
         cond = take(self.concept, pick)
-        x_t, t = self.sample_xt(cond, take(self.uncond, torch.zeros(batch, dtype=torch.long)))
+        x_t, t = self.draw_xt(pick, cond)
         loss = self.erasure_loss(model, x_t, t, cond, take(self.anchor, pick))
         return loss, {"loss": round(loss.item(), 6)}
 
