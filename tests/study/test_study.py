@@ -15,6 +15,8 @@ import pytest
 import torch
 import yaml
 
+from relapse.align import METHODS as ALIGN_METHODS
+from relapse.align.edit import EditMethod
 from relapse.errors import UserError
 from relapse.study.config import StudyConfig
 from relapse.study.executor import Executor
@@ -432,9 +434,6 @@ def test_two_cpu_processes_give_the_rows_of_one(study_yaml, tmp_path):
     assert not list((tmp_path / "two" / "steps").glob("*.partial"))
 
 
-CLOSED_FORM = ("uce",)
-
-
 def tiny_version(config: dict, tmp_path, model_dir, clip_dir) -> dict:
     """The same study structure on tiny components and files: user paths -> tiny data and weights, few steps, no fp16."""
     import torch
@@ -460,7 +459,7 @@ def tiny_version(config: dict, tmp_path, model_dir, clip_dir) -> dict:
     cpu = {"optimizer": "adamw"}  # 8-bit AdamW is a GPU library's; every other setting stays as the config has it
     for stages in config["defenses"].values():
         for stage in stages:
-            if stage["method"] in CLOSED_FORM:  # a closed-form edit has no steps to shorten
+            if issubclass(ALIGN_METHODS.get(stage["method"]), EditMethod):  # a closed-form edit has no steps to shorten
                 continue
             stage.update(steps=1, **cpu, **({"sample_steps": 2, "resolution": 32} if stage["method"] in ("esd", "sdd") else {}))
     for scenario in config["scenarios"].values():
