@@ -341,8 +341,8 @@ def test_a_study_folder_saved_before_a_field_was_added_resumes(study_yaml, tmp_p
 
 @pytest.mark.parametrize("change, message", [
     ({"before": ["nope"]}, "prompt sets \\['nope'\\]"),
-    ({"defenses": {"x": [{"concept": ["a"]}]}}, "needs a method, one of: esd, lt, never-learned, ng"),
-    ({"defenses": {"x": [{"method": "esx", "concept": ["a"]}]}}, "needs a method, one of: esd"),
+    ({"defenses": {"x": [{"concept": ["a"]}]}}, "needs a method, one of: " + ", ".join(ALIGN_METHODS.names())),
+    ({"defenses": {"x": [{"method": "esx", "concept": ["a"]}]}}, "needs a method, one of: " + ", ".join(ALIGN_METHODS.names())),
     ({"defenses": {"x": [{"method": "esd", "concept": ["a"], "model": "m"}]}}, "set by the study"),
     ({"defenses": {"x": [{"method": "lt", "clean": "toy:clean", "harmful": "toy:harmful", "as": "full"},
                          {"method": "esd", "concept": ["a"]}]}}, "must come first"),
