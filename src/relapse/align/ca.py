@@ -26,7 +26,6 @@ from relapse.align import METHODS
 from relapse.align.base import AlignMethod
 from relapse.align.erasure import ErasureConfig, ErasureMethod
 from relapse.errors import UserError
-from relapse.models.families.base import size, take
 
 
 class CAConfig(ErasureConfig):
@@ -60,31 +59,10 @@ class CA(ErasureMethod):
 
     def setup(self, pipe, process: int) -> None:
         super().setup(pipe, process)
-        self.anchor_latents = self.draw_anchor_images()
-
-    @torch.no_grad()
-    def draw_anchor_images(self) -> torch.Tensor:
-        """``anchor_images`` images of each anchor prompt, sampled to the end by the model before it trains
-        (``sample_steps`` steps of its sampler at ``sample_guidance``): latents on the CPU, (prompts, images, ...)."""
-        cfg, family = self.cfg, self.family
-        rows = torch.arange(size(self.anchor)).repeat_interleave(cfg.anchor_images)
-        drawn = []
-        for part in rows.split(cfg.batch_size):
-            cond, uncond = take(self.anchor, part), take(self.uncond, torch.zeros(len(part), dtype=torch.long))
-            sched = family.sampler(cfg.sample_steps, cfg.resolution)
-            x = torch.randn(family.latent_shape(len(part), cfg.resolution), generator=self.gen).to(family.device)
-            for t in sched.timesteps:
-                tt = t.expand(len(x)).to(family.device)
-                x = sched.step(family.guided(family.denoiser(), x, tt, cond, uncond, cfg.sample_guidance), t, x).prev_sample
-            drawn.append(x.cpu())
-        return torch.cat(drawn).unflatten(0, (size(self.anchor), cfg.anchor_images))
+        self.anchor_latents = self.draw_images(self.anchor, self.cfg.anchor_images)
 
     def draw_xt(self, pick: torch.Tensor, cond: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """One of each picked prompt's anchor images, noised to a random step."""
-        objective, device = self.family.objective, self.family.device
-        z0 = self.anchor_latents[pick, torch.randint(0, self.cfg.anchor_images, (len(pick),), generator=self.gen)]
-        noise, t = torch.randn(z0.shape, generator=self.gen), objective.draw_t(len(z0), self.gen)
-        return objective.noisy(z0, noise, t).to(device), t.to(device)
+        return self.noised(self.anchor_latents, pick)
 
     def erasure_loss(self, model, x_t, t, cond, anchor) -> torch.Tensor:
         """The concept prompt's prediction pulled to the anchor prompt's, the latter without a gradient."""

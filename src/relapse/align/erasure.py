@@ -161,6 +161,30 @@ class ErasureMethod(ConceptMethod):
         return self.sample_xt(cond, take(self.uncond, torch.zeros(len(pick), dtype=torch.long)))
 
     @torch.no_grad()
+    def draw_images(self, prompts: dict, each: int) -> torch.Tensor:
+        """``each`` images of every prompt of ``prompts`` (encoded), sampled to the end by the model as it is (``sample_steps``
+        steps of its sampler at ``sample_guidance``): latents on the CPU, (prompts, each, ...)."""
+        cfg, family = self.cfg, self.family
+        rows = torch.arange(size(prompts)).repeat_interleave(each)
+        drawn = []
+        for part in rows.split(cfg.batch_size):
+            cond, uncond = take(prompts, part), take(self.uncond, torch.zeros(len(part), dtype=torch.long))
+            sched = family.sampler(cfg.sample_steps, cfg.resolution)
+            x = torch.randn(family.latent_shape(len(part), cfg.resolution), generator=self.gen).to(family.device)
+            for t in sched.timesteps:
+                tt = t.expand(len(x)).to(family.device)
+                x = sched.step(family.guided(family.denoiser(), x, tt, cond, uncond, cfg.sample_guidance), t, x).prev_sample
+            drawn.append(x.cpu())
+        return torch.cat(drawn).unflatten(0, (size(prompts), each))
+
+    def noised(self, images: torch.Tensor, pick: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One of the ``images`` (:meth:`draw_images`) of each picked prompt, noised to a random step, and that step."""
+        objective, device = self.family.objective, self.family.device
+        z0 = images[pick, torch.randint(0, images.shape[1], (len(pick),), generator=self.gen)]
+        noise, t = torch.randn(z0.shape, generator=self.gen), objective.draw_t(len(z0), self.gen)
+        return objective.noisy(z0, noise, t).to(device), t.to(device)
+
+    @torch.no_grad()
     def sample_xt(self, cond: dict, uncond: dict):
         """x_t made by sampling with the model being trained, conditioned on the concept, from noise down to a random
         step of a ``sample_steps`` schedule (ESD, SDD): DDIM for DDPM-trained models, as ESD's code samples, and the
