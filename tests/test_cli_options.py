@@ -75,3 +75,19 @@ def test_every_flag_of_every_command_says_what_it_is():
     silent = [f"{c.__name__}.{n}" for c in configs for n, i in c.model_fields.items()
               if n != "method" and plain_type(i.annotation) is not None and not i.description]
     assert not silent
+
+
+def test_a_boolean_field_switches_both_ways(tmp_path):
+    import typer
+    from typer.testing import CliRunner
+
+    class Switch(BaseModel):
+        on: bool = Field(True, description="on by default")
+
+    seen = []
+    app = typer.Typer()
+    app.command("go")(config_command(Switch, seen.append, "doc"))
+    app.command("other")(lambda: None)
+    for args, expected in (([], True), (["--no-on"], False), (["--on"], True)):
+        assert CliRunner().invoke(app, ["go", *args]).exit_code == 0
+        assert seen.pop().on is expected

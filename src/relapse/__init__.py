@@ -47,6 +47,7 @@ _EXPORTS = {
     "NeverLearnedConfig": ("relapse.align.never_learned", "NeverLearnedConfig"),
     "UCEConfig": ("relapse.align.uce", "UCEConfig"),
     "CAConfig": ("relapse.align.ca", "CAConfig"),
+    "FMNConfig": ("relapse.align.fmn", "FMNConfig"),
     "RECEConfig": ("relapse.align.rece", "RECEConfig"),
     "FinetuneConfig": ("relapse.finetuning.base", "FinetuneConfig"),
     "Prompt": ("relapse.data.prompts", "Prompt"),

@@ -79,7 +79,10 @@ def options(cls: type[BaseModel], skip: tuple[str, ...] = (), common: tuple[type
         if name in arguments:
             option = typer.Argument(help=field_help(info), show_default=False)
         else:
-            option = typer.Option(flag_name(name, info), help=field_help(info) + (" Repeatable." if repeatable else ""),
+            flag = flag_name(name, info)
+            if python_type is bool:  # both ways: a field that defaults to True must be switchable off
+                flag = f"{flag}/--no-{flag[2:]}"
+            option = typer.Option(flag, help=field_help(info) + (" Repeatable." if repeatable else ""),
                                   show_default="required" if required else shown_default(info),
                                   metavar=f"<{get_args(python_type)[0].__name__.lower()}>" if repeatable else None,
                                   rich_help_panel=common[1] if name in shared else None)

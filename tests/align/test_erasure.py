@@ -20,6 +20,7 @@ from relapse.train.module import ALIGN_RECORD
 
 CONCEPT = ["a checkered red star", "a checkered blue circle"]
 ERASERS = [name for name in METHODS.names() if issubclass(METHODS.get(name), ErasureMethod)]
+ANCHORED = [name for name in ERASERS if METHODS.get(name).erasure_loss is not ErasureMethod.erasure_loss]  # FMN has no anchor
 
 
 def small_cfg(tmp_path, method, **kw):
@@ -114,7 +115,7 @@ def test_strip_anchors_are_the_concept_prompts_without_the_concept_words(tmp_pat
     assert ESDConfig(concept=["checkered"]).anchor_texts() == [""]
 
 
-@pytest.mark.parametrize("method", ERASERS)
+@pytest.mark.parametrize("method", ANCHORED)
 def test_a_prompt_anchored_at_itself_has_nothing_to_erase(tiny_pipe, tmp_path, method):
     """ESD's and SDD's targets reduce to the untouched model's own prediction when anchor == concept,
     so a fresh safety LoRA (B = 0) starts at zero loss."""
@@ -211,3 +212,35 @@ def test_ca_pulls_the_concept_prompt_toward_its_anchor_on_the_anchors_images(tmp
 def test_ca_refuses_a_concept_prompt_that_is_its_own_anchor(tmp_path):
     with pytest.raises(UserError, match="is its own anchor"):
         METHODS.get("ca")(small_cfg(tmp_path, "ca", concept=CONCEPT)).check()
+
+
+def test_fmn_reads_every_cross_attention_map_and_puts_the_layers_back(tiny_pipe):
+    from relapse.align.fmn import attention_maps, concept_positions
+
+    layers = [m for n, m in tiny_pipe.unet.named_modules() if n.endswith("attn2")]
+    processors = [m.processor for m in layers]
+    family = family_of(tiny_pipe)
+    x_t, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([300, 700])
+    with attention_maps(tiny_pipe.unet) as maps:
+        family.predict(tiny_pipe.unet, x_t, t, family.encode(CONCEPT))
+    assert len(maps) == len(layers) and all(torch.allclose(m.sum(-1), torch.ones(())) for m in maps)  # softmax over tokens
+    assert [m.processor for m in layers] == processors and not any("get_attention_scores" in vars(m) for m in layers)
+    mask = concept_positions(tiny_pipe, ["a checkered red star", "a red star"], ["checkered"], pooler=True)
+    ids = tiny_pipe.tokenizer(["a checkered red star"]).input_ids[0]  # start, a, checkered, red, star, end
+    assert mask[0].nonzero().flatten().tolist() == [2, len(ids) - 1] and mask[1].sum() == 1  # the word and the end of text
+
+
+def test_fmn_moves_attention_away_from_the_concepts_tokens(tmp_path, tiny_pipe):
+    cfg = small_cfg(tmp_path, "fmn", concept=["checkered"], concept_prompts=None, concept_images=2, lr=1e-2, **{"as": "full"})
+    fmn, params = ready(tiny_pipe, cfg)
+    assert fmn.frozen_denoiser is None and fmn.concept_latents.shape[:2] == (1, 2)
+    optimizer = torch.optim.Adam(params, lr=cfg.lr)
+    losses = []
+    for step in range(10):
+        fmn.gen.manual_seed(7)  # the same batch each time
+        loss, _ = fmn.loss(tiny_pipe.unet, step, 0, 0)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]

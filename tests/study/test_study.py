@@ -17,6 +17,7 @@ import yaml
 
 from relapse.align import METHODS as ALIGN_METHODS
 from relapse.align.edit import EditMethod
+from relapse.align.erasure import ErasureMethod
 from relapse.errors import UserError
 from relapse.study.config import StudyConfig
 from relapse.study.executor import Executor
@@ -461,7 +462,8 @@ def tiny_version(config: dict, tmp_path, model_dir, clip_dir) -> dict:
         for stage in stages:
             if issubclass(ALIGN_METHODS.get(stage["method"]), EditMethod):  # a closed-form edit has no steps to shorten
                 continue
-            stage.update(steps=1, **cpu, **({"sample_steps": 2, "resolution": 32} if stage["method"] in ("esd", "sdd") else {}))
+            samples = issubclass(ALIGN_METHODS.get(stage["method"]), ErasureMethod)  # x_t or images drawn by the model
+            stage.update(steps=1, **cpu, **({"sample_steps": 2, "resolution": 32} if samples else {}))
     for scenario in config["scenarios"].values():
         scenario["finetune"].update(steps=2, mixed_precision="no", **cpu,
                                     **({"save_at": [1]} if "save_at" in scenario["finetune"] else {}))

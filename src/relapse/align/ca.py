@@ -23,7 +23,6 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from relapse.align import METHODS
-from relapse.align.base import AlignMethod
 from relapse.align.erasure import ErasureConfig, ErasureMethod
 from relapse.errors import UserError
 
@@ -42,20 +41,13 @@ class CAConfig(ErasureConfig):
 @METHODS.register("ca")
 class CA(ErasureMethod):
     config = CAConfig
+    uses_frozen = False  # the target is the training model's own prediction
 
     def check(self) -> None:
         super().check()
         if same := [c for c, a in zip(self.concepts, self.anchors) if c == a]:
             raise UserError(f"CA steers each concept prompt to its anchor, and {same[0]!r} is its own anchor: name the "
                             "concept's words with --concept (e.g. --concept checkered) and give prompts that contain them")
-
-    def trainable(self, pipe) -> list[torch.nn.Parameter]:
-        """No frozen copy of the model (ESD's): CA's target is the training model's own prediction."""
-        self.frozen_denoiser = None
-        return AlignMethod.trainable(self, pipe)
-
-    def held_beside(self, weight_bytes: int) -> dict[str, int]:
-        return {}
 
     def setup(self, pipe, process: int) -> None:
         super().setup(pipe, process)

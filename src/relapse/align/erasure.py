@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 from contextlib import contextmanager
+from typing import ClassVar
 
 import torch
 from pydantic import Field, model_validator
@@ -106,17 +107,21 @@ class ConceptMethod(AlignMethod):
         super().setup(pipe, process)
         self.pipe = pipe
 
+    uses_frozen: ClassVar[bool] = True  # predicts with the original weights theta* (ESD); CA and FMN do not
+
     def trainable(self, pipe) -> list[torch.nn.Parameter]:
         """A frozen copy of the denoiser first (full mode, made where the denoiser trains; LoRA mode disables the adapter
         instead)."""
         denoiser = self.family.denoiser()
-        self.frozen_denoiser = copy.deepcopy(denoiser).requires_grad_(False).eval() if self.cfg.as_ == "full" else None
+        keeps = self.uses_frozen and self.cfg.as_ == "full"
+        self.frozen_denoiser = copy.deepcopy(denoiser).requires_grad_(False).eval() if keeps else None
         return super().trainable(pipe)
 
     def held_beside(self, weight_bytes: int) -> dict[str, int]:
         from relapse.train.memory import count
 
-        return {"frozen original": count(self.family.denoiser()) * weight_bytes} if self.cfg.as_ == "full" else {}
+        keeps = self.uses_frozen and self.cfg.as_ == "full"
+        return {"frozen original": count(self.family.denoiser()) * weight_bytes} if keeps else {}
 
     @contextmanager
     def frozen(self):
