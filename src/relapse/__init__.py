@@ -48,6 +48,7 @@ _EXPORTS = {
     "UCEConfig": ("relapse.align.uce", "UCEConfig"),
     "CAConfig": ("relapse.align.ca", "CAConfig"),
     "FMNConfig": ("relapse.align.fmn", "FMNConfig"),
+    "SalUnConfig": ("relapse.align.salun", "SalUnConfig"),
     "RECEConfig": ("relapse.align.rece", "RECEConfig"),
     "FinetuneConfig": ("relapse.finetuning.base", "FinetuneConfig"),
     "Prompt": ("relapse.data.prompts", "Prompt"),

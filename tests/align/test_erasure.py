@@ -2,6 +2,7 @@
 it should, only the intended parameters change, and safety LoRAs load in plain diffusers."""
 
 import json
+from typing import get_args
 
 import numpy as np
 import pytest
@@ -21,6 +22,7 @@ from relapse.train.module import ALIGN_RECORD
 CONCEPT = ["a checkered red star", "a checkered blue circle"]
 ERASERS = [name for name in METHODS.names() if issubclass(METHODS.get(name), ErasureMethod)]
 ANCHORED = [name for name in ERASERS if METHODS.get(name).erasure_loss is not ErasureMethod.erasure_loss]  # FMN has no anchor
+AS_LORA = [name for name in ERASERS if "lora" in get_args(METHODS.get(name).config.model_fields["as_"].annotation)]
 
 
 def small_cfg(tmp_path, method, **kw):
@@ -50,7 +52,7 @@ def test_full_mode_changes_only_the_chosen_parameters(tmp_path, tiny_pipe, metho
     assert all((".attn2." in n) == (params == "xattn") for n in changed) and changed <= set(module.weights)
 
 
-@pytest.mark.parametrize("method", ERASERS)
+@pytest.mark.parametrize("method", AS_LORA)
 def test_lora_mode_trains_only_the_adapter(tmp_path, tiny_pipe, method):
     base = {n: p.clone() for n, p in tiny_pipe.unet.named_parameters()}
     module = train(tiny_pipe, METHODS.get(method)(small_cfg(tmp_path, method, lr=1e-2)))
@@ -244,3 +246,18 @@ def test_fmn_moves_attention_away_from_the_concepts_tokens(tmp_path, tiny_pipe):
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
+
+
+def test_salun_trains_only_its_salient_share_and_lets_go_of_the_pipeline(tmp_path, tiny_pipe):
+    from relapse.align.salun import saliency_masks
+
+    masks = saliency_masks([torch.zeros(2, 2), torch.zeros(3)], [torch.tensor([[4.0, 1.0], [3.0, 0.5]]), torch.tensor([2.0, 5.0, 0.0])], 3 / 7)
+    assert [m.tolist() for m in masks] == [[[1.0, 0.0], [1.0, 0.0]], [0.0, 1.0, 0.0]]  # the 3 largest of 7
+    before = {n: p.clone() for n, p in tiny_pipe.unet.named_parameters()}
+    cfg = small_cfg(tmp_path, "salun", concept=["checkered"], concept_images=2, lr=1e-2, saliency=0.25, params="all")
+    module = train(tiny_pipe, METHODS.get("salun")(cfg))
+    changed = sum(int((module.weights[n] != before[n]).sum()) for n in module.weights)
+    assert 0 < changed <= 0.25 * sum(before[n].numel() for n in module.weights) + 1  # no more than the salient quarter
+    assert module.record["trained_share"] == pytest.approx(0.25, abs=1e-3) and {"forget", "retain"} <= set(module.record["history"][0])
+    assert all(torch.equal(p, before[n]) for n, p in tiny_pipe.unet.named_parameters())
+    assert all(not p._backward_hooks for p in tiny_pipe.unet.parameters())  # its gradient masks are gone with the run

@@ -9,4 +9,4 @@ from relapse.registry import Registry
 
 METHODS: Registry = Registry("alignment method")
 
-from relapse.align import ca, esd, fmn, lt, never_learned, ng, rece, resist, sdd, uce  # noqa: E402,F401  (registration)
+from relapse.align import ca, esd, fmn, lt, never_learned, ng, rece, resist, salun, sdd, uce  # noqa: E402,F401  (registration)

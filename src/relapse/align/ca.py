@@ -54,7 +54,8 @@ class CA(ErasureMethod):
         self.anchor_latents = self.draw_images(self.anchor, self.cfg.anchor_images)
 
     def draw_xt(self, pick: torch.Tensor, cond: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.noised(self.anchor_latents, pick)
+        x_t, t, _ = self.noised(self.anchor_latents, pick)
+        return x_t, t
 
     def erasure_loss(self, model, x_t, t, cond, anchor) -> torch.Tensor:
         """The concept prompt's prediction pulled to the anchor prompt's, the latter without a gradient."""

@@ -182,12 +182,13 @@ class ErasureMethod(ConceptMethod):
             drawn.append(x.cpu())
         return torch.cat(drawn).unflatten(0, (size(prompts), each))
 
-    def noised(self, images: torch.Tensor, pick: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One of the ``images`` (:meth:`draw_images`) of each picked prompt, noised to a random step, and that step."""
+    def noised(self, images: torch.Tensor, pick: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One of the ``images`` (:meth:`draw_images`) of each picked prompt, noised to a random step; that step; and
+        what the denoiser should predict there (the family's training target)."""
         objective, device = self.family.objective, self.family.device
         z0 = images[pick, torch.randint(0, images.shape[1], (len(pick),), generator=self.gen)]
         noise, t = torch.randn(z0.shape, generator=self.gen), objective.draw_t(len(z0), self.gen)
-        return objective.noisy(z0, noise, t).to(device), t.to(device)
+        return objective.noisy(z0, noise, t).to(device), t.to(device), objective.target(z0, noise, t).to(device)
 
     @torch.no_grad()
     def sample_xt(self, cond: dict, uncond: dict):

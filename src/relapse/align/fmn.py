@@ -51,7 +51,7 @@ class FMN(ErasureMethod):
     def loss(self, model, step: int, micro: int, process: int) -> tuple[torch.Tensor, dict[str, float]]:
         """A batch of the concept's images noised to random steps, and the norm of the attention its tokens get."""
         pick = torch.randint(0, size(self.concept), (self.cfg.batch_size,), generator=self.gen)
-        x_t, t = self.noised(self.concept_latents, pick)
+        x_t, t, _ = self.noised(self.concept_latents, pick)
         with attention_maps(self.family.denoiser()) as maps:
             self.predict(model, x_t, t, take(self.concept, pick))
         at = self.positions[pick][:, None, None, :].to(maps[0].dtype)  # (batch, 1, 1, tokens)

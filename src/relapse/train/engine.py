@@ -199,6 +199,10 @@ class TrainingMethod:
     def after_step(self) -> None:
         """After each optimizer step (SDD's teacher update)."""
 
+    def finish(self) -> None:
+        """After the last step, whether or not the pipeline is then put back: undo what the method attached to it for
+        training alone (SalUn's gradient masks)."""
+
     def stop_after(self, done: int) -> tuple[bool, dict[str, float]]:
         """After ``done`` optimizer steps: whether the run has reached what it trains for before its last step (an
         erasure down to the residual asked for), and what to log of the check. A pure function of the weights, so a
@@ -286,6 +290,7 @@ def trained(pipe, method: TrainingMethod, out: Path | None, restore: bool, accel
         denoiser.enable_gradient_checkpointing()
     method.ema = ema_of(params, cfg.ema_decay)
     history = fit(pipe, method, params, accelerator, out)
+    method.finish()
     if cfg.gradient_checkpointing:
         denoiser.disable_gradient_checkpointing()
     with published(method):
