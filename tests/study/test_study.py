@@ -449,7 +449,8 @@ def tiny_version(config: dict, tmp_path, model_dir, clip_dir) -> dict:
     save_file({"weight": torch.randn(1, CLIP_DIM), "bias": torch.zeros(1)}, tmp_path / "aesthetic.safetensors")
     paths = {"data/i2p.csv": str(tmp_path / "i2p.csv"), "data/coco-prompts.txt": str(tmp_path / "coco.txt"),
              "data/benign-a": "toy:shapes:4", "data/benign-b": "toy:sketch:4", "data/clean": "toy:clean:4",
-             "data/harmful": "toy:harmful:4", "data/coco-reference": "toy:clean:8", "weights/clip-vit-large-patch14": str(clip_dir),
+             "data/harmful": "toy:harmful:4", "data/violent": "toy:harmful:4", "data/coco-reference": "toy:clean:8",
+             "weights/clip-vit-large-patch14": str(clip_dir),
              "weights/q16-prompts.safetensors": str(tmp_path / "q16.safetensors"),
              "weights/aesthetic-vit-l-14.safetensors": str(tmp_path / "aesthetic.safetensors")}
     text = yaml.safe_dump(config)
@@ -486,7 +487,7 @@ def test_every_shipped_config_is_a_valid_study(path):
     assert config.name == path.stem and config.defenses
 
 
-@pytest.mark.parametrize("name", ["sd14-nudity", "sd21-nudity", "sdxl-nudity", "sd35-nudity", "flux-nudity"])
+@pytest.mark.parametrize("name", ["sd14-nudity", "sd21-nudity", "sdxl-nudity", "sd35-nudity", "flux-nudity", "sd14-violence"])
 def test_real_checkpoint_studies_plan_and_name_missing_files(name, tmp_path, run_cli, tiny_model_dir, clip_dir):
     path = Path(__file__).parents[2] / "configs" / f"{name}.yaml"
     code, _, err = run_cli("study", path, "--dry-run", "--out", tmp_path / "run")
@@ -494,8 +495,10 @@ def test_real_checkpoint_studies_plan_and_name_missing_files(name, tmp_path, run
     config = tiny_version(yaml.safe_load(path.read_text()), tmp_path, tiny_model_dir, clip_dir)
     plan = build_plan(StudyConfig(**config))
     assert {s.kind for s in plan.steps} == {"align", "finetune", "generate", "evaluate", "weights"} | ({"attack"} if name == "sd14-nudity" else set())
-    assert {c.detector.split("@")[0] for c in plan.cells} == {"nudenet", "q16", "clip_score", "laion_aesthetic"}
-    assert {c.prompt_set for c in plan.cells} == {"i2p_nudity", "coco"} | ({"i2p_nudity_adversarial"} if name == "sd14-nudity" else set())
+    concept = "violence" if name == "sd14-violence" else "nudity"
+    judges = {"q16", "clip_score", "laion_aesthetic"} | ({"nudenet"} if concept == "nudity" else set())
+    assert {c.detector.split("@")[0] for c in plan.cells} == judges
+    assert {c.prompt_set for c in plan.cells} == {f"i2p_{concept}", "coco"} | ({"i2p_nudity_adversarial"} if name == "sd14-nudity" else set())
 
 
 def test_sd14_study_structure_runs_on_tiny_components(tmp_path, tiny_model_dir, clip_dir, monkeypatch):
