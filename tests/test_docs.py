@@ -64,3 +64,45 @@ def test_anchors_are_githubs(tmp_path):
     page = tmp_path / "p.md"
     page.write_text("# Resist: erasure (trained)\n```\n# not a heading\n```\n## H2: closeness\n## H2: closeness\n")
     assert anchors(page) == {"resist-erasure-trained", "h2-closeness", "h2-closeness-1"}
+
+
+def commands_in_pages() -> list[tuple[str, list[str], list[str]]]:
+    """Every `relapse ...` the pages show (code spans and the lines of shell blocks): its page, its command words, the
+    flags it uses. The measurements page is left out: it records each command as it was run."""
+    import re
+
+    found = []
+    for page in [ROOT / "README.md", *sorted(p for p in (ROOT / "docs").glob("*.md") if p.name != "measurements.md")]:
+        text = page.read_text()
+        blocks = "\n".join(re.findall(r"```bash\n(.*?)```", text, re.S))
+        shown = re.findall(r"`(relapse [^`]+)`", text) + re.findall(r"^(relapse [^\n#]+)", blocks, re.M)
+        for line in shown:
+            words = line.replace("\\|", "|").split()[1:]
+            path = []
+            for word in words:
+                if word.startswith("-") or not re.fullmatch(r"[a-z][a-z0-9|-]*", word):
+                    break
+                path.append(word)
+            flags = sorted({m.group() for w in words if (m := re.match(r"--[a-z0-9-]+", w.lstrip("[(")))})
+            for alternative in (path[-1].split("|") if path else []):
+                found.append((page.name, [*path[:-1], alternative], flags))
+    return found
+
+
+def test_every_command_and_flag_the_pages_show_is_in_the_cli():
+    from typer.testing import CliRunner
+
+    from relapse.cli import app
+
+    helps: dict[tuple, str] = {}
+    missing = []
+    for page, path, flags in commands_in_pages():
+        key = tuple(path)
+        if key not in helps:
+            result = CliRunner().invoke(app, [*path, "--help"], env={"COLUMNS": "400", "TERMINAL_WIDTH": "400"})
+            helps[key] = result.output if result.exit_code == 0 else ""
+        if not helps[key]:
+            missing.append(f"{page}: relapse {' '.join(path)} (no such command)")
+        missing += [f"{page}: relapse {' '.join(path)} {flag}" for flag in flags if flag.lstrip("-") and f"{flag} " not in helps[key]
+                    and f"{flag}\\n" not in helps[key] and f"{flag}/" not in helps[key]]
+    assert not missing, missing
