@@ -4,6 +4,8 @@ place of CLIP's and T5's. Images are 32 px, so the toy evaluator reads them."""
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from relapse.models.components import ToyModelSize, build_pipeline, build_tokenizer
@@ -100,6 +102,7 @@ RESOLUTION = 32
 
 
 def build(name: str):
+    """The family's tiny pipeline, on ``RELAPSE_TEST_DEVICE`` where it is set (benchmarks/gpu_check.py: cuda)."""
     pipe = BUILDERS[name]()
     pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return pipe.to(os.environ.get("RELAPSE_TEST_DEVICE", "cpu"))
