@@ -251,14 +251,16 @@ def study(
     address: Annotated[Optional[str], typer.Option("--address", help="ray: the cluster to join (auto, ray://host:port); "
                                                                       "default: start one on this machine.")] = None,
     scenarios: Annotated[Optional[list[str]], typer.Option("--scenario", help="Run only this scenario, with those it continues "
-                                                           "and the defenses it attacks (repeatable; default: all); give "
-                                                           "the part its own --out.")] = None,
+                                                           "and the defenses it attacks (repeatable; before: the rows before "
+                                                           "any attack; default: all); give the part its own --out.")] = None,
+    defenses: Annotated[Optional[list[str]], typer.Option("--defense", help="Run only this defense (repeatable; default: "
+                                                          "all); give the part its own --out.")] = None,
 ) -> None:
     """Run a resilience study: align -> fine-tune -> generate -> evaluate, each step once, cached by its inputs."""
     from relapse.study.run import StudyRunConfig, run_study
 
     run_study(StudyRunConfig(config=config, out=out, resume=resume, dry_run=dry_run, workers=workers, executor=executor,
-                             address=address, scenarios=scenarios or None))
+                             address=address, scenarios=scenarios or None, defenses=defenses or None))
 
 
 @app.command()

@@ -111,10 +111,15 @@ def test_a_part_of_a_study_keeps_the_scenarios_it_needs_and_the_defenses_they_at
     part = StudyConfig(**config).only(["then"])
     assert set(part.scenarios) == {"malicious", "then"} and set(part.defenses) == {"none", "esd", "esd+ng"}
     assert list(StudyConfig(**config).only(["alone"]).defenses) == ["none"]
-    with pytest.raises(UserError, match=r"no scenarios \['gone'\]; choose among \['alone', 'malicious', 'then'\]"):
+    with pytest.raises(UserError, match=r"no scenarios \['gone'\]; choose among \['before', 'alone', 'malicious', 'then'\]"):
         StudyConfig(**config).only(["gone"])
     code, _, err = run_cli("study", str(study_yaml), "--scenario", "gone", "--dry-run")
     assert code == 2 and "no scenarios ['gone']" in err
+    before = StudyConfig(**config).only(["before"], ["none", "esd"])
+    assert before.scenarios == {} and set(before.defenses) == {"none", "esd"}  # the rows before any attack, of two defenses
+    assert set(StudyConfig(**config).only(defenses=["esd+ng"]).defenses) == {"esd+ng"}
+    code, _, err = run_cli("study", str(study_yaml), "--defense", "gone", "--dry-run")
+    assert code == 2 and "no defenses ['gone']" in err
 
 
 def test_the_distance_of_each_scenarios_data_to_the_concept_is_a_row(study_yaml, tmp_path):

@@ -153,18 +153,23 @@ class StudyConfig(BaseModel):
             return [self.seeds[0]]
         return self.align_seeds or [seed]
 
-    def only(self, scenarios: list[str]) -> StudyConfig:
-        """This study cut down to ``scenarios`` (with the scenarios they continue, ``after``) and the defenses they
-        attack: a part of a long study rerun on its own, into a run folder of its own."""
-        if unknown := sorted(set(scenarios) - set(self.scenarios)):
-            raise UserError(f"the study has no scenarios {unknown}; choose among {sorted(self.scenarios)}")
+    def only(self, scenarios: list[str] | None = None, defenses: list[str] | None = None) -> StudyConfig:
+        """This study cut down to a part rerun on its own, into a run folder of its own: ``scenarios`` (with the
+        scenarios they continue, ``after``; ``before``: the rows before any attack alone) and the defenses they attack,
+        and of those, ``defenses`` alone where given."""
+        scenarios = list(self.scenarios) if scenarios is None else scenarios
+        if unknown := sorted(set(scenarios) - set(self.scenarios) - {"before"}):
+            raise UserError(f"the study has no scenarios {unknown}; choose among {['before', *sorted(self.scenarios)]}")
+        if unknown := sorted(set(defenses or []) - set(self.defenses)):
+            raise UserError(f"the study has no defenses {unknown}; choose among {sorted(self.defenses)}")
         wanted: set[str] = set()
         for name in scenarios:
-            while name is not None and name not in wanted:
+            while name not in (None, "before") and name not in wanted:
                 wanted.add(name)
                 name = self.scenarios[name].after
         kept = {name: spec for name, spec in self.scenarios.items() if name in wanted}
-        attacked = {d for spec in kept.values() for d in spec.defenses or self.defenses}
+        attacked = set(self.defenses) if "before" in scenarios else {d for spec in kept.values() for d in spec.defenses or self.defenses}
+        attacked &= set(defenses or self.defenses)
         return self.model_copy(update={"scenarios": kept, "defenses": {d: s for d, s in self.defenses.items() if d in attacked}})
 
     @classmethod

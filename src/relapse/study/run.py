@@ -49,7 +49,9 @@ class StudyRunConfig(BaseModel):
                                                "machine) or ray (tasks of a Ray cluster; relapse[ray])")
     address: str | None = Field(None, description="ray: the cluster to join (auto, ray://host:port); none starts one here")
     scenarios: list[str] | None = Field(None, description="run only these scenarios (with those they continue and the "
-                                                          "defenses they attack); default: all")
+                                                          "defenses they attack; before: the rows before any attack); "
+                                                          "default: all")
+    defenses: list[str] | None = Field(None, description="run only these defenses; default: all")
 
 
 def prepare_run_dir(cfg: StudyConfig, run_dir: Path, resume: bool) -> None:
@@ -160,7 +162,7 @@ class Study:
 def run_study(run: StudyRunConfig) -> Path:
     """``relapse study``: read the YAML file, print the plan, run, print the headline."""
     config = StudyConfig.from_yaml(run.config)
-    study = Study(config.only(run.scenarios) if run.scenarios else config)
+    study = Study(config.only(run.scenarios, run.defenses) if run.scenarios or run.defenses else config)
     run_dir = run.out or study.default_out()
     plan = study.plan()
     main = run.dry_run or process_state().is_main_process
