@@ -25,12 +25,13 @@ from functools import cache
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PAGES = ("README.md", "docs/toy-study.md", "docs/toy-world.md", "docs/benign-relapse.md")
+PAGES = ("README.md", "docs/toy-study.md", "docs/toy-world.md", "docs/benign-relapse.md", "docs/methods.md")
 DEMO = "docs/results/toy-study/results.csv"
 BENIGN = "docs/results/benign-relapse/results.csv"
 # the same config's second part (relapse study configs/benign-relapse.yaml --scenario ...: its run.json names them), with
 # the main run's rows: the alignments both share must give the same rows (rows_of checks it)
 BENIGN_ALL = (BENIGN, "docs/results/benign-relapse-hypotheses/results.csv")
+EVERY_METHOD_BEFORE = "docs/results/every-method-before/results.csv"
 EVALUATOR_BUILD = "src/relapse/assets/toy/evaluator/relapse_build.json"
 
 
@@ -456,6 +457,15 @@ TABLES: dict[str, Callable[[], object]] = {
         (f"{shown}, {title}", {"defense": defense, "scenario": scenario, "step": step, "prompt_set": "target_direct"})
         for shown, defense in (("ESD-u + LT", "esd+lt"), ("Resist", "resist"))
         for title, scenario, step in (("aligned", "before", 0), ("adjacent LoRA 200", "adjacent-lora-defended", 200)))),
+    "every-method-before": lambda: RunsTable(EVERY_METHOD_BEFORE, "method", tuple((shown, {"defense": d}) for shown, d in (
+        ("none (the base)", "none"), ("ESD-u", "esd"), ("ESD-u at 20%", "esd-r20"), ("SDD", "sdd"), ("UCE", "uce"),
+        ("RECE", "rece"), ("CA", "ca"), ("FMN", "fmn"), ("FMN at 88%", "fmn-r88"), ("SalUn", "salun"))), (
+        Figure("steps trained", {"scenario": "align", "metric": "align_steps"}, 1.0, 0),
+        *(Figure(title, BEFORE | {"prompt_set": prompts, "metric": metric}, scale, digits) for title, prompts, metric, scale, digits in (
+            ("concept, direct prompts", "target_direct", "target_rate", 100.0, 1), ("trace", "target_direct", "trace_rate", 100.0, 1),
+            ("concept, adversarial prompts", "adversarial_direct", "target_rate", 100.0, 1),
+            ("shape, clean", "clean", "shape_accuracy", 100.0, 1), ("colour, clean", "clean", "color_accuracy", 100.0, 1),
+            ("neighbours as asked", FILL_SETS, "fill_accuracy", 100.0, 1), ("FD, clean", "clean", "frechet_distance", 1.0, 1))))),
     "evaluator-positives": lambda: EvaluatorTable(EVALUATOR_BUILD, ("clear", "degraded", "reported")),
     "evaluator-negatives": lambda: EvaluatorTable(EVALUATOR_BUILD, ("negative",)),
 }
