@@ -32,6 +32,7 @@ BENIGN = "docs/results/benign-relapse/results.csv"
 # the main run's rows: the alignments both share must give the same rows (rows_of checks it)
 BENIGN_ALL = (BENIGN, "docs/results/benign-relapse-hypotheses/results.csv")
 EVERY_METHOD_BEFORE = "docs/results/every-method-before/results.csv"
+EVERY_METHOD_MALICIOUS = "docs/results/every-method-malicious/results.csv"
 EVALUATOR_BUILD = "src/relapse/assets/toy/evaluator/relapse_build.json"
 
 
@@ -466,6 +467,10 @@ TABLES: dict[str, Callable[[], object]] = {
             ("concept, adversarial prompts", "adversarial_direct", "target_rate", 100.0, 1),
             ("shape, clean", "clean", "shape_accuracy", 100.0, 1), ("colour, clean", "clean", "color_accuracy", 100.0, 1),
             ("neighbours as asked", FILL_SETS, "fill_accuracy", 100.0, 1), ("FD, clean", "clean", "frechet_distance", 1.0, 1))))),
+    "every-method-relearning": lambda: RelearningTable((EVERY_METHOD_MALICIOUS, BENIGN), "malicious", (
+        ("none (the base)", "none"), ("never-learned (the benign-relapse study)", "never-learned"), ("ESD-u", "esd"),
+        ("ESD-u at 20%", "esd-r20"), ("SDD", "sdd"), ("UCE", "uce"), ("RECE", "rece"), ("CA", "ca"), ("FMN", "fmn"),
+        ("FMN at 88%", "fmn-r88"), ("SalUn", "salun"))),
     "evaluator-positives": lambda: EvaluatorTable(EVALUATOR_BUILD, ("clear", "degraded", "reported")),
     "evaluator-negatives": lambda: EvaluatorTable(EVALUATOR_BUILD, ("negative",)),
 }
