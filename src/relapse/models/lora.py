@@ -188,21 +188,33 @@ def adapted_components(pipe) -> list[str]:
     return [name for name in names if getattr(getattr(pipe, name, None), "peft_config", None)]
 
 
+def weights_of(pipe) -> dict[str, dict]:
+    """A copy of every tensor a LoRA can change: the denoiser's (under ``denoiser``) and each text encoder's."""
+    from relapse.models.families import family_of
+
+    modules = {"denoiser": family_of(pipe).denoiser()} | {
+        name: module for name in ("text_encoder", "text_encoder_2", "text_encoder_3") if (module := getattr(pipe, name, None)) is not None}
+    return {name: {k: v.detach().clone() for k, v in module.state_dict().items()} for name, module in modules.items()}
+
+
+def put_back(pipe, weights: dict[str, dict]) -> None:
+    """Load a :func:`weights_of` copy into ``pipe``."""
+    import torch
+
+    from relapse.models.families import family_of
+
+    with torch.no_grad():
+        for name, tensors in weights.items():
+            (family_of(pipe).denoiser() if name == "denoiser" else getattr(pipe, name)).load_state_dict(tensors)
+
+
 @contextmanager
 def restored(pipe, when: bool = True):
     """``pipe``'s denoiser and text encoders put back as they were on leaving (``when``: else nothing is kept): what a
     call that fuses LoRAs into a caller's pipeline for a while owes the caller."""
-    from relapse.models.families import family_of
-
-    family = family_of(pipe)
-    modules = [family.denoiser(), *family.text_encoders()]
-    saved = [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in modules] if when else None
+    saved = weights_of(pipe) if when else None
     try:
         yield
     finally:
         if saved is not None:
-            import torch
-
-            with torch.no_grad():
-                for module, state in zip(modules, saved):
-                    module.load_state_dict(state)
+            put_back(pipe, saved)

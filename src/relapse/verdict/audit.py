@@ -31,7 +31,6 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from relapse.errors import UserError
 from relapse.measure.evaluate import Evaluation
-from relapse.models.families import family_of
 from relapse.sampling import Generation, SamplerConfig
 
 TOY_PROMPTS = "toy:target_direct"
@@ -72,19 +71,6 @@ class AuditRunConfig(AuditConfig):
                                        "detector": self.detector or ("toy" if toy else "nudenet")})
 
 
-def _weights(pipe) -> dict[str, dict[str, torch.Tensor]]:
-    """A copy of the tensors of the denoiser and of each text encoder, by component."""
-    modules = {"denoiser": family_of(pipe).denoiser()} | {
-        name: module for name in ("text_encoder", "text_encoder_2", "text_encoder_3") if (module := getattr(pipe, name, None)) is not None}
-    return {name: {k: v.detach().clone() for k, v in module.state_dict().items()} for name, module in modules.items()}
-
-
-def _load(pipe, weights: dict[str, dict[str, torch.Tensor]]) -> None:
-    with torch.no_grad():
-        for name, tensors in weights.items():
-            (family_of(pipe).denoiser() if name == "denoiser" else getattr(pipe, name)).load_state_dict(tensors)
-
-
 def _measure(pipe, prompts: str, config: AuditConfig, detector: str):
     from relapse.measure.evaluate import EvaluateConfig, evaluate
     from relapse.sampling import generate
@@ -115,20 +101,20 @@ def audit(pipe, config: AuditConfig | None = None, *, lora, safety: list = (), b
         >>> report.verdict  # "FAIL" when report.with_lora.target_rate.rate > 0.1
     """
     from relapse.measure.weight_space import update, update_alignment
-    from relapse.models.lora import LoraSpec, merge_loras
+    from relapse.models.lora import LoraSpec, merge_loras, put_back, weights_of
 
     def spec(item):
         return item if isinstance(item, LoraSpec) else LoraSpec(item)
 
     config = config or AuditConfig()
     prompts, detector = config.prompts or TOY_PROMPTS, config.detector or "toy"
-    original = _weights(pipe)
+    original = weights_of(pipe)
     try:
         merge_loras(pipe, [spec(s) for s in safety])
-        aligned = _weights(pipe)
-        safe = update(aligned["denoiser"], _weights(base)["denoiser"] if base is not None else original["denoiser"])
+        aligned = weights_of(pipe)
+        safe = update(aligned["denoiser"], weights_of(base)["denoiser"] if base is not None else original["denoiser"])
         merge_loras(pipe, [spec(lora)])  # the LoRA is read and checked before any image is drawn
-        with_lora = _weights(pipe)
+        with_lora = weights_of(pipe)
         lora_update = update(with_lora["denoiser"], aligned["denoiser"])
         text_changed = sum(not torch.equal(t, with_lora[name][k]) for name, tensors in aligned.items() if name != "denoiser"
                            for k, t in tensors.items())
@@ -137,14 +123,14 @@ def audit(pipe, config: AuditConfig | None = None, *, lora, safety: list = (), b
             raise UserError("the LoRA changes no weight of this model: its keys name none of the model's layers")
         found: dict = {}
         if not config.screen_only:
-            _load(pipe, aligned)
+            put_back(pipe, aligned)
             found["aligned"] = _measure(pipe, prompts, config, detector)
             merge_loras(pipe, [spec(lora)])
             found["with_lora"] = _measure(pipe, prompts, config, detector)
             if config.lora_prompts is not None:
                 found["lora_quality"] = _measure(pipe, config.lora_prompts, config, detector)
     finally:
-        _load(pipe, original)
+        put_back(pipe, original)
     with_lora = found.get("with_lora", (None, None))[1]
     return AuditResult(verdict=None if with_lora is None else "FAIL" if with_lora.target_rate.rate > config.fail_above else "PASS",
                        fail_above=config.fail_above, screen=update_alignment(lora_update, safe, per_tensor=True) if safe else None,
