@@ -50,6 +50,7 @@ _EXPORTS = {
     "FMNConfig": ("relapse.align.fmn", "FMNConfig"),
     "SalUnConfig": ("relapse.align.salun", "SalUnConfig"),
     "RECEConfig": ("relapse.align.rece", "RECEConfig"),
+    "SLDConfig": ("relapse.align.sld", "SLDConfig"),
     "FinetuneConfig": ("relapse.finetuning.base", "FinetuneConfig"),
     "Prompt": ("relapse.data.prompts", "Prompt"),
     "Study": ("relapse.study.run", "Study"),

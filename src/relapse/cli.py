@@ -206,7 +206,7 @@ def method_summary(method: type) -> str:
 def print_aligned(cfg) -> None:
     from relapse.align.api import run_align
 
-    typer.echo(f"{cfg.method} ({cfg.as_}) -> {run_align(cfg)}")
+    typer.echo(f"{cfg.method} ({cfg.writes}) -> {run_align(cfg)}")
 
 
 def align_commands() -> typer.Typer:
@@ -220,7 +220,7 @@ def align_commands() -> typer.Typer:
     for name in METHODS.names():
         method = METHODS.get(name)
         summary = method_summary(method)
-        methods.command(name, help=summary + "\n\nWrites OUT/final: a safety LoRA (diffusers format) or a full pipeline, "
+        methods.command(name, help=summary + "\n\nWrites OUT/final: a safety LoRA (diffusers format), a full pipeline or a guard (SLD), "
                         "with its record.", short_help=re.split(r"(?<!al)\.\s", " ".join(summary.split()))[0])(
             config_command(method.config, print_aligned, summary, fixed={"method": name},
                            common=(TrainConfig, "Every training run") if issubclass(method.config, TrainConfig)

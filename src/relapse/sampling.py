@@ -91,13 +91,15 @@ def sample(pipe, jobs: list[Job], steps: int, resolution: int | None = None):
     import torch
 
     from relapse.models.families import family_of
+    from relapse.models.guards import guarding
 
     device = pipe.device
     generators = [torch.Generator(device=device).manual_seed(job.seed) for job in jobs]
-    return pipe(
-        prompt=[job.prompt.text for job in jobs], num_inference_steps=steps, guidance_scale=jobs[0].guidance,
-        generator=generators, output_type="pil", **family_of(pipe).call_kwargs(resolution),
-    ).images
+    with guarding(pipe, steps):
+        return pipe(
+            prompt=[job.prompt.text for job in jobs], num_inference_steps=steps, guidance_scale=jobs[0].guidance,
+            generator=generators, output_type="pil", **family_of(pipe).call_kwargs(resolution),
+        ).images
 
 
 def shard_manifest(rank: int) -> str:

@@ -16,7 +16,6 @@ import torch
 import yaml
 
 from relapse.align import METHODS as ALIGN_METHODS
-from relapse.align.edit import EditMethod
 from relapse.align.erasure import ErasureMethod
 from relapse.errors import UserError
 from relapse.study.config import StudyConfig
@@ -466,7 +465,7 @@ def tiny_version(config: dict, tmp_path, model_dir, clip_dir) -> dict:
     cpu = {"optimizer": "adamw"}  # 8-bit AdamW is a GPU library's; every other setting stays as the config has it
     for stages in config["defenses"].values():
         for stage in stages:
-            if issubclass(ALIGN_METHODS.get(stage["method"]), EditMethod):  # a closed-form edit has no steps to shorten
+            if "steps" not in ALIGN_METHODS.get(stage["method"]).config.model_fields:  # an edit or a guard: no steps to shorten
                 continue
             samples = issubclass(ALIGN_METHODS.get(stage["method"]), ErasureMethod)  # x_t or images drawn by the model
             stage.update(steps=1, **cpu, **({"sample_steps": 2, "resolution": 32} if samples else {}))
@@ -647,6 +646,25 @@ def test_a_closed_form_defense_is_a_study_step_like_a_trained_one(study_yaml, tm
     scored = {(r["defense"], r["scenario"], r["step"]) for r in rows if r["detector"] == "toy"}
     assert {("uce", "before", 0), ("uce", "malicious", 2), ("uce-lora+ng", "malicious", 2)} <= scored
     assert {r["value"] for r in rows if r["metric"] == "align_steps" and r["defense"] == "uce"} == {0}
+
+
+def test_a_guard_is_a_defense_the_fine_tunes_train_under_and_every_image_meets(study_yaml, tmp_path):
+    cfg = yaml.safe_load(study_yaml.read_text())
+    cfg["defenses"] = {"none": [], "sld": [{"method": "sld", "concept": ["checkered"], "level": "max"}]}
+    cfg["scenarios"]["modular"] = {"finetune": {**cfg["scenarios"]["malicious"]["finetune"], "method": "modular"},
+                                   "prompt_sets": ["harm"], "defenses": ["sld"]}
+    config_path = tmp_path / "sld.yaml"
+    config_path.write_text(yaml.safe_dump(cfg))
+    plan = build_plan(StudyConfig(**cfg))
+    assert {w.defense for w in plan.weight_cells} == set(), "a guard changes no weight: there is no update to compare"
+    rows = json.loads((run_study(StudyRunConfig(config=config_path, out=tmp_path / "run")) / "results.json").read_text())["rows"]
+    scored = {(r["defense"], r["scenario"], r["step"]) for r in rows if r["metric"] == "target_rate"}
+    assert {("sld", "before", 0), ("sld", "malicious", 2), ("sld", "modular", 2)} <= scored
+    before = {r["defense"]: r["value"] for r in rows if r["metric"] == "target_rate" and r["scenario"] == "before"
+              and r["prompt_set"] == "harm"}
+    cells = [c for c in plan.cells if c.scenario == "before" and c.prompt_set == "harm"]
+    images = {c.defense: sorted(p.read_bytes() for p in c.evaluate.deps[0].path(tmp_path / "run").glob("*.png")) for c in cells}
+    assert images["sld"] != images["none"] and set(before) == {"none", "sld"}
 
 
 @pytest.mark.parametrize("scenario", [{"finetune": {"data": "toy:harmful:4", "steps": 1}, "generated_data": {"prompt_set": "clean"}},

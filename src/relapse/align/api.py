@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from relapse.align import METHODS
 from relapse.align.concept import NamedConcept
 from relapse.align.forgetting import ForgettingConfig
+from relapse.align.sld import SLDConfig
 from relapse.train.module import TrainedModule
 
 if TYPE_CHECKING:
@@ -30,7 +31,8 @@ def erase(pipe, config, *, safety=()) -> TrainedModule:
         config: an :class:`~relapse.align.esd.ESDConfig`, :class:`~relapse.align.sdd.SDDConfig`,
             :class:`~relapse.align.resist.ResistConfig` (trained; ``as_="lora"``, the default: a safety LoRA; ``"full"``:
             the denoiser tensors that change) or :class:`~relapse.align.uce.UCEConfig` (a closed-form edit; by default
-            the edited tensors).
+            the edited tensors) or :class:`~relapse.align.sld.SLDConfig` (a guard: guidance at sampling, no weights;
+            ``safety.apply(pipe)`` hooks it on).
         safety: modules fused into ``pipe`` first.
 
     Example:
@@ -38,7 +40,7 @@ def erase(pipe, config, *, safety=()) -> TrainedModule:
         >>> safety = relapse.erase(pipe, relapse.ESDConfig(concept=["checkered"], params="noxattn", steps=100))
         >>> safety.apply(pipe)  # the aligned model: W0 + dW_safe, fused
     """
-    return _in_memory(pipe, config, NamedConcept, "erase", loras=list(safety))
+    return _in_memory(pipe, config, (NamedConcept, SLDConfig), "erase", loras=list(safety))
 
 
 def harden(pipe, config, *, clean, harmful, safety=()) -> TrainedModule:
@@ -57,7 +59,7 @@ def harden(pipe, config, *, clean, harmful, safety=()) -> TrainedModule:
     return _in_memory(pipe, config, ForgettingConfig, "harden", loras=list(safety), clean=clean, harmful=harmful)
 
 
-def _in_memory(pipe, config, family: type, call: str, **inputs) -> TrainedModule:
+def _in_memory(pipe, config, family: type | tuple[type, ...], call: str, **inputs) -> TrainedModule:
     if not isinstance(config, family):
         names = ", ".join(m.config.__name__ for m in METHODS if issubclass(m.config, family))
         raise TypeError(f"relapse.{call} takes one of {names}, not a {type(config).__name__}")

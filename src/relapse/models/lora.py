@@ -112,10 +112,14 @@ def lora_loader(keys) -> type:
 
 
 def resolve_lora_specs(paths: list[Path], scales: list[float]) -> list[LoraSpec]:
-    """Pair LoRA paths with scales (default 1.0 each), checking each file before any model loads."""
+    """Pair LoRA paths with scales (default 1.0 each), checking each file before any model loads. A guard's folder
+    (:mod:`relapse.models.guards`) stands where a LoRA may."""
+    from relapse.models.guards import guard_record
+
     if scales and len(scales) != len(paths):
         raise UserError(f"give one --lora-scale per --lora ({len(paths)} LoRAs, {len(scales)} scales)")
-    return [LoraSpec(checked_lora_file(path), scale) for path, scale in zip(paths, scales or [1.0] * len(paths))]
+    return [LoraSpec(run_output(path) if guard_record(path) else checked_lora_file(path), scale)
+            for path, scale in zip(paths, scales or [1.0] * len(paths))]
 
 
 def _drop_adapter(pipe, name: str) -> None:
@@ -146,10 +150,19 @@ def merge_loras(pipe, loras: list[LoraSpec], fuse: bool = True) -> list[str]:
     """Attach each LoRA as a named adapter with its scale; with ``fuse``, bake them into the weights.
 
     Fused, W = W0 + sum_i scale_i * dW_i costs nothing extra at inference (the peft layers are
-    removed). Scales may be negative (model arithmetic such as W0 - dW_safe).
+    removed). Scales may be negative (model arithmetic such as W0 - dW_safe). A guard among them is hooked on instead
+    (:mod:`relapse.models.guards`; the names returned are the LoRAs' alone).
     """
     from diffusers.utils import logging as diffusers_logging
 
+    from relapse.models.guards import attach, guard_record
+
+    guards = [(spec, record) for spec in loras if (record := guard_record(spec.source))]
+    for spec, record in guards:
+        if spec.scale != 1.0:
+            raise UserError(f"{spec.label} is a guard (it acts at sampling, {record['method']}): it takes no scale")
+        attach(pipe, record)
+    loras = [spec for spec in loras if not guard_record(spec.source)]
     names, verbosity = [], diffusers_logging.get_verbosity()
     # Our LoRAs adapt the denoiser ("no LoRA keys for CLIPTextModel" is expected), and a LoRA that does not fit is
     # reported below in one line, not as the loader's state-dict dump.
@@ -210,11 +223,18 @@ def put_back(pipe, weights: dict[str, dict]) -> None:
 
 @contextmanager
 def restored(pipe, when: bool = True):
-    """``pipe``'s denoiser and text encoders put back as they were on leaving (``when``: else nothing is kept): what a
-    call that fuses LoRAs into a caller's pipeline for a while owes the caller."""
+    """``pipe``'s denoiser and text encoders put back as they were on leaving, and the guards hooked on meanwhile taken
+    off (``when``: else nothing is kept): what a call that fuses LoRAs into a caller's pipeline for a while owes the
+    caller."""
+    from relapse.models.guards import guards_of
+
     saved = weights_of(pipe) if when else None
+    guards = len(guards_of(pipe))
     try:
         yield
     finally:
         if saved is not None:
             put_back(pipe, saved)
+            for _, handle in guards_of(pipe)[guards:]:
+                handle.remove()
+            del guards_of(pipe)[guards:]

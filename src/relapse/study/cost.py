@@ -21,7 +21,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from relapse.study.plan import STEP_KINDS, AlignStep, AttackStep, EvaluateStep, FinetuneStep, GenerateStep, Step
+from relapse.study.plan import STEP_KINDS, AlignStep, AttackStep, EvaluateStep, FinetuneStep, GenerateStep, Step, guards
 
 RATES = "step_rates.json"
 SHIPPED_RATES = Path(__file__).resolve().parent.parent / "assets" / RATES
@@ -114,7 +114,8 @@ def step_gflop(step: Step, shape: ModelShape) -> float:
         method = (ALIGN if isinstance(step, AlignStep) else FINETUNE).get(cfg.method)
         return method.passes(cfg) * shape.gflop_per_pass
     if isinstance(step, GenerateStep):
-        per_image = step.spec["sampler"]["steps"] * shape.passes_per_sample_step * shape.gflop_per_pass
+        passes = shape.passes_per_sample_step + guards(step.reads)  # a guard's concept pass at every step
+        per_image = step.spec["sampler"]["steps"] * passes * shape.gflop_per_pass
         return step.images * (per_image + shape.decode_gflop)
     if isinstance(step, AttackStep):
         return attack_passes(step.config, step.targets.images) * shape.gflop_per_pass

@@ -403,7 +403,7 @@ class Planner:
             for set_name in sets:
                 self.score(at, set_name, seed, {"defense": defense, "scenario": name, "step": step})
         self.finals[(defense, name, seed)] = at
-        if aligned != self.base and kind != "embedding":  # the base has no alignment to undo; a learned word changes no weight
+        if changes_weights(aligned) and kind != "embedding":  # nothing to undo, or a learned word that changes no weight
             self.weights(defense, name, seed, aligned, at, sweep[-1])
 
     def weights(self, defense: str, scenario: str, seed: int, before: ModelState, after: ModelState, step: int) -> None:
@@ -435,6 +435,16 @@ class Planner:
                         if spec.defenses is None or defense in spec.defenses:
                             self.scenario(named, name, state, seed)
         return Plan(list(self.steps.values()), self.cells, self.weight_cells, self.align_cells, self.distance_cells)
+
+
+def guards(state: ModelState) -> int:
+    """The guards a model state carries (SLD): no weights, one more denoiser pass a sampling step each."""
+    return sum(isinstance(w.step, AlignStep) and w.step.config.writes == "guard" for w in state.loras)
+
+
+def changes_weights(aligned: ModelState) -> bool:
+    """Whether an aligned model's weights differ from its base's: not the base, nor the base under a guard."""
+    return aligned.model.step is not None or len(aligned.loras) > guards(aligned)
 
 
 def build_plan(cfg: StudyConfig, source: SourceLines | None = None) -> Plan:

@@ -4,6 +4,7 @@ pipeline with ``module.apply(pipe)``, and is written in diffusers' formats, so p
 
 - a LoRA: ``pytorch_lora_weights.safetensors`` (``pipe.load_lora_weights(folder)``) and its record;
 - a textual inversion: ``learned_embeds.safetensors`` (``pipe.load_textual_inversion(folder)``) and its record;
+- a guard (SLD): its record alone, which names the guidance and its settings;
 - full weights: the whole pipeline folder (``StableDiffusionPipeline.from_pretrained(folder)``) when saved
   with the pipeline they change, else ``unet/diffusion_pytorch_model.safetensors`` with the trained
   tensors alone, and the record.
@@ -34,7 +35,8 @@ class TrainedModule:
     """A trained LoRA or set of full denoiser weights, with the record of the run that made it.
 
     Args:
-        kind: ``"lora"``, ``"full"`` or ``"embedding"`` (a textual inversion).
+        kind: ``"lora"``, ``"full"``, ``"embedding"`` (a textual inversion) or ``"guard"`` (no tensors: guidance at
+            sampling, its settings in the record; :mod:`relapse.models.guards`).
         weights: the LoRA's tensors in peft naming (``lora_A``/``lora_B``), the UNet tensors training changed, or
             ``{token: embedding}``.
         record: the run record (method, config, seed, versions, what it composes with).
@@ -62,7 +64,12 @@ class TrainedModule:
 
     def apply(self, pipe, scale: float = 1.0, fuse: bool = True) -> None:
         """Add the module to ``pipe``: a LoRA at ``scale`` (fused into the weights unless ``fuse=False``, where it
-        stays a named adapter), full weights by replacing the UNet tensors it holds."""
+        stays a named adapter), full weights by replacing the UNet tensors it holds, a guard by hooking it on."""
+        if self.kind == "guard":
+            from relapse.models.guards import attach
+
+            attach(pipe, self.record)
+            return
         if self.kind == "embedding":
             add_embeddings(pipe, self.weights, f"<in-memory {self.record.get('method', 'textual inversion')}>")
             return
@@ -105,7 +112,9 @@ class TrainedModule:
         from relapse.models.lora import write_lora
 
         with atomic_dir(out) as tmp:
-            if self.kind == "lora":
+            if self.kind == "guard":
+                pass  # its record is all there is
+            elif self.kind == "lora":
                 write_lora(tmp, self.weights, self.lora_config, self.component, self.text_encoders)
             elif self.kind == "embedding":
                 from safetensors.torch import save_file
@@ -134,6 +143,8 @@ class TrainedModule:
         found = [name for name in RECORDS if (folder / name).is_file()]
         record = json.loads((folder / found[0]).read_text()) if found else {}
         record_name = found[0] if found else ALIGN_RECORD
+        if record.get("kind") == "guard":
+            return cls("guard", {}, record, None, record_name)
         for component in COMPONENTS:
             if (folder / component / WEIGHTS).is_file():
                 return cls("full", load_file(folder / component / WEIGHTS), record, None, record_name, component)
