@@ -2,7 +2,8 @@
 
     python docs/generate.py            # rewrite each table between its markers
     python docs/generate.py --check    # exit 1, naming the table, where a page differs from what its results give
-    python docs/generate.py --figures  # also draw docs/evaluator-strength.png (the shipped evaluator reading the toy families)
+    python docs/generate.py --figures  # also draw the figures made from code and results: docs/evaluator-strength.png (the
+                                       # shipped evaluator reading the toy families), docs/every-method-*.png
     python docs/generate.py --grid runs/benign-relapse  # also draw docs/benign-relapse-grid.png from that run's images
     python docs/generate.py --grid-hypotheses runs/benign-relapse-hypotheses  # and the second part's
 
@@ -25,7 +26,7 @@ from functools import cache
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PAGES = ("README.md", "docs/toy-study.md", "docs/toy-world.md", "docs/benign-relapse.md", "docs/methods.md")
+PAGES = ("README.md", "docs/toy-study.md", "docs/toy-world.md", "docs/benign-relapse.md", "docs/methods.md", "docs/every-method.md")
 DEMO = "docs/results/toy-study/results.csv"
 BENIGN = "docs/results/benign-relapse/results.csv"
 # the same config's second part (relapse study configs/benign-relapse.yaml --scenario ...: its run.json names them), with
@@ -33,6 +34,10 @@ BENIGN = "docs/results/benign-relapse/results.csv"
 BENIGN_ALL = (BENIGN, "docs/results/benign-relapse-hypotheses/results.csv")
 EVERY_METHOD_BEFORE = "docs/results/every-method-before/results.csv"
 EVERY_METHOD_MALICIOUS = "docs/results/every-method-malicious/results.csv"
+# every part of configs/every-method.yaml (the before and malicious parts, the other roads back, SLD's defenses), with
+# the benign-relapse study's never-learned model under the same malicious LoRA
+EVERY_METHOD = (EVERY_METHOD_BEFORE, EVERY_METHOD_MALICIOUS, "docs/results/every-method-roads/results.csv",
+                "docs/results/every-method-sld/results.csv")
 EVALUATOR_BUILD = "src/relapse/assets/toy/evaluator/relapse_build.json"
 
 
@@ -305,6 +310,59 @@ class RelearningTable:
         return lines
 
 
+LEVELS = ((0.10, "🟩"), (0.50, "🟨"), (float("inf"), "🟥"))  # a cell's mark: under 10%, under 50%, 50% or more
+
+
+@dataclass(frozen=True)
+class RoadsTable:
+    """Methods as rows, roads back as columns; each cell the mean concept rate over the runs (%), marked by its level
+    (LEVELS). ``instead`` gives a method's own cell where a column's match does not find it: (defense, title) -> match."""
+
+    results: str | tuple[str, ...]
+    rows: tuple[tuple[str, str], ...]  # (shown name, defense)
+    columns: tuple[Figure, ...]
+    instead: dict = field(default_factory=dict)
+
+    def value(self, defense: str, column: Figure) -> float | None:
+        match = self.instead.get((defense, column.title), column.match)
+        found = runs(self.results, defense, **(DIRECT | match))
+        return statistics.fmean(r["value"] for r in found) if found else None
+
+    def values(self) -> list[tuple[str, list[float | None]]]:
+        found = [(shown, [self.value(defense, c) for c in self.columns]) for shown, defense in self.rows]
+        return [(shown, cells) for shown, cells in found if any(v is not None for v in cells)]
+
+    def markdown(self) -> list[str]:
+        lines = ["| method | " + " | ".join(c.title for c in self.columns) + " |", "|" + " --- |" * (len(self.columns) + 1)]
+        for shown, cells in self.values():
+            marked = ["" if v is None else next(mark for bound, mark in LEVELS if v < bound) + f" {100 * v:.0f}" for v in cells]
+            lines.append(f"| {shown} | " + " | ".join(marked) + " |")
+        return lines
+
+
+@dataclass(frozen=True)
+class AlignTimes:
+    """Each one-stage method's alignment wall time (seed 0's, from the run record of each part that aligned it) and its ratio to
+    ESD-u's in the same run: the same machine and load, so the ratio carries to another machine where the seconds do not."""
+
+    runs: tuple[str, ...]  # run.json files, each with ESD-u's alignment among its steps
+    rows: tuple[tuple[str, str], ...]  # (shown name, defense)
+
+    def markdown(self) -> list[str]:
+        lines = ["| method | alignment, s (seed 0) | ESD-u in the same run, s | ratio to ESD-u |", "| --- | --- | --- | --- |"]
+        timed = {}
+        for run in self.runs:
+            seconds = json.loads((ROOT / run).read_text())["seconds_by_step"]
+            for name, value in seconds.items():
+                if found := re.fullmatch(r"align ([\w+@.-]+): .* \(seed 0\)", name):
+                    timed.setdefault(found.group(1), []).append((value, seconds["align esd: esd (seed 0)"]))
+        for shown, defense in self.rows:
+            if defense in timed:  # aligned in several parts: the mean over them
+                value, esd = (statistics.fmean(t) for t in zip(*timed[defense]))
+                lines.append(f"| {shown} | {value:.1f} | {esd:.1f} | {value / esd:.2f} |")
+        return lines
+
+
 DEFENSES = (("none (the base)", "none"), ("ESD-u", "esd"), ("SDD", "sdd"), ("LT", "lt"), ("NG", "ng"), ("ESD-u + LT", "esd+lt"),
             ("Resist", "resist"))
 
@@ -327,6 +385,19 @@ H2_DOMAINS = ("far-lora", "sketch-lora", "own-lora", "gradient-lora", "striped-l
 def _col(title: str, scenario: str, step: int, prompt_set: str = "target_direct", metric: str = "target_rate") -> Column:
     return Column(title, {"scenario": scenario, "step": step, "prompt_set": prompt_set}, metric)
 
+
+METHODS = (("none (the base)", "none"), ("never-learned", "never-learned"), ("ESD-u", "esd"), ("ESD-u at 20%", "esd-r20"),
+           ("SDD", "sdd"), ("UCE", "uce"), ("RECE", "rece"), ("CA", "ca"), ("FMN", "fmn"), ("FMN at 88%", "fmn-r88"),
+           ("SalUn", "salun"), ("MACE", "mace"), ("AdvUnlearn", "advunlearn"), ("SLD-Medium", "sld-medium"), ("SLD-Max", "sld-max"))
+EVERY_METHOD_ROADS = RoadsTable(EVERY_METHOD, METHODS, (
+    Figure("before", BEFORE), Figure("adversarial prompts", BEFORE | {"prompt_set": "adversarial_direct"}),
+    Figure("benign LoRA", {"scenario": "benign-lora", "step": 200}),
+    Figure("benign, Modular", {"scenario": "benign-modular", "step": 200}),
+    *(Figure(f"malicious LoRA {n}", {"scenario": "malicious", "step": n}) for n in (20, 100, 200)),
+    Figure("malicious full", {"scenario": "malicious-full", "step": 200}),
+    Figure("malicious, Modular", {"scenario": "malicious-modular", "step": 200}),
+    Figure("learned word", {"scenario": "textual-inversion", "step": 200})),
+    instead={("never-learned", "before"): {"scenario": "benign-lora", "step": 0}})  # never-learned had no before part
 
 TABLES: dict[str, Callable[[], object]] = {
     "demo-headline": lambda: RateTable(DEMO, DEFENSES, (
@@ -471,6 +542,7 @@ TABLES: dict[str, Callable[[], object]] = {
         ("none (the base)", "none"), ("never-learned (the benign-relapse study)", "never-learned"), ("ESD-u", "esd"),
         ("ESD-u at 20%", "esd-r20"), ("SDD", "sdd"), ("UCE", "uce"), ("RECE", "rece"), ("CA", "ca"), ("FMN", "fmn"),
         ("FMN at 88%", "fmn-r88"), ("SalUn", "salun"))),
+    "every-method-roads": lambda: EVERY_METHOD_ROADS,
     "evaluator-positives": lambda: EvaluatorTable(EVALUATOR_BUILD, ("clear", "degraded", "reported")),
     "evaluator-negatives": lambda: EvaluatorTable(EVALUATOR_BUILD, ("negative",)),
 }
@@ -576,6 +648,56 @@ def cell_grid(run_dir: Path, out: Path, cells=BENIGN_GRID, results: str = BENIGN
     save_grid(rows, out)
 
 
+def roads_heatmap(out: Path) -> None:
+    """The every-method table as a picture: each cell coloured by its concept rate (white 0% to red 100%), its value in it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    table = EVERY_METHOD_ROADS
+    found = table.values()
+    grid = np.array([[np.nan if v is None else 100 * v for v in cells] for _, cells in found])
+    fig, ax = plt.subplots(figsize=(1.0 * len(table.columns) + 2.2, 0.42 * len(found) + 1.6))
+    ax.imshow(grid, cmap="Reds", vmin=0, vmax=100, aspect="auto")
+    for (i, j), v in np.ndenumerate(grid):
+        if not np.isnan(v):
+            ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=8, color="white" if v > 60 else "black")
+    ax.set_xticks(range(len(table.columns)), [c.title for c in table.columns], rotation=35, ha="right", fontsize=8)
+    ax.set_yticks(range(len(found)), [shown for shown, _ in found], fontsize=8)
+    ax.set_title("concept rate (%) on direct prompts, mean of 3 seeds", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def relearning_curves(out: Path, results=(*EVERY_METHOD, BENIGN), models=METHODS) -> None:
+    """The concept rate against the malicious LoRA's steps, per method: the mean over runs, each run a faint line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.6))
+    for k, (shown, defense) in enumerate(models):
+        found = runs(results, defense, scenario="malicious", **DIRECT)
+        if not found:
+            continue
+        steps = sorted({int(r["step"]) for r in found})
+        mean = [100 * statistics.fmean(r["value"] for r in found if int(r["step"]) == n) for n in steps]
+        ax.plot(steps, mean, marker="o", markersize=3, color=plt.cm.tab20(k % 20), label=shown,
+                linestyle="--" if defense in ("none", "never-learned") else "-")
+    ax.set_xlabel("malicious LoRA steps (rank 8, lr 1e-3, batch 8)")
+    ax.set_ylabel("concept rate, direct prompts (%)")
+    ax.set_ylim(-2, 102)
+    ax.legend(fontsize=7, ncol=2, loc="lower right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="change nothing; exit 1 where a page differs from its data")
@@ -587,6 +709,8 @@ def main() -> int:
     args = parser.parse_args()
     if args.figures:
         strength_strip(ROOT / "docs" / "evaluator-strength.png")
+        roads_heatmap(ROOT / "docs" / "every-method-roads.png")
+        relearning_curves(ROOT / "docs" / "every-method-relearning.png")
     if args.grid:
         cell_grid(args.grid, ROOT / "docs" / "benign-relapse-grid.png")
     if args.grid_hypotheses:
