@@ -51,6 +51,8 @@ _EXPORTS = {
     "SalUnConfig": ("relapse.align.salun", "SalUnConfig"),
     "RECEConfig": ("relapse.align.rece", "RECEConfig"),
     "SLDConfig": ("relapse.align.sld", "SLDConfig"),
+    "MACEConfig": ("relapse.align.mace", "MACEConfig"),
+    "AdvUnlearnConfig": ("relapse.align.advunlearn", "AdvUnlearnConfig"),
     "FinetuneConfig": ("relapse.finetuning.base", "FinetuneConfig"),
     "Prompt": ("relapse.data.prompts", "Prompt"),
     "Study": ("relapse.study.run", "Study"),

@@ -10,4 +10,4 @@ from relapse.registry import Registry
 
 METHODS: Registry = Registry("alignment method")
 
-from relapse.align import ca, esd, fmn, lt, never_learned, ng, rece, resist, salun, sdd, sld, uce  # noqa: E402,F401  (registration)
+from relapse.align import advunlearn, ca, esd, fmn, lt, mace, never_learned, ng, rece, resist, salun, sdd, sld, uce  # noqa: E402,F401  (registration)

@@ -187,6 +187,13 @@ def prefix_embeddings(text_encoder, rows: torch.Tensor):
         handle.remove()
 
 
+def encode_prefixed(text_encoder, ids: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """The last hidden states of ``ids`` (from :func:`prefixed_ids`) with positions 1..k embedded as ``rows`` (N, k, D):
+    a gradient reaches ``rows`` and whatever trains in the encoder."""
+    with prefix_embeddings(text_encoder, rows):
+        return text_encoder(ids)[0]
+
+
 def project_to_simplex(vectors: torch.Tensor) -> torch.Tensor:
     """The Euclidean projection of each row (last axis) onto the probability simplex."""
     descending = vectors.sort(dim=-1, descending=True).values
@@ -230,8 +237,7 @@ class PrefixAttack:
 
     def losses(self, one_hot: torch.Tensor, rows: slice, draws: Draws) -> torch.Tensor:
         """The loss of prompts ``rows`` with their adversarial tokens embedded from ``one_hot`` (rows, k, words)."""
-        with prefix_embeddings(self.pipe.text_encoder, one_hot.to(self.table.dtype) @ self.table):
-            hidden = self.pipe.text_encoder(self.ids[rows])[0]
+        hidden = encode_prefixed(self.pipe.text_encoder, self.ids[rows], one_hot.to(self.table.dtype) @ self.table)
         return denoising_losses(self.pipe, self.noiser, self.latents[rows], hidden, draws.rows(rows))
 
     @torch.no_grad()

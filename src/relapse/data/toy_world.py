@@ -285,6 +285,12 @@ def random_placement(rng: np.random.Generator) -> tuple[float, float, float]:
 
 def render(attrs: ToyAttributes, rng: np.random.Generator) -> np.ndarray:
     """Draw one image: jittered size and position, anti-aliased edges. Returns (32, 32, 3) uint8."""
+    return render_with_mask(attrs, rng)[0]
+
+
+def render_with_mask(attrs: ToyAttributes, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`render`'s image (same draws) and where its object is painted: (32, 32) coverage in [0, 1], the exact
+    segmentation mask a method that attends to the object's pixels needs (MACE)."""
     cx, cy, r = random_placement(rng)
     mask = draw_mask(attrs.shape, cx, cy, r)
     if attrs.style == "sketch":  # a thick outline instead of a filled body
@@ -293,7 +299,15 @@ def render(attrs: ToyAttributes, rng: np.random.Generator) -> np.ndarray:
     image = compose(mask, background_image(attrs.background), shaded(attrs.color, fill_shade(attrs.fill, rng)))
     if attrs.style == "sketch":  # paper grain
         image += rng.normal(0.0, 12.0, size=(IMAGE_SIZE, IMAGE_SIZE, 1))
-    return np.clip(image + 0.5, 0, 255).astype(np.uint8)
+    coverage = np.asarray(mask.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BOX), np.float32) / 255.0
+    return np.clip(image + 0.5, 0, 255).astype(np.uint8), coverage
+
+
+def attributes_asked(prompt: str, rng: np.random.Generator) -> ToyAttributes:
+    """The attributes ``prompt`` asks for (:func:`parse_prompt`), each one it leaves open drawn at random."""
+    asked = parse_prompt(prompt)
+    return ToyAttributes(asked["shape"] or str(rng.choice(BASE_SHAPES)), asked["color"] or str(rng.choice(list(COLORS))),
+                         asked["background"] or str(rng.choice(BACKGROUNDS)), str(asked["fill"]), str(asked["style"]))
 
 
 # ---------------------------------------------------------------------------------- captions

@@ -29,6 +29,29 @@ class Full(FinetuneMethod):
 CLIP_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]  # diffusers' LoRA scripts' text_lora_config
 
 
+def add_text_encoder_lora(encoder, rank: int, adapter_name: str, targets=tuple(CLIP_LORA_TARGETS)) -> list[torch.nn.Parameter]:
+    """A LoRA (lora_alpha = rank, gaussian init) on the ``targets`` of a text encoder; its factors, trainable. peft
+    directly: transformers' add_adapter wants a newer peft than installs here."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=list(targets)),
+                            encoder, adapter_name=adapter_name)
+    params = [p for n, p in encoder.named_parameters() if "lora_" in n]
+    for p in params:
+        p.requires_grad_(True)
+    return params
+
+
+def remove_text_encoder_lora(encoder) -> None:
+    """Take a text encoder's LoRA out again (its only adapter: peft's layers go too); the encoder stays frozen."""
+    from diffusers.utils.peft_utils import recurse_remove_peft_layers
+
+    recurse_remove_peft_layers(encoder)
+    if hasattr(encoder, "peft_config"):
+        del encoder.peft_config
+    encoder.requires_grad_(False)
+
+
 @METHODS.register("lora")
 class Lora(FinetuneMethod):
     """A fresh LoRA on the aligned model's attention projections (the family's LoRA training scripts' choice), and
@@ -52,7 +75,7 @@ class Lora(FinetuneMethod):
         return {name: getattr(pipe, name) for name in names if getattr(pipe, name, None) is not None}
 
     def trainable(self, pipe) -> list[torch.nn.Parameter]:
-        from peft import LoraConfig, inject_adapter_in_model
+        from peft import LoraConfig
 
         rank, denoiser = self.cfg.rank, self.family.denoiser()
         denoiser.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
@@ -61,13 +84,10 @@ class Lora(FinetuneMethod):
         if encoders and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
             raise UserError("--train-text-encoder trains in one process (the text encoders are not data-parallel here); "
                             "run it without torchrun")
-        for encoder in encoders.values():  # peft directly: transformers' add_adapter wants a newer peft than installs here
-            inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
-                                               target_modules=CLIP_LORA_TARGETS), encoder, adapter_name=self.adapter_name)
-        params = [p for module in (denoiser, *encoders.values()) for n, p in module.named_parameters() if "lora_" in n]
+        params = [p for n, p in denoiser.named_parameters() if "lora_" in n]
         for p in params:
             p.requires_grad_(True)
-        return params
+        return params + [p for encoder in encoders.values() for p in add_text_encoder_lora(encoder, rank, self.adapter_name)]
 
     def batch(self, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
         """Cached latents; the captions through the text encoders when they train, else their cached encodings."""
@@ -85,14 +105,9 @@ class Lora(FinetuneMethod):
         return {name: adapter_lora(encoder, self.adapter_name) for name, encoder in self.text_encoders(pipe).items()}
 
     def remove(self, pipe) -> None:
-        from diffusers.utils.peft_utils import recurse_remove_peft_layers
-
         super().remove(pipe)
-        for encoder in self.text_encoders(pipe).values():  # their only adapter: peft's layers go too
-            recurse_remove_peft_layers(encoder)
-            if hasattr(encoder, "peft_config"):
-                del encoder.peft_config
-            encoder.requires_grad_(False)
+        for encoder in self.text_encoders(pipe).values():
+            remove_text_encoder_lora(encoder)
 
 
 @METHODS.register("modular")

@@ -177,6 +177,7 @@ class TrainingMethod:
     ema = None  # the moving average of the trained weights, where the config asks for one (set by the engine)
 
     keeps_text_encoder: ClassVar[bool] = False  # trains through the text encoder: it stays on the device (textual inversion)
+    adapts_denoiser: ClassVar[bool] = True  # False: its LoRA is on text encoders alone (AdvUnlearn), the denoiser never changes
 
     def full_parameters(self) -> int:
         """How many parameters train in full (gradients and optimizer moments for each): none for a LoRA."""
@@ -321,7 +322,7 @@ def trained_module(pipe, method: TrainingMethod, run: dict) -> TrainedModule:
 
     denoiser, component = method.family.denoiser(pipe), method.family.denoiser_name
     if method.kind == "lora":
-        weights, lora_config = adapter_lora(denoiser, method.adapter_name)
+        weights, lora_config = adapter_lora(denoiser, method.adapter_name) if method.adapts_denoiser else ({}, None)
         return TrainedModule("lora", weights, run, lora_config, method.record_name, component, method.text_encoder_loras(pipe))
     if method.kind == "embedding":
         return TrainedModule("embedding", method.learned(), run, None, method.record_name)
