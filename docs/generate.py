@@ -342,25 +342,18 @@ class RoadsTable:
 
 @dataclass(frozen=True)
 class AlignTimes:
-    """Each one-stage method's alignment wall time (seed 0's, from the run record of each part that aligned it) and its ratio to
-    ESD-u's in the same run: the same machine and load, so the ratio carries to another machine where the seconds do not."""
+    """Each method's alignment time on the toy model and its ratio to ESD-u's in the same run
+    (benchmarks/align_methods.py): the same machine and load, so the ratio carries to another machine where the seconds
+    do not."""
 
-    runs: tuple[str, ...]  # run.json files, each with ESD-u's alignment among its steps
+    record: str
     rows: tuple[tuple[str, str], ...]  # (shown name, defense)
 
     def markdown(self) -> list[str]:
-        lines = ["| method | alignment, s (seed 0) | ESD-u in the same run, s | ratio to ESD-u |", "| --- | --- | --- | --- |"]
-        timed = {}
-        for run in self.runs:
-            seconds = json.loads((ROOT / run).read_text())["seconds_by_step"]
-            for name, value in seconds.items():
-                if found := re.fullmatch(r"align ([\w+@.-]+): .* \(seed 0\)", name):
-                    timed.setdefault(found.group(1), []).append((value, seconds["align esd: esd (seed 0)"]))
-        for shown, defense in self.rows:
-            if defense in timed:  # aligned in several parts: the mean over them
-                value, esd = (statistics.fmean(t) for t in zip(*timed[defense]))
-                lines.append(f"| {shown} | {value:.1f} | {esd:.1f} | {value / esd:.2f} |")
-        return lines
+        found = {r["defense"]: r for r in json.loads((ROOT / self.record).read_text())["rows"]}
+        lines = ["| method | alignment, s | ratio to ESD-u |", "| --- | --- | --- |"]
+        return lines + [f"| {shown} | {found[d]['seconds']:.1f} | {found[d]['ratio_to_esd']:.2f} |"
+                        for shown, d in self.rows if d in found]
 
 
 DEFENSES = (("none (the base)", "none"), ("ESD-u", "esd"), ("SDD", "sdd"), ("LT", "lt"), ("NG", "ng"), ("ESD-u + LT", "esd+lt"),
