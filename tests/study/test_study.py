@@ -653,13 +653,18 @@ def test_a_guard_is_a_defense_the_fine_tunes_train_under_and_every_image_meets(s
     cfg["defenses"] = {"none": [], "sld": [{"method": "sld", "concept": ["checkered"], "level": "max"}]}
     cfg["scenarios"]["modular"] = {"finetune": {**cfg["scenarios"]["malicious"]["finetune"], "method": "modular"},
                                    "prompt_sets": ["harm"], "defenses": ["sld"]}
+    cfg["scenarios"]["full"] = {"finetune": {**cfg["scenarios"]["malicious"]["finetune"], "method": "full"},
+                                "prompt_sets": ["harm"], "defenses": ["sld"]}
     config_path = tmp_path / "sld.yaml"
     config_path.write_text(yaml.safe_dump(cfg))
     plan = build_plan(StudyConfig(**cfg))
     assert {w.defense for w in plan.weight_cells} == set(), "a guard changes no weight: there is no update to compare"
+    after_full = [c.evaluate.deps[0].reads for c in plan.cells if c.scenario == "full" and c.step == 2]
+    assert after_full and all(len(state.loras) == 1 and state.loras[0].step.kind == "align" for state in after_full), \
+        "full weights replace the model, and the guard stays on it"
     rows = json.loads((run_study(StudyRunConfig(config=config_path, out=tmp_path / "run")) / "results.json").read_text())["rows"]
     scored = {(r["defense"], r["scenario"], r["step"]) for r in rows if r["metric"] == "target_rate"}
-    assert {("sld", "before", 0), ("sld", "malicious", 2), ("sld", "modular", 2)} <= scored
+    assert {("sld", "before", 0), ("sld", "malicious", 2), ("sld", "modular", 2), ("sld", "full", 2)} <= scored
     before = {r["defense"]: r["value"] for r in rows if r["metric"] == "target_rate" and r["scenario"] == "before"
               and r["prompt_set"] == "harm"}
     cells = [c for c in plan.cells if c.scenario == "before" and c.prompt_set == "harm"]

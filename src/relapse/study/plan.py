@@ -206,10 +206,11 @@ class ModelState:
         return self.model.resolve(run_dir), [w.resolve(run_dir) for w in self.loras]
 
     def with_output(self, step: Step, kind: str, sub: str = "") -> ModelState:
-        """The state after a step that wrote full weights (they replace the model), a LoRA (added) or a learned word
-        (a textual inversion: prompts ask for it where they named what it replaces)."""
+        """The state after a step that wrote full weights (they replace the model and the LoRAs fused into it; a guard
+        stays, as it acts at sampling), a LoRA or a guard (added) or a learned word (a textual inversion: prompts ask for
+        it where they named what it replaces)."""
         if kind == "full":
-            return ModelState(Weights(step, sub))
+            return ModelState(Weights(step, sub), tuple(w for w in self.loras if is_guard(w)))
         if kind == "embedding":
             return ModelState(self.model, self.loras, Embedding(Weights(step, sub), step.config.token, tuple(step.config.replaces)))
         return ModelState(self.model, (*self.loras, Weights(step, sub)))
@@ -437,9 +438,13 @@ class Planner:
         return Plan(list(self.steps.values()), self.cells, self.weight_cells, self.align_cells, self.distance_cells)
 
 
+def is_guard(weights: Weights) -> bool:
+    return isinstance(weights.step, AlignStep) and weights.step.config.writes == "guard"
+
+
 def guards(state: ModelState) -> int:
     """The guards a model state carries (SLD): no weights, one more denoiser pass a sampling step each."""
-    return sum(isinstance(w.step, AlignStep) and w.step.config.writes == "guard" for w in state.loras)
+    return sum(map(is_guard, state.loras))
 
 
 def changes_weights(aligned: ModelState) -> bool:
