@@ -34,10 +34,12 @@ BENIGN = "docs/results/benign-relapse/results.csv"
 BENIGN_ALL = (BENIGN, "docs/results/benign-relapse-hypotheses/results.csv")
 EVERY_METHOD_BEFORE = "docs/results/every-method-before/results.csv"
 EVERY_METHOD_MALICIOUS = "docs/results/every-method-malicious/results.csv"
-# every part of configs/every-method.yaml (the before and malicious parts, the other roads back, SLD's defenses), with
-# the benign-relapse study's never-learned model under the same malicious LoRA
-EVERY_METHOD = (EVERY_METHOD_BEFORE, EVERY_METHOD_MALICIOUS, "docs/results/every-method-roads/results.csv",
-                "docs/results/every-method-sld/results.csv")
+# every part of configs/every-method.yaml (the before and malicious parts, the other roads back, SLD's defenses, MACE's
+# and AdvUnlearn's), and the benign-relapse study's never-learned model under the same malicious LoRA
+EVERY_METHOD_SLD = "docs/results/every-method-sld/results.csv"
+EVERY_METHOD_NEW = "docs/results/every-method-mace-advunlearn/results.csv"
+EVERY_METHOD = (EVERY_METHOD_BEFORE, EVERY_METHOD_MALICIOUS, "docs/results/every-method-roads/results.csv", EVERY_METHOD_SLD,
+                EVERY_METHOD_NEW)
 EVALUATOR_BUILD = "src/relapse/assets/toy/evaluator/relapse_build.json"
 
 
@@ -122,8 +124,9 @@ class RateTable:
 
 @dataclass(frozen=True)
 class HumanTable:
-    """Each cell people labelled (seed ``seed``): their concept and trace rates beside the detector's on the same images
-    (every image of the cell was labelled), with 95% Wilson intervals; ≠ where two intervals lie apart."""
+    """Each cell people labelled (seed ``seed``): their concept and trace rates (on the images they labelled, all of the
+    cell's or a sample) beside the detector's on the whole cell, with 95% Wilson intervals; ≠ where two intervals lie
+    apart."""
 
     results: str | tuple[str, ...]
     cells: tuple[tuple[str, dict], ...]  # (shown name, match)
@@ -352,7 +355,7 @@ class AlignTimes:
     def markdown(self) -> list[str]:
         found = {r["defense"]: r for r in json.loads((ROOT / self.record).read_text())["rows"]}
         lines = ["| method | alignment, s | ratio to ESD-u |", "| --- | --- | --- |"]
-        return lines + [f"| {shown} | {found[d]['seconds']:.1f} | {found[d]['ratio_to_esd']:.2f} |"
+        return lines + [f"| {shown} | {found[d]['seconds']:.1f} | {found[d]['ratio_to_esd']:.2g} |"
                         for shown, d in self.rows if d in found]
 
 
@@ -382,7 +385,7 @@ def _col(title: str, scenario: str, step: int, prompt_set: str = "target_direct"
 METHODS = (("none (the base)", "none"), ("never-learned", "never-learned"), ("ESD-u", "esd"), ("ESD-u at 20%", "esd-r20"),
            ("SDD", "sdd"), ("UCE", "uce"), ("RECE", "rece"), ("CA", "ca"), ("FMN", "fmn"), ("FMN at 88%", "fmn-r88"),
            ("SalUn", "salun"), ("MACE", "mace"), ("AdvUnlearn", "advunlearn"), ("SLD-Medium", "sld-medium"), ("SLD-Max", "sld-max"))
-EVERY_METHOD_ROADS = RoadsTable(EVERY_METHOD, METHODS, (
+EVERY_METHOD_ROADS = RoadsTable((*EVERY_METHOD, BENIGN), METHODS, (
     Figure("before", BEFORE), Figure("adversarial prompts", BEFORE | {"prompt_set": "adversarial_direct"}),
     Figure("benign LoRA", {"scenario": "benign-lora", "step": 200}),
     Figure("benign, Modular", {"scenario": "benign-modular", "step": 200}),
@@ -391,6 +394,10 @@ EVERY_METHOD_ROADS = RoadsTable(EVERY_METHOD, METHODS, (
     Figure("malicious, Modular", {"scenario": "malicious-modular", "step": 200}),
     Figure("learned word", {"scenario": "textual-inversion", "step": 200})),
     instead={("never-learned", "before"): {"scenario": "benign-lora", "step": 0}})  # never-learned had no before part
+
+EVERY_METHOD_LABELLED = (("benign LoRA 200", "benign-lora", 200), ("benign, Modular 200", "benign-modular", 200),
+                         ("malicious LoRA 400", "malicious", 400), ("malicious full 200", "malicious-full", 200),
+                         ("malicious, Modular 200", "malicious-modular", 200), ("learned word 200", "textual-inversion", 200))
 
 TABLES: dict[str, Callable[[], object]] = {
     "demo-headline": lambda: RateTable(DEMO, DEFENSES, (
@@ -522,20 +529,30 @@ TABLES: dict[str, Callable[[], object]] = {
         (f"{shown}, {title}", {"defense": defense, "scenario": scenario, "step": step, "prompt_set": "target_direct"})
         for shown, defense in (("ESD-u + LT", "esd+lt"), ("Resist", "resist"))
         for title, scenario, step in (("aligned", "before", 0), ("adjacent LoRA 200", "adjacent-lora-defended", 200)))),
-    "every-method-before": lambda: RunsTable(EVERY_METHOD_BEFORE, "method", tuple((shown, {"defense": d}) for shown, d in (
-        ("none (the base)", "none"), ("ESD-u", "esd"), ("ESD-u at 20%", "esd-r20"), ("SDD", "sdd"), ("UCE", "uce"),
-        ("RECE", "rece"), ("CA", "ca"), ("FMN", "fmn"), ("FMN at 88%", "fmn-r88"), ("SalUn", "salun"))), (
+    "every-method-before": lambda: RunsTable((EVERY_METHOD_BEFORE, EVERY_METHOD_SLD, EVERY_METHOD_NEW), "method", tuple(
+        (shown, {"defense": d}) for shown, d in METHODS), (
         Figure("steps trained", {"scenario": "align", "metric": "align_steps"}, 1.0, 0),
         *(Figure(title, BEFORE | {"prompt_set": prompts, "metric": metric}, scale, digits) for title, prompts, metric, scale, digits in (
             ("concept, direct prompts", "target_direct", "target_rate", 100.0, 1), ("trace", "target_direct", "trace_rate", 100.0, 1),
             ("concept, adversarial prompts", "adversarial_direct", "target_rate", 100.0, 1),
             ("shape, clean", "clean", "shape_accuracy", 100.0, 1), ("colour, clean", "clean", "color_accuracy", 100.0, 1),
             ("neighbours as asked", FILL_SETS, "fill_accuracy", 100.0, 1), ("FD, clean", "clean", "frechet_distance", 1.0, 1))))),
-    "every-method-relearning": lambda: RelearningTable((EVERY_METHOD_MALICIOUS, BENIGN), "malicious", (
-        ("none (the base)", "none"), ("never-learned (the benign-relapse study)", "never-learned"), ("ESD-u", "esd"),
-        ("ESD-u at 20%", "esd-r20"), ("SDD", "sdd"), ("UCE", "uce"), ("RECE", "rece"), ("CA", "ca"), ("FMN", "fmn"),
-        ("FMN at 88%", "fmn-r88"), ("SalUn", "salun"))),
+    "every-method-relearning": lambda: RelearningTable((EVERY_METHOD_MALICIOUS, EVERY_METHOD_SLD, EVERY_METHOD_NEW, BENIGN), "malicious",
+        tuple((shown + (" (the benign-relapse study)" if d == "never-learned" else ""), d) for shown, d in METHODS)),
+    "every-method-after": lambda: RunsTable(EVERY_METHOD, "method", tuple((shown, {"defense": d}) for shown, d in METHODS), (
+        *(Figure(title, DIRECT | {"scenario": scenario, "step": 200}) for title, scenario in (
+            ("benign LoRA", "benign-lora"), ("benign, Modular", "benign-modular"), ("malicious full", "malicious-full"),
+            ("malicious, Modular", "malicious-modular"), ("learned word", "textual-inversion"))),
+        Figure("shape, clean, after malicious full", {"scenario": "malicious-full", "step": 200, "prompt_set": "clean",
+                                                      "detector": "toy", "metric": "shape_accuracy"}),
+        Figure("FD, clean, after malicious full", {"scenario": "malicious-full", "step": 200, "prompt_set": "clean",
+                                                   "detector": "toy", "metric": "frechet_distance"}, 1.0))),
     "every-method-roads": lambda: EVERY_METHOD_ROADS,
+    "every-method-human": lambda: HumanTable(EVERY_METHOD, tuple(
+        (f"{shown}, {title}", {"defense": d, "scenario": scenario, "step": step, "prompt_set": "target_direct"})
+        for shown, d in METHODS for title, scenario, step in EVERY_METHOD_LABELLED
+        if matching(EVERY_METHOD, defense=d, scenario=scenario, step=step, detector="human", seed=0))),
+    "every-method-times": lambda: AlignTimes("docs/results/align-times/results.json", METHODS),
     "evaluator-positives": lambda: EvaluatorTable(EVALUATOR_BUILD, ("clear", "degraded", "reported")),
     "evaluator-negatives": lambda: EvaluatorTable(EVALUATOR_BUILD, ("negative",)),
 }
@@ -680,7 +697,7 @@ def relearning_curves(out: Path, results=(*EVERY_METHOD, BENIGN), models=METHODS
         steps = sorted({int(r["step"]) for r in found})
         mean = [100 * statistics.fmean(r["value"] for r in found if int(r["step"]) == n) for n in steps]
         ax.plot(steps, mean, marker="o", markersize=3, color=plt.cm.tab20(k % 20), label=shown,
-                linestyle="--" if defense in ("none", "never-learned") else "-")
+                linestyle="--" if defense in ("none", "never-learned") else ":" if defense.startswith("sld") else "-")
     ax.set_xlabel("malicious LoRA steps (rank 8, lr 1e-3, batch 8)")
     ax.set_ylabel("concept rate, direct prompts (%)")
     ax.set_ylim(-2, 102)
