@@ -777,3 +777,18 @@ def test_a_rebuilt_evaluator_redoes_the_evaluations_and_nothing_else(study_yaml,
     after = build_plan(StudyConfig(**(config | {"detectors": [{"name": "toy", "options": {"weights": str(rebuilt)}}]})))
     changed = {s.kind for s, t in zip(before.steps, after.steps) if s.key != t.key}
     assert changed == {"evaluate"} and len(before.steps) == len(after.steps)
+
+
+def test_a_study_with_a_story_ends_with_it_and_its_report_opens_with_it(study_yaml, tmp_path, capsys):
+    cfg = yaml.safe_load(study_yaml.read_text())
+    cfg["defenses"] = {"none": cfg["defenses"]["none"], "esd": cfg["defenses"]["esd"]}
+    cfg["story"] = [{"title": "aligned", "prompt_set": "harm"}, {"title": "after the LoRA", "scenario": "malicious", "prompt_set": "harm"},
+                    {"title": "FD", "prompt_set": "clean", "metric": "frechet_distance"}]
+    config_path = tmp_path / "story.yaml"
+    config_path.write_text(yaml.safe_dump(cfg))
+    run_dir = run_study(StudyRunConfig(config=config_path, out=tmp_path / "run"))
+    printed = capsys.readouterr().out
+    assert "after the LoRA" in printed and "on-prompt" not in printed, "the story replaces the long summary"
+    page = (run_dir / "report.html").read_text()
+    assert page.index("The story") < page.index("How much of the erased concept comes back")
+    assert "after the LoRA" in page

@@ -457,6 +457,19 @@ def grids(res: StudyResults) -> str:
     return grid_figure(rows, res.run_dir / "grid.png", f"{res.target_set}, seed {seed}: the same prompts and seeds in every row")
 
 
+def story_section(res: StudyResults) -> list[str]:
+    """The config's story table, first on the page (nothing where the config has none)."""
+    from relapse.report.story import story_table
+
+    if not res.config.get("story"):
+        return []
+    headings, cells = story_table(res.config, res.all_rows)
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headings)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in line) + "</tr>" for line in cells)
+    return ["<h2>The story</h2>", f"<p>Mean over seeds, rates in %, by <code>{html.escape(str(res.detector))}</code>.</p>",
+            f"<table><tr>{head}</tr>{body}</table>"]
+
+
 def build_report(run_dir: str | Path) -> Path:
     import matplotlib
 
@@ -471,7 +484,7 @@ def build_report(run_dir: str | Path) -> Path:
             f"(<code>{html.escape(str(res.detector))}</code>), in %: mean &plusmn; sd over seeds, then the 95% Wilson interval "
             "of the images pooled over seeds and their number n (hover a cell for each seed's rate and interval). "
             "Every figure comes from <code>results.json</code>; each row names the evaluation it came from.</p>",
-            "<h2>How much of the erased concept comes back</h2>", *headline_section(res), *roads_section(res), *off_prompt_section(res),
+            *story_section(res), "<h2>How much of the erased concept comes back</h2>", *headline_section(res), *roads_section(res), *off_prompt_section(res),
             *on_prompt_section(res),
             *other_detectors_section(res), *human_section(res),
             "<h2>What the alignment costs the concept's neighbours</h2>", *collateral_section(res),

@@ -104,6 +104,18 @@ class DetectorSpec(BaseModel):
         return self.model_dump(exclude={"label"})
 
 
+class StoryColumn(BaseModel):
+    """A column of the study's story table: one figure of every defense, the mean over seeds."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    title: str = Field(description="the column's heading")
+    scenario: str = Field("before", description="the scenario it reads (before: the defended model before any fine-tune)")
+    step: int | None = Field(None, description="the fine-tune step it reads (default: the scenario's last)")
+    prompt_set: str = Field(description="the prompt set it reads")
+    metric: str = Field("target_rate", description="the metric: a rate is shown in %, a distance as it is")
+
+
 class StudyConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -129,6 +141,8 @@ class StudyConfig(BaseModel):
     detectors: list[DetectorSpec] = Field(default_factory=lambda: [DetectorSpec()], min_length=1)
     reference: str | None = Field(None, description="real images (imagefolder or toy:DOMAIN[:N]) for a Frechet distance")
     reference_sets: list[str] = Field(default_factory=list, description="prompt sets whose images are compared with reference")
+    story: list[StoryColumn] = Field(default_factory=list, max_length=7, description="the table the study ends with, "
+                                     "printed last and first in its report: a row per defense, these columns (at most 7)")
     threads_per_step: int = Field(1, ge=1, description="CPU threads each step runs with, whatever runs it (one process or "
                                   "several, local or Ray, fresh or resumed): the order of a float sum, and so some rows, "
                                   "depend on it, so the rows are a function of the config and seeds alone")
@@ -202,6 +216,10 @@ class StudyConfig(BaseModel):
         labels = [d.label for d in self.detectors]
         if repeated := sorted({label for label in labels if labels.count(label) > 1}):
             raise ValueError(f"detectors {repeated} share a label; give each a label of its own (detectors: - {{name: ..., label: ...}})")
+        for column in self.story:
+            if column.prompt_set not in named or (column.scenario != "before" and column.scenario not in self.scenarios):
+                raise ValueError(f"story column {column.title!r} reads scenario {column.scenario!r} and prompt set "
+                                 f"{column.prompt_set!r}: name a scenario (or before) and a prompt set the study defines")
         if self.align_once and self.align_seeds:
             raise ValueError("align_once and align_seeds both say how often to align: keep one")
         earlier: list[str] = []

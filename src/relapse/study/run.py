@@ -179,6 +179,6 @@ def run_study(run: StudyRunConfig) -> Path:
         return run_dir
     study.run(run_dir, resume=run.resume, workers=run.workers, executor=run.executor, address=run.address)
     if main:
-        print_summary(study.results())
+        print_summary(study.config.model_dump(mode="json"), study.results())
         print(f"results in {run_dir}: results.json, results.csv, report.html")
     return run_dir

@@ -16,12 +16,16 @@ def describe_plan(plan: Plan, run_dir: Path) -> str:
     return "\n".join(lines)
 
 
-def print_summary(rows: list[dict]) -> None:
-    """The terminal's last word: the target rate (and the on-prompt rate, where the detector gives it) per
-    defense and scenario at its last step, mean +- sd over seeds, by the first detector."""
+def print_summary(config: dict, rows: list[dict]) -> None:
+    """The terminal's last word: the config's story table where it has one, else the target rate (and the on-prompt
+    rate, where the detector gives it) per defense and scenario at its last step, mean +- sd over seeds, by the first
+    detector."""
     from rich.console import Console
     from rich.table import Table
 
+    if config.get("story"):
+        print_story(config, rows)
+        return
     from relapse.measure.metrics import HEADLINE_METRIC, ON_PROMPT_METRIC
     from relapse.study.results import summarize_rows
 
@@ -41,3 +45,18 @@ def print_summary(rows: list[dict]) -> None:
                           f"{100 * on_prompt['mean']:.1f}" if on_prompt else "-")
     Console().print(table)
 
+
+
+def print_story(config: dict, rows: list[dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from relapse.report.story import story_table
+
+    headings, cells = story_table(config, rows)
+    table = Table(title=f"{config['name']}: mean over seeds {config['seeds']}, rates in %, by {config['detectors'][0]['label']}")
+    for heading in headings:
+        table.add_column(heading)
+    for line in cells:
+        table.add_row(*line)
+    Console().print(table)
