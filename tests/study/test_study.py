@@ -403,13 +403,16 @@ def test_shipped_toy_studies_plan(name, tmp_path, run_cli):
     assert code == 0, err
     assert "finetune" in out and "weights" in out and not (tmp_path / "run").exists()
     config, demo = (yaml.safe_load((configs / f"{n}.yaml").read_text()) for n in (name, "toy"))
-    assert {"none", "esd", "sdd", "lt", "ng", "esd+lt", "resist"} <= set(config["defenses"])  # every defense side by side
+    shown = {"none", "esd", "sdd", "advunlearn", "sld-max"} | ({"lt", "ng", "esd+lt", "resist"} if name == "toy-full" else set())
+    assert shown <= set(config["defenses"])  # the demo: the base, two erasures, the strongest defenses; toy-full: all
     assert config["defenses"]["esd"][0]["params"] == "noxattn"  # ESD-u, the nudity protocol
     groups = {s["group"] for s in config["scenarios"].values()}
     assert {"benign", "malicious", "other roads back"} <= groups <= {"benign", "malicious", "unsimulated", "other roads back"}
     assert any(spec.get("attack") for spec in config["prompt_sets"].values())  # adversarial prompts, too
     if name == "toy-quick":  # the demo's grid, with few steps
         assert (set(config["defenses"]), set(config["scenarios"])) == (set(demo["defenses"]), set(demo["scenarios"]))
+    if name != "toy-full":  # the story: at most 7 columns, printed last
+        assert 0 < len(config["story"]) <= 7
     if name == "toy-full":  # every defense of the real protocol
         assert set(yaml.safe_load((configs / "sd14-nudity.yaml").read_text())["defenses"]) <= set(config["defenses"])
 
