@@ -1,13 +1,13 @@
-"""Time `make demo`'s job, the full toy study, against its budget: 20 minutes on a 2-core machine as slow
-as the slowest one measured (a 2.8 GHz Xeon), and 6 GiB.
+"""Time `make demo`'s job, the demo study, against its budget: 12 minutes of wall time on a 2-core CPU and 4 GiB.
 
     .venv/bin/python benchmarks/toy_study.py [--config configs/toy.yaml] [--workers 2] [--peer-workers 1] [--peer-ray]
-    .venv/bin/python benchmarks/toy_study.py --reference-only    # your machine's reference, to scale the figures
+    .venv/bin/python benchmarks/toy_study.py --miniature-only    # your machine's miniature, to scale the figures
 
-Machines differ by 2x or more, so the study is timed against a fixed reference workload measured in the
-same run: 100 training steps of the shipped toy UNet at batch 64 (2 threads). The study's wall time as a
-multiple of it holds across machines; the budget in those units is 20 minutes over the reference's time
-on the slow Xeon (REFERENCE_XEON_S, estimated: see docs/measurements.md).
+Machines differ by 2x or more, and a fixed training workload tracked the demo poorly from one CPU to another, so the
+demo is timed beside a miniature of its own mix, measured in the same run: a short LoRA fine-tune, one generation, its
+evaluation and one block of prompt-attack iterations, on one thread as each study step runs (miniature_seconds). The
+demo's wall time as a multiple of the miniature is the figure to carry to another machine: time the miniature there
+and multiply.
 
 Runs `relapse study` from scratch (a new run folder and an empty encodings cache, as on a fresh clone)
 and prints its wall time, the peak memory of the whole process tree (the study and its workers,
@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -30,37 +29,42 @@ import time
 from pathlib import Path
 
 import psutil
+from step_rates import cpu_name
 
-BUDGET_S, BUDGET_GIB = 20 * 60, 6.0
-REFERENCE_XEON_S = 55.0  # the reference workload on the 2.8 GHz Xeon, estimated (docs/measurements.md)
+BUDGET_S, BUDGET_GIB = 12 * 60, 4.0
 
 
-def reference_seconds(steps: int = 100, batch: int = 64) -> float:
-    """Wall time of ``steps`` training steps of the shipped toy UNet (random weights, fixed inputs), 2 threads."""
+def miniature_seconds() -> dict[str, float]:
+    """The demo's own mix in miniature, on one thread as each of its steps runs: a LoRA fine-tune (60 steps of batch 8),
+    one generation (60 images, 8 steps), their evaluation, and one block of prompt-attack iterations (30, on 4 prompts).
+    Its seconds per part and in all; the demo's wall time over the total carries from one machine to another."""
+    import numpy as np
     import torch
-    import torch.nn.functional as F
 
-    from relapse.models.components import ToyModelSize, build_pipeline
+    import relapse
+    from relapse.data.prompts import read_prompts
 
-    torch.set_num_threads(2)
-    unet = build_pipeline(ToyModelSize(), seed=0).unet.train()
-    opt = torch.optim.AdamW(unet.parameters(), lr=1e-4)
-    gen = torch.Generator().manual_seed(0)
-    latents = torch.randn(batch, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size, generator=gen)
-    text = torch.randn(batch, ToyModelSize().max_tokens, unet.config.cross_attention_dim, generator=gen)
+    torch.set_num_threads(1)
+    relapse.progress.set_enabled(False)
+    pipe = relapse.load("toy")
+    sampler = relapse.SamplerConfig(steps=8, guidance=5.0, images_per_prompt=2)
+    parts = {}
 
-    def step() -> None:
-        t = torch.randint(0, 1000, (batch,), generator=gen)
-        F.mse_loss(unet(latents, t, text).sample, latents).backward()
-        opt.step()
-        opt.zero_grad()
+    def timed(name: str, work):
+        start = time.perf_counter()
+        value = work()
+        parts[name] = time.perf_counter() - start
+        return value
 
-    for _ in range(5):  # warm-up: allocator and kernels
-        step()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    return time.perf_counter() - start
+    timed("fine-tune", lambda: relapse.finetune(pipe, relapse.FinetuneConfig(method="lora", rank=8, lr=1e-3, steps=60, batch_size=8),
+                                                data="toy:harmful:64"))
+    images = timed("generate", lambda: relapse.generate(pipe, sampler, prompts="toy:target_direct"))
+    timed("evaluate", lambda: relapse.evaluate(images.images, relapse.EvaluateConfig(detector="toy"), prompts=images.prompts))
+    prompts = read_prompts("toy:target_direct")[:4]
+    targets = np.stack([np.asarray(image) for image in images.images[:8:2]])  # each prompt's first image
+    timed("attack", lambda: relapse.attack_prompts(pipe, relapse.PromptAttackConfig(iterations=30, check_every=30), prompts=prompts,
+                                                   targets=targets))
+    return parts | {"total": sum(parts.values())}
 
 
 def tree_rss(process: psutil.Process) -> int:
@@ -92,12 +96,11 @@ def run(config: Path, workers: int, executor: str = "local") -> dict:
             "slowest": sorted(record["seconds_by_step"].items(), key=lambda item: -item[1])[:8], "run_dir": scratch / "run"}
 
 
-def show(result: dict, reference: float) -> None:
+def show(result: dict, miniature: float) -> None:
     wall, peak = result["wall_s"], result["peak_gib"]
-    units, budget_units = wall / reference, BUDGET_S / REFERENCE_XEON_S
-    print(f"workers {result['workers']}: {wall:7.1f} s = {wall / 60:.1f} min = {units:.1f} x the reference; budget {budget_units:.1f} x "
-          f"(ratio {units / budget_units:.2f}); peak RSS {peak:.2f} GiB (budget {BUDGET_GIB:.0f} GiB, ratio {peak / BUDGET_GIB:.2f})")
-    print(f"  on the slow Xeon this would take about {units * REFERENCE_XEON_S / 60:.1f} min")
+    print(f"workers {result['workers']}: {wall:7.1f} s = {wall / 60:.1f} min (budget {BUDGET_S / 60:.0f} min, ratio "
+          f"{wall / BUDGET_S:.2f}) = {wall / miniature:.1f} x the miniature; peak RSS {peak:.2f} GiB (budget {BUDGET_GIB:.0f} GiB, "
+          f"ratio {peak / BUDGET_GIB:.2f})")
     print("  step time by kind (summed over workers): " + ", ".join(f"{k} {v:.0f} s" for k, v in result["seconds_by_kind"].items()))
     print("  slowest steps: " + "; ".join(f"{label} {seconds:.0f} s" for label, seconds in result["slowest"]))
     print(f"  run in {result['run_dir']}")
@@ -125,18 +128,20 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--peer-workers", type=int, help="also run the study with this many workers, for the speed-up")
     parser.add_argument("--peer-ray", action="store_true", help="also run the study under --executor ray (relapse[ray])")
-    parser.add_argument("--reference-only", action="store_true", help="time the reference workload alone")
+    parser.add_argument("--miniature-only", action="store_true", help="time the miniature of the demo's mix alone")
     args = parser.parse_args()
-    print(f"{args.config}, {os.cpu_count()} cores, {platform.processor() or platform.machine()}")
-    reference = reference_seconds()
-    print(f"reference workload (100 toy UNet training steps, batch 64, 2 threads): {reference:.1f} s")
-    if args.reference_only:
+    print(f"{args.config}, {os.cpu_count()} cores, {cpu_name()}", flush=True)
+    parts = miniature_seconds()
+    miniature = parts.pop("total")
+    print(f"miniature of the demo's mix, 1 thread: {miniature:.1f} s (" + ", ".join(f"{k} {v:.1f} s" for k, v in parts.items()) + ")",
+          flush=True)
+    if args.miniature_only:
         return
     result = run(args.config, args.workers)
-    show(result, reference)
+    show(result, miniature)
     peers = ([run(args.config, args.peer_workers)] if args.peer_workers else []) + ([run(args.config, 1, "ray")] if args.peer_ray else [])
     for peer in peers:
-        show(peer, reference)
+        show(peer, miniature)
         compare_rows(peer, result)
         print(f"  speed-up of workers {args.workers} over {peer['workers']}: {peer['wall_s'] / result['wall_s']:.2f}x")
 

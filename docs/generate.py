@@ -359,6 +359,26 @@ class AlignTimes:
                         for shown, d in self.rows if d in found]
 
 
+@dataclass(frozen=True)
+class StoryTable:
+    """A study's story table (its config's ``story``), as `relapse study` prints it last and its report shows it first,
+    from the committed results folder (its config.yaml and results.csv)."""
+
+    folder: str
+    names: dict = field(default_factory=dict)  # defense -> the name shown
+
+    def markdown(self) -> list[str]:
+        import yaml
+
+        from relapse.report.story import story_table
+
+        config = yaml.safe_load((ROOT / self.folder / "config.yaml").read_text())  # as the run saved it
+        rows = [r | {"step": int(r["step"])} for r in rows_of(f"{self.folder}/results.csv")]
+        headings, cells = story_table(config, rows)
+        lines = ["| " + " | ".join(headings) + " |", "|" + " --- |" * len(headings)]
+        return lines + ["| " + " | ".join([self.names.get(line[0], line[0]), *line[1:]]) + " |" for line in cells]
+
+
 DEFENSES = (("none (the base)", "none"), ("ESD-u", "esd"), ("SDD", "sdd"), ("LT", "lt"), ("NG", "ng"), ("ESD-u + LT", "esd+lt"),
             ("Resist", "resist"))
 
@@ -547,6 +567,8 @@ TABLES: dict[str, Callable[[], object]] = {
                                                       "detector": "toy", "metric": "shape_accuracy"}),
         Figure("FD, clean, after malicious full", {"scenario": "malicious-full", "step": 200, "prompt_set": "clean",
                                                    "detector": "toy", "metric": "frechet_distance"}, 1.0))),
+    "demo-story": lambda: StoryTable("docs/results/toy-demo", {"none": "none (the base)", "esd": "ESD-u", "sdd": "SDD",
+                                                               "advunlearn": "AdvUnlearn", "sld-max": "SLD-Max, hosted"}),
     "every-method-roads": lambda: EVERY_METHOD_ROADS,
     "every-method-human": lambda: HumanTable(EVERY_METHOD, tuple(
         (f"{shown}, {title}", {"defense": d, "scenario": scenario, "step": step, "prompt_set": "target_direct"})
