@@ -793,5 +793,5 @@ def test_a_study_with_a_story_ends_with_it_and_its_report_opens_with_it(study_ya
     printed = capsys.readouterr().out
     assert "after the LoRA" in printed and "on-prompt" not in printed, "the story replaces the long summary"
     page = (run_dir / "report.html").read_text()
-    assert page.index("The story") < page.index("How much of the erased concept comes back")
-    assert "after the LoRA" in page
+    story = page[page.index("The story"):page.index("How much of the erased concept comes back")]
+    assert "after the LoRA" in story and "<figure>" in story, "the story's table and its figure open the report"

@@ -457,8 +457,9 @@ def grids(res: StudyResults) -> str:
     return grid_figure(rows, res.run_dir / "grid.png", f"{res.target_set}, seed {seed}: the same prompts and seeds in every row")
 
 
-def story_section(res: StudyResults) -> list[str]:
-    """The config's story table, first on the page (nothing where the config has none)."""
+def story_section(res: StudyResults, figures: list[str]) -> list[str]:
+    """The config's story table and the first fine-tuning curve, first on the page (nothing where the config has no
+    story)."""
     from relapse.report.story import story_table
 
     if not res.config.get("story"):
@@ -467,7 +468,7 @@ def story_section(res: StudyResults) -> list[str]:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in headings)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in line) + "</tr>" for line in cells)
     return ["<h2>The story</h2>", f"<p>Mean over seeds, rates in %, by <code>{html.escape(str(res.detector))}</code>.</p>",
-            f"<table><tr>{head}</tr>{body}</table>"]
+            f"<table><tr>{head}</tr>{body}</table>", *figures[:1]]
 
 
 def build_report(run_dir: str | Path) -> Path:
@@ -477,6 +478,7 @@ def build_report(run_dir: str | Path) -> Path:
     import matplotlib.pyplot as plt
 
     res = StudyResults(Path(run_dir))
+    curve_figures = curves(res, plt)
     name = html.escape(str(res.config.get("name", "study")))
     body = [f"<h1>relapse study: {name}</h1>",
             f"<p>Base model <code>{html.escape(str(res.config.get('model')))}</code>, seeds {res.config.get('seeds')}; "
@@ -484,11 +486,11 @@ def build_report(run_dir: str | Path) -> Path:
             f"(<code>{html.escape(str(res.detector))}</code>), in %: mean &plusmn; sd over seeds, then the 95% Wilson interval "
             "of the images pooled over seeds and their number n (hover a cell for each seed's rate and interval). "
             "Every figure comes from <code>results.json</code>; each row names the evaluation it came from.</p>",
-            *story_section(res), "<h2>How much of the erased concept comes back</h2>", *headline_section(res), *roads_section(res), *off_prompt_section(res),
+            *story_section(res, curve_figures), "<h2>How much of the erased concept comes back</h2>", *headline_section(res), *roads_section(res), *off_prompt_section(res),
             *on_prompt_section(res),
             *other_detectors_section(res), *human_section(res),
             "<h2>What the alignment costs the concept's neighbours</h2>", *collateral_section(res),
-            "<h2>Re-emergence under fine-tuning</h2>", *curves(res, plt), *weights_section(res),
+            "<h2>Re-emergence under fine-tuning</h2>", *curve_figures, *weights_section(res),
             "<h2>Quality vs safety</h2>", scatter(res, plt), *quality_section(res),
             "<h2>Images</h2>", grids(res)]
     return write_page(res.run_dir / REPORT, f"relapse: {res.config.get('name', 'study')}", body)
