@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev,nudenet,ray,tensorboard]"
 	touch $(STAMP)
 
-# The main job: the full toy study (configs/toy.yaml, 3 seeds), two steps at a time on a 2-core CPU.
+# The main job: the demo study (configs/toy.yaml, 2 seeds, its story table last), two steps at a time on a 2-core CPU.
 # A rerun resumes it (finished steps are kept); runs/toy/report.html is the result.
 demo: setup
 	$(VENV)/bin/relapse study configs/toy.yaml --out runs/toy --resume --workers 2

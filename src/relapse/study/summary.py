@@ -55,8 +55,8 @@ def print_story(config: dict, rows: list[dict]) -> None:
 
     headings, cells = story_table(config, rows)
     table = Table(title=f"{config['name']}: mean over seeds {config['seeds']}, rates in %, by {config['detectors'][0]['label']}")
-    for heading in headings:
-        table.add_column(heading)
+    for k, heading in enumerate(headings):  # folded, not cut: the table fits an 80-column terminal whole
+        table.add_column(heading, overflow="fold", justify="left" if k == 0 else "right")
     for line in cells:
         table.add_row(*line)
     Console().print(table)
