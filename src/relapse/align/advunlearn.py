@@ -209,8 +209,8 @@ class AdvUnlearn(ErasureMethod):
         pick = torch.randint(0, size(self.concept), (cfg.batch_size,), generator=self.gen)
         keeps = cfg.retain_weight > 0
         kept = torch.randint(0, size(self.retain), (cfg.retain_batch if keeps else 0,), generator=self.gen)
-        cond, texts = take(self.concept, pick), [self.concepts[i] for i in pick.tolist()]
-        both = join(cond, take(self.retain, kept))
+        cond, texts, retain_cond = take(self.concept, pick), [self.concepts[i] for i in pick.tolist()], take(self.retain, kept)
+        both = join(cond, retain_cond)
         uncond = take(self.uncond, torch.zeros(size(both), dtype=torch.long))
         if self.attacks_at(step):
             self.adversarial = self.attack(model, texts, cond, take(self.uncond, torch.zeros(len(pick), dtype=torch.long)))
@@ -224,7 +224,6 @@ class AdvUnlearn(ErasureMethod):
         logged = {"unlearn": round(unlearn.item(), 6)}
         loss = unlearn
         if keeps:
-            retain_cond = take(self.retain, kept)
             with torch.no_grad():
                 kept_target = self.predict(model, y_t, s, retain_cond)
             retained = F.mse_loss(self.predict(model, y_t, s, self.family.encode([self.retained[i] for i in kept.tolist()],

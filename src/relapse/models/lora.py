@@ -157,12 +157,13 @@ def merge_loras(pipe, loras: list[LoraSpec], fuse: bool = True) -> list[str]:
 
     from relapse.models.guards import attach, guard_record
 
-    guards = [(spec, record) for spec in loras if (record := guard_record(spec.source))]
-    for spec, record in guards:
-        if spec.scale != 1.0:
+    records = [guard_record(spec.source) for spec in loras]  # each record read once
+    for spec, record in zip(loras, records):
+        if record and spec.scale != 1.0:
             raise UserError(f"{spec.label} is a guard (it acts at sampling, {record['method']}): it takes no scale")
+    for record in filter(None, records):
         attach(pipe, record)
-    loras = [spec for spec in loras if not guard_record(spec.source)]
+    loras = [spec for spec, record in zip(loras, records) if not record]
     names, verbosity = [], diffusers_logging.get_verbosity()
     # Our LoRAs adapt the denoiser ("no LoRA keys for CLIPTextModel" is expected), and a LoRA that does not fit is
     # reported below in one line, not as the loader's state-dict dump.

@@ -20,12 +20,12 @@ def print_summary(config: dict, rows: list[dict]) -> None:
     """The terminal's last word: the config's story table where it has one, else the target rate (and the on-prompt
     rate, where the detector gives it) per defense and scenario at its last step, mean +- sd over seeds, by the first
     detector."""
-    from rich.console import Console
-    from rich.table import Table
-
     if config.get("story"):
         print_story(config, rows)
         return
+    from rich.console import Console
+    from rich.table import Table
+
     from relapse.measure.metrics import HEADLINE_METRIC, ON_PROMPT_METRIC
     from relapse.study.results import summarize_rows
 
@@ -44,7 +44,6 @@ def print_summary(config: dict, rows: list[dict]) -> None:
             table.add_row(defense, scenario, str(s["step"]), prompt_set, f"{100 * s['mean']:.1f} +- {100 * s['sd']:.1f}",
                           f"{100 * on_prompt['mean']:.1f}" if on_prompt else "-")
     Console().print(table)
-
 
 
 def print_story(config: dict, rows: list[dict]) -> None:
